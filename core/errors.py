@@ -1,0 +1,99 @@
+"""One exception family for everything a user can get wrong.
+
+The CLI turns any :class:`ArcfwError` into one line on stderr and exit code 2
+(``--debug`` shows the traceback).  Engine-detected bugs in plugins
+(contract violations, cut gradient paths, order violations) are also
+``ArcfwError`` subclasses so that they read as a diagnosis, not a crash.
+"""
+
+from __future__ import annotations
+
+
+class ArcfwError(Exception):
+    """Base class. ``str(err)`` is the one line the user sees."""
+
+    exit_code = 2
+    kind = "error"
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return " ".join(str(a) for a in self.args)
+
+
+class ConfigError(ArcfwError):
+    """A configuration file or override is wrong.
+
+    ``problems`` is a list of ``(key, message)``; all of them are reported at once.
+    """
+
+    kind = "config error"
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            key, msg = self.problems[0]
+            text = f"{source}: {key}: {msg}" if key else f"{source}: {msg}"
+        else:
+            parts = [f"({i}) {k}: {m}" if k else f"({i}) {m}" for i, (k, m) in enumerate(self.problems, 1)]
+            text = f"{source}: {len(self.problems)} problems: " + "; ".join(parts)
+        super().__init__(text)
+
+
+class DataError(ArcfwError):
+    """ARC data is missing or malformed. Names the file, task and pair."""
+
+    kind = "data error"
+
+    def __init__(self, message: str, *, file: str | None = None, task: str | None = None, pair: str | None = None):
+        self.file, self.task, self.pair = file, task, pair
+        where = ", ".join(x for x in (file, f"task {task}" if task else None, pair) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PluginError(ArcfwError):
+    """A plugin cannot be found, loaded or constructed."""
+
+    kind = "plugin error"
+
+
+class ContractError(ArcfwError):
+    """A hook implementation returned something that breaks the hook's contract."""
+
+    kind = "contract violation"
+
+    def __init__(self, plugin: str, hook: str, expected: str, got: str, hint: str = ""):
+        self.plugin, self.hook, self.expected, self.got = plugin, hook, expected, got
+        text = f"plugin '{plugin}' broke the contract of hook '{hook}': expected {expected}, got {got}"
+        if hint:
+            text += f". {hint}"
+        super().__init__(text)
+
+
+class GradientPathError(ArcfwError):
+    """Trainable parameters upstream of a hook no longer receive gradient."""
+
+    kind = "gradient path cut"
+
+
+class OrderError(ArcfwError):
+    """A plugin tried to do something outside its place in the step order."""
+
+    kind = "step order violation"
+
+
+class PrecisionError(ArcfwError):
+    """An impossible precision / dtype / device combination."""
+
+    kind = "precision error"
+
+
+class TrainingHalted(ArcfwError):
+    """Training was stopped by a health policy (non-finite values, dead gradients)."""
+
+    kind = "training halted"
+
+
+class CheckpointError(ArcfwError):
+    """A checkpoint cannot be written, read or trusted."""
+
+    kind = "checkpoint error"
