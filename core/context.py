@@ -1,0 +1,84 @@
+"""Objects the engine hands to plugins: the run context, parameter groups, step results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What every hook can read.  Plugins may set ``prompt_dim`` (in ``configure``) and
+    put shared values in ``shared``; everything else is the engine's."""
+
+    device: torch.device
+    precision: str = "fp32"
+    seed: int = 0
+    out_dir: Path | None = None
+    prompt_dim: int | None = None
+    epoch: int = 0
+    step: int = 0  # optimizer steps attempted so far (0 during the first step)
+    batch_index: int = 0  # index of the batch within the epoch
+    threshold: float = 0.6
+    training: bool = True
+    rank: int = 0
+    world_size: int = 1
+    generator: torch.Generator | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
+
+
+@dataclass
+class ParamGroup:
+    """A named set of trainable parameters with its own learning rate."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    modules: list[nn.Module] = field(default_factory=list)
+    weight_decay: float | None = None
+    plugin: str = ""  # filled in by the engine
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.params if p.requires_grad]
+
+
+@dataclass
+class LossOutput:
+    """What :func:`compute_loss` returns: a scalar loss with gradient and float metrics.
+
+    ``per_example`` (optional, ``[B]``, detached) lets post-step hooks see each example's loss.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_example: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    """Detached view of one step, handed to :func:`post_step_update`.
+
+    Every tensor here is detached from the main graph: a post-step hook can't
+    backpropagate into Qwen or the predictor by accident.  ``predict(prompt)``
+    runs the predictor again under ``torch.no_grad()`` with the weights as they
+    are *after* the optimizer step.
+    """
+
+    batch: Any
+    prompt: torch.Tensor
+    refined: torch.Tensor
+    logits: torch.Tensor
+    loss: float
+    metrics: dict[str, float]
+    applied: bool  # False if the optimizer step was skipped (non-finite values, fp16 overflow)
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    epoch: int = 0
+    step: int = 0

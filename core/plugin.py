@@ -1,0 +1,33 @@
+"""Base class for plugins.
+
+A plugin is a class with a registry ``name``, a ``role`` and a one-line
+``description``.  Its constructor's keyword arguments are its YAML
+parameters: the config loader binds them to the signature (unknown keys and
+wrong types are config errors).  It implements hooks from
+:mod:`arcfw.core.hookspecs` as methods decorated with ``@hookimpl``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+#: Roles, in the order the engine configures and calls them.
+ROLES: tuple[str, ...] = ("prompt", "refine", "predictor", "loss", "curriculum")
+#: Roles that must be filled by exactly one plugin.
+REQUIRED_ROLES: tuple[str, ...] = ("prompt", "predictor", "loss")
+#: Role of plugins listed under ``plugins.extra`` (loggers, augmentation, custom losses...).
+EXTRA_ROLE = "extra"
+
+
+class Plugin:
+    """Optional base class: gives a plugin the attributes the registry and engine read."""
+
+    name: ClassVar[str] = ""
+    role: ClassVar[str] = EXTRA_ROLE
+    description: ClassVar[str] = ""
+
+    #: set by the engine to the name it registered this instance under
+    instance_name: str = ""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.instance_name or self.name!r}>"
