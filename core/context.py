@@ -28,6 +28,9 @@ class Context:
     rank: int = 0
     world_size: int = 1
     generator: torch.Generator | None = None
+    #: names of parameter groups that are *expected* to get no gradient this step (e.g. the
+    #: prompt model when its prompt came from a cache); set by plugins, cleared every step
+    no_grad_groups: set[str] = field(default_factory=set)
     shared: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -1,0 +1,147 @@
+"""Command line: ``arcfw run | check | plugins``.
+
+Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from arcfw.core.errors import ArcfwError
+
+
+class _Group(click.Group):
+    """Turns ArcfwError into one line and exit code 2 (traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ArcfwError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"arcfw: {exc.kind}: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("arcfw: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="arcfw")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """arcfw: a plugin-based training framework for ARC-AGI grid puzzles."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug or bool(os.environ.get("ARCFW_DEBUG"))
+
+
+def run_overrides(
+    epochs: int | None,
+    max_batches: int | None,
+    agent_lr: float | None,
+    qwen_lr: float | None,
+    device: str | None,
+    seed: int | None,
+    sets: tuple[str, ...],
+) -> list[str]:
+    """Translate the convenience flags into ``--set`` overrides (flags first, --set wins)."""
+    out = []
+    for key, value in (
+        ("epochs", epochs),
+        ("max_batches", max_batches),
+        ("optimizer.lr.agent", agent_lr),
+        ("optimizer.lr.qwen", qwen_lr),
+        ("device", device),
+        ("seed", seed),
+    ):
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out + list(sets)
+
+
+def _common_options(fn):
+    opts = [
+        click.option("--epochs", type=int, help="Number of epochs (config: epochs)."),
+        click.option("--max-batches", type=int, help="Stop after this many batches in total (config: max_batches)."),
+        click.option("--agent-lr", type=float, help="Learning rate of the grid predictor (optimizer.lr.agent)."),
+        click.option("--qwen-lr", type=float, help="Learning rate of Qwen (optimizer.lr.qwen)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device)."),
+        click.option("--seed", type=int, help="Random seed (config: seed)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@_common_options
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run in the output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
+def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, quiet) -> None:
+    """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
+    from arcfw.core.config import load_config
+    from arcfw.core.trainer import Trainer
+
+    overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
+    if out is not None:
+        overrides.append(f"out={out}")
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite)
+    summaries = trainer.fit()
+    click.echo(f"arcfw: done, {trainer.engine.global_step} steps; outputs in {trainer.out_dir}", err=True)
+    if not summaries:
+        click.echo("arcfw: warning: no batch was run", err=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@_common_options
+@click.option("--pairs", type=int, default=4, show_default=True, help="Demonstration pairs to run the checks on.")
+def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, pairs) -> None:
+    """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
+    from arcfw.core.check import run_check
+    from arcfw.core.config import load_config
+
+    cfg = load_config(config, run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets))
+    rows = run_check(cfg, pairs=pairs)
+    width = max(len(r.item) for r in rows)
+    failed = 0
+    for r in rows:
+        mark = "PASS" if r.ok else "FAIL"
+        failed += not r.ok
+        click.echo(f"{mark}  {r.item.ljust(width)}  {r.detail}")
+    click.echo(f"{len(rows) - failed} passed, {failed} failed")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+def plugins() -> None:
+    """List the plugins available by role (entry-point group 'arcfw.plugins')."""
+    from arcfw.core.plugin import EXTRA_ROLE, ROLES
+    from arcfw.core.registry import describe_all
+
+    infos = describe_all()
+    for role in (*ROLES, EXTRA_ROLE, "?"):
+        rows = [i for i in infos if i.role == role]
+        if not rows:
+            continue
+        click.echo(f"{role}:")
+        for i in rows:
+            text = i.description if not i.error else f"(failed to load: {i.error})"
+            click.echo(f"  {i.name:<14} {text}")
+    click.echo("\nA config can also name a plugin class by import path: name: my_module:MyPlugin")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

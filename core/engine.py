@@ -1,0 +1,416 @@
+"""The engine: builds plugins from a config, owns the optimizer, and runs the step.
+
+The step order is :data:`arcfw.core.steps.STEP_ORDER`; :meth:`Engine.train_step`
+walks that list and nothing else decides the order.  Every hook result is
+checked against its contract where it is produced (``health.check_contracts``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pluggy
+import torch
+
+from arcfw.core import contracts, hookspecs
+from arcfw.core.batch import Batch, Example
+from arcfw.core.config import RunConfig
+from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult
+from arcfw.core.errors import (
+    ArcfwError,
+    ConfigError,
+    GradientPathError,
+    OrderError,
+    PluginError,
+)
+from arcfw.core.health import GradientWatch, HealthMonitor, NonFiniteGuard
+from arcfw.core.plugin import EXTRA_ROLE
+from arcfw.core.precision import Precision
+from arcfw.core.steps import STEP_ORDER, Stage, order_text
+
+Listener = Callable[[str, str | None], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Step:
+    """Values flowing through one step (internal)."""
+
+    batch: Batch
+    prompt: torch.Tensor | None = None
+    refined: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    loss_value: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    applied: bool = False
+    exempt: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Impl:
+    plugin: str
+    fn: Callable
+    argnames: tuple[str, ...]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.fn(*[kwargs[a] for a in self.argnames])
+
+
+class Engine:
+    """Build with :meth:`Engine.from_config`, then :meth:`fit` or :meth:`train_step`."""
+
+    def __init__(self, config: RunConfig, *, device: torch.device | None = None, out_dir: Path | None = None):
+        self.config = config
+        cfg = config.data
+        self.device = device or resolve_device(cfg["device"])
+        self.check_contracts = bool(cfg["health"]["check_contracts"])
+        self.precision = Precision(cfg["precision"], self.device)
+        self.ctx = Context(device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir)
+        self.listeners: list[Listener] = []
+        self.global_step = 0  # optimizer steps attempted
+        self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
+        self._first_step_checked = False
+        self._stages = {s: getattr(self, f"_stage_{s.name.lower()}") for s in STEP_ORDER}
+        self._build_plugins()
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_config(cls, config: RunConfig, **kw: Any) -> "Engine":
+        return cls(config, **kw)
+
+    def _build_plugins(self) -> None:
+        seed_everything(self.ctx.seed)
+        self.ctx.generator = torch.Generator(device=self.device)
+        self.ctx.generator.manual_seed(self.ctx.seed)
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, Any] = {}
+        self.roles: dict[str, str] = {}  # instance name -> role
+        problems = []
+        for spec in self.config.plugins:
+            try:
+                plugin = spec.build()
+            except ArcfwError:
+                raise
+            except Exception as exc:
+                problems.append((spec.key, f"plugin '{spec.name}' rejected its parameters: {exc}"))
+                continue
+            name = spec.name
+            if name in self.plugins:  # the same plugin class twice (e.g. two extras)
+                name = f"{name}#{sum(1 for n in self.plugins if n.split('#')[0] == spec.name) + 1}"
+            try:
+                plugin.instance_name = name
+            except AttributeError:
+                pass
+            try:
+                self.pm.register(plugin, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin '{name}' ({spec.key}): {exc}") from None
+            self.plugins[name] = plugin
+            self.roles[name] = spec.role
+        if problems:
+            raise ConfigError(self.config.source, problems)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{exc} (hooks are listed in arcfw.core.hookspecs)") from None
+        order = list(self.plugins)  # role order, then extras in config order
+        self._impls: dict[str, list[_Impl]] = {}
+        for hook in (n for n in dir(hookspecs) if isinstance(getattr(self.pm.hook, n, None), pluggy.HookCaller)):
+            impls = {i.plugin_name: i for i in getattr(self.pm.hook, hook).get_hookimpls()}
+            self._impls[hook] = [_Impl(n, impls[n].function, tuple(impls[n].argnames)) for n in order if n in impls]
+        for hook in ("generate_prompt", "predict"):
+            if len(self._impls.get(hook, [])) != 1:
+                names = [i.plugin for i in self._impls.get(hook, [])]
+                raise PluginError(f"exactly one plugin must implement '{hook}', found {len(names)}: {names or 'none'}")
+
+        # configure in role order, then collect parameter groups
+        for impl in self._impls["configure"]:
+            impl(ctx=self.ctx)
+        if self.ctx.prompt_dim is None:
+            raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
+        self.groups = self._collect_groups()
+        self.precision.check_parameters(self.groups)
+        self.optimizer = self._build_optimizer()
+        h = self.config["health"]
+        trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
+        self.grad_watch = GradientWatch(trainable, h["patience"])
+        self.guard = NonFiniteGuard(h["nonfinite"], h["max_consecutive_skips"])
+        prompt_groups = [g.name for g in self.groups if g.plugin == self.prompt_plugin and g.lr > 0]
+        self.health = HealthMonitor(prompt_groups[0] if prompt_groups else None, h["flat_window"], h["flat_tolerance"])
+
+    @property
+    def prompt_plugin(self) -> str:
+        return self._impls["generate_prompt"][0].plugin
+
+    def _collect_groups(self) -> list[ParamGroup]:
+        groups: list[ParamGroup] = []
+        for impl in self._impls.get("parameter_groups", []):
+            result = impl(ctx=self.ctx) or []
+            if not isinstance(result, (list, tuple)) or not all(isinstance(g, ParamGroup) for g in result):
+                raise contracts.ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
+            for g in result:
+                g.plugin = impl.plugin
+                groups.append(g)
+        names = [g.name for g in groups]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise PluginError(f"parameter group names must be unique, repeated: {sorted(dup)}")
+        seen: dict[int, str] = {}
+        for g in groups:
+            for p in g.params:
+                if id(p) in seen and seen[id(p)] != g.name:
+                    raise PluginError(f"a parameter is in two groups: '{seen[id(p)]}' and '{g.name}'")
+                seen[id(p)] = g.name
+        overrides = self.config["optimizer"]["lr"]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ConfigError(
+                self.config.source,
+                [(f"optimizer.lr.{u}", f"no parameter group named '{u}' (groups: {', '.join(names) or 'none'})") for u in unknown],
+            )
+        for g in groups:
+            if g.name in overrides:
+                g.lr = float(overrides[g.name])
+            for m in g.modules:
+                m.train()
+            if g.lr == 0:  # frozen on purpose: no gradient, not in the optimizer
+                for p in g.params:
+                    p.requires_grad_(False)
+        return groups
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.config["optimizer"]
+        param_groups = [
+            {"params": g.trainable(), "lr": g.lr, "name": g.name, **({"weight_decay": g.weight_decay} if g.weight_decay is not None else {})}
+            for g in self.groups
+            if g.lr > 0 and g.trainable()
+        ]
+        if not param_groups:  # nothing to train: keep a valid optimizer so the loop stays uniform
+            param_groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0, "name": "_none"}]
+        if o["name"] == "adamw":
+            return torch.optim.AdamW(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        if o["name"] == "adam":
+            return torch.optim.Adam(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+
+    # ------------------------------------------------------------------ the step
+
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(event, plugin)`` is called for every stage the engine enters and every hook call."""
+        self.listeners.append(fn)
+
+    def _emit(self, event: str, plugin: str | None = None) -> None:
+        for fn in self.listeners:
+            fn(event, plugin)
+
+    def _call(self, hook: str, impl: _Impl, **kwargs: Any) -> Any:
+        if self.listeners:
+            self._emit(hook, impl.plugin)
+        return impl(**kwargs)
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One step, stage by stage in :data:`STEP_ORDER`. Returns the step's metrics."""
+        self.ctx.training = True
+        self.ctx.step = self.global_step
+        self.ctx.no_grad_groups = set()
+        s = _Step(batch=batch)
+        for stage in STEP_ORDER:
+            if self.listeners:
+                self._emit(f"stage:{stage.value}")
+            self._stages[stage](s)
+        self.global_step += 1
+        self._first_step_checked = True
+        return s.metrics
+
+    def _stage_threshold(self, s: _Step) -> None:
+        for impl in self._impls.get("hard_cell_threshold", []):
+            value = self._call("hard_cell_threshold", impl, epoch=self.ctx.epoch, step=self.ctx.step, ctx=self.ctx)
+            if value is not None:
+                if self.check_contracts:
+                    contracts.check_threshold(impl.plugin, value)
+                self.ctx.threshold = float(value)
+                break
+
+    def _stage_generate_prompt(self, s: _Step) -> None:
+        impl = self._impls["generate_prompt"][0]
+        with self.precision.autocast():
+            out = self._call("generate_prompt", impl, batch=s.batch, ctx=self.ctx)
+        if self.check_contracts:
+            contracts.check_prompt(impl.plugin, "generate_prompt", out, s.batch.size, self.ctx.prompt_dim, self.device)
+            trainable = [g for g in self.groups if g.plugin == impl.plugin and g.lr > 0 and g.name not in self.ctx.no_grad_groups]
+            if trainable and not out.requires_grad:
+                names = ", ".join(f"'{g.name}'" for g in trainable)
+                raise GradientPathError(contracts.cut_path_message(impl.plugin, "generate_prompt", f"its trainable parameter group {names}"))
+        s.prompt = out
+
+    def _stage_refine(self, s: _Step) -> None:
+        x = s.prompt
+        for impl in self._impls.get("refine", []):
+            with self.precision.autocast():
+                out = self._call("refine", impl, prompt=x, batch=s.batch, ctx=self.ctx)
+            if self.check_contracts:
+                contracts.check_prompt(impl.plugin, "refine", out, s.batch.size, self.ctx.prompt_dim, self.device)
+                self._check_path(impl.plugin, "refine", out, x, "the prompt it was given (and so on every parameter upstream, e.g. Qwen)")
+            x = out
+        s.refined = x
+
+    def _stage_predict(self, s: _Step) -> None:
+        impl = self._impls["predict"][0]
+        with self.precision.autocast():
+            out = self._call("predict", impl, prompt=s.refined, batch=s.batch, ctx=self.ctx)
+        if self.check_contracts:
+            contracts.check_logits(impl.plugin, out, s.batch.size, s.batch.canvas, self.device)
+            self._check_path(impl.plugin, "predict", out, s.refined, "the refined prompt (so the prompt model would never learn)")
+        s.logits = out
+
+    def _check_path(self, plugin: str, hook: str, out: torch.Tensor, inp: torch.Tensor, upstream: str) -> None:
+        if not inp.requires_grad:
+            return
+        cut = not out.requires_grad
+        if not cut and not self._first_step_checked:  # full graph check once, at the first step
+            cut = not contracts.reaches(out, [inp])
+        if cut:
+            raise GradientPathError(contracts.cut_path_message(plugin, hook, upstream))
+
+    def _stage_compute_loss(self, s: _Step) -> None:
+        total = None
+        needs_grad = any(g.lr > 0 for g in self.groups)
+        for impl in self._impls.get("compute_loss", []):
+            with self.precision.autocast():
+                out: LossOutput = self._call("compute_loss", impl, logits=s.logits, batch=s.batch, ctx=self.ctx)
+            if self.check_contracts:
+                contracts.check_loss(impl.plugin, out, needs_grad)
+            total = out.loss.float() if total is None else total + out.loss.float()
+            s.metrics.update(out.metrics)
+        if total is None:
+            raise PluginError("no plugin implements compute_loss")
+        s.loss = total
+
+    def _stage_backward(self, s: _Step) -> None:
+        if s.loss.requires_grad:
+            self.precision.backward(s.loss)
+        if not self._first_step_checked:
+            self._check_groups_reached()
+
+    def _check_groups_reached(self) -> None:
+        for g in self.groups:
+            if g.lr > 0 and g.name not in self.ctx.no_grad_groups and g.trainable() and all(p.grad is None for p in g.trainable()):
+                hook = {"prompt": "generate_prompt", "refine": "refine", "predictor": "predict", "loss": "compute_loss"}.get(self.roles[g.plugin], "its hooks")
+                raise GradientPathError(
+                    f"parameter group '{g.name}' of plugin '{g.plugin}' received no gradient from the loss at the first "
+                    f"step although its learning rate is {g.lr:g}: the path from its output ({hook}) to the loss is cut. "
+                    "Look for torch.no_grad(), .detach() or .item() between them; set optimizer.lr."
+                    f"{g.name}: 0 to freeze the group on purpose"
+                )
+
+    def _stage_optimizer_step(self, s: _Step) -> None:
+        opt = self.optimizer
+        self.precision.unscale(opt)
+        live = [g for g in self.groups if g.lr > 0]
+        grads = [[p.grad for p in g.trainable() if p.grad is not None] for g in live]
+        norms = [torch.nn.utils.get_total_norm(gs) if gs else torch.zeros((), device=self.device) for gs in grads]
+        values = torch.stack([s.loss.detach().float(), *[n.float().to(self.device) for n in norms]]).tolist()  # one sync
+        s.loss_value = values[0]
+        s.metrics["loss"] = s.loss_value
+        s.norms = {g.name: v for g, v in zip(live, values[1:])}
+        self.last_norms = s.norms
+        total_norm = math.sqrt(sum(v * v for v in values[1:])) if all(math.isfinite(v) for v in values[1:]) else float("inf")
+        s.exempt = frozenset(self.ctx.no_grad_groups)
+        if not math.isfinite(s.loss_value) or (not math.isfinite(total_norm) and self.precision.scaler is None):
+            what = "loss" if not math.isfinite(s.loss_value) else "gradient"
+            opt.zero_grad(set_to_none=True)
+            if self.precision.scaler is not None:
+                self.precision.scaler.update()
+            s.applied = False
+            s.metrics["nonfinite_skipped"] = 1.0
+            self.guard.nonfinite(what, self.global_step)
+        else:
+            clip = self.config["grad_clip"]
+            if clip and math.isfinite(total_norm):
+                params = [p for g in live for p in g.trainable() if p.grad is not None]
+                torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(total_norm, device=self.device))
+            s.applied = self.precision.step(opt)
+            opt.zero_grad(set_to_none=True)
+            self.guard.ok()
+            self.grad_watch.update(s.norms, s.exempt)
+        s.metrics["grad_norm"] = total_norm
+
+    def _stage_post_step_update(self, s: _Step) -> None:
+        batch = s.batch
+        result = StepResult(
+            batch=batch,
+            prompt=s.prompt.detach(),
+            refined=s.refined.detach(),
+            logits=s.logits.detach(),
+            loss=s.loss_value,
+            metrics=dict(s.metrics),
+            applied=s.applied,
+            predict=lambda prompt: self.predict_no_grad(prompt, batch),
+            epoch=self.ctx.epoch,
+            step=self.global_step,
+        )
+        s.loss = None  # the main graph is gone from here on
+        for impl in self._impls.get("post_step_update", []):
+            try:
+                out = self._call("post_step_update", impl, result=result, ctx=self.ctx)
+            except RuntimeError as exc:
+                text = str(exc)
+                if "backward through the graph a second time" in text or "does not require grad and does not have a grad_fn" in text:
+                    raise OrderError(
+                        f"plugin '{impl.plugin}' tried to backpropagate through the main graph in post_step_update. "
+                        f"The step order is {order_text()}: by post_step_update the engine has already run backward "
+                        "and stepped the optimizer, and the graph is freed. Build the update from the detached values "
+                        "in `result` (recompute what you need under your own graph), and keep only .detach()ed tensors "
+                        "from refine/generate_prompt"
+                    ) from exc
+                raise
+            if self.check_contracts:
+                contracts.check_metrics(impl.plugin, "post_step_update", out)
+            if out:
+                s.metrics.update(out)
+
+    def predict_no_grad(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Run the predictor without gradient (post-step reward computation, evaluation)."""
+        impl = self._impls["predict"][0]
+        with torch.no_grad(), self.precision.autocast():
+            return impl(prompt=prompt, batch=batch, ctx=self.ctx).float()
+
+    # ------------------------------------------------------------------ helpers for the loop
+
+    def call_all(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a non-step hook in role order."""
+        out = []
+        for impl in self._impls.get(hook, []):
+            out.append((impl.plugin, self._call(hook, impl, ctx=self.ctx, **kwargs)))
+        return out
+
+    def group_plugin(self, group: str) -> str:
+        return next(g.plugin for g in self.groups if g.name == group)
+
+    def modules(self) -> Iterable[tuple[str, torch.nn.Module]]:
+        for g in self.groups:
+            for i, m in enumerate(g.modules):
+                yield (g.name if len(g.modules) == 1 else f"{g.name}.{i}"), m

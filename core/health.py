@@ -1,0 +1,142 @@
+"""Health checks that turn the original script's silent failures into errors and warnings.
+
+- :class:`GradientWatch` - every trainable parameter group's gradient norm is
+  watched; a group with ``lr > 0`` whose gradient stays exactly zero for
+  ``patience`` steps stops the run with an error naming the group.
+- :class:`NonFiniteGuard` - a NaN/Inf loss or gradient is never applied.
+- :class:`HealthMonitor` - red flags printed once and recorded in the metrics:
+  Qwen gradient zero for 100+ batches, loss NaN/Inf, loss flat over a window,
+  mask ratio stuck at 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from arcfw.core.errors import TrainingHalted
+
+
+class GradientWatch:
+    def __init__(self, groups: dict[str, str], patience: int):
+        """``groups``: name -> plugin of every group with lr > 0. ``patience`` 0 disables."""
+        self.groups = groups
+        self.patience = patience
+        self.zero_streak = {name: 0 for name in groups}
+
+    def update(self, norms: dict[str, float], exempt: frozenset[str] = frozenset()) -> None:
+        """Count consecutive zero-gradient steps. ``exempt`` groups (e.g. a Qwen whose prompt
+        came from the cache this step) are expected to have no gradient and don't count."""
+        for name in self.groups:
+            if name in exempt:
+                continue
+            if norms.get(name, 0.0) == 0.0:
+                self.zero_streak[name] += 1
+                if self.patience and self.zero_streak[name] >= self.patience:
+                    raise TrainingHalted(
+                        f"parameter group '{name}' (plugin '{self.groups[name]}') has had a zero gradient for "
+                        f"{self.zero_streak[name]} consecutive steps although its learning rate is > 0: something "
+                        "cuts its gradient path (torch.no_grad, .detach(), a frozen copy). Set optimizer.lr."
+                        f"{name}: 0 to freeze it on purpose, or health.patience: 0 to disable this check"
+                    )
+            else:
+                self.zero_streak[name] = 0
+
+    def state_dict(self) -> dict:
+        return {"zero_streak": dict(self.zero_streak)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.zero_streak.update(state.get("zero_streak", {}))
+
+
+class NonFiniteGuard:
+    """Decides what happens to a step whose loss or gradient is NaN/Inf.
+
+    ``skip`` (default): the step is not applied and counted; ``max_consecutive_skips``
+    skips in a row halt the run.  ``halt``: the first one halts the run.
+    """
+
+    def __init__(self, policy: str, max_consecutive: int):
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def nonfinite(self, what: str, step: int) -> None:
+        self.skipped += 1
+        self.consecutive += 1
+        if self.policy == "halt":
+            raise TrainingHalted(f"non-finite {what} at step {step} (health.nonfinite: halt); the step was not applied")
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingHalted(
+                f"non-finite {what} for {self.consecutive} consecutive steps (last at step {step}); "
+                f"health.max_consecutive_skips is {self.max_consecutive}. Lower the learning rate, set grad_clip, "
+                "or look for a plugin producing NaN"
+            )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+
+
+class HealthMonitor:
+    """Red flags, each printed once per run and recorded in the metrics."""
+
+    ZERO_GRAD_AFTER = 100
+
+    def __init__(self, watched_group: str | None, flat_window: int, flat_tolerance: float):
+        self.watched_group = watched_group  # the prompt model's group (Qwen)
+        self.flat_window = flat_window
+        self.flat_tolerance = flat_tolerance
+        self.raised: set[str] = set()
+        self.zero_grad_streak = 0
+        self.losses: deque[float] = deque(maxlen=flat_window)
+        self.full_mask_streak = 0
+
+    def update(self, loss: float, norms: dict[str, float], metrics: dict[str, float], exempt: frozenset[str]) -> list[str]:
+        """Return the warnings raised *by this step* (each at most once per run)."""
+        new: list[str] = []
+        g = self.watched_group
+        if g is not None and g not in exempt:
+            self.zero_grad_streak = self.zero_grad_streak + 1 if norms.get(g, 0.0) == 0.0 else 0
+            if self.zero_grad_streak >= self.ZERO_GRAD_AFTER:
+                self._raise("zero_grad", f"gradient of group '{g}' has been zero for {self.zero_grad_streak} batches", new)
+        if not math.isfinite(loss):
+            self._raise("nonfinite_loss", f"loss is {loss}", new)
+        else:
+            self.losses.append(loss)
+            if len(self.losses) == self.flat_window:
+                lo, hi = min(self.losses), max(self.losses)
+                if hi - lo <= self.flat_tolerance * max(1.0, abs(hi)):
+                    self._raise("flat_loss", f"loss flat at {hi:.6g} over the last {self.flat_window} batches", new)
+        ratio = metrics.get("mask_ratio")
+        if ratio is not None:
+            self.full_mask_streak = self.full_mask_streak + 1 if ratio >= 1.0 else 0
+            if self.full_mask_streak >= self.flat_window:
+                self._raise("mask_ratio_stuck", f"mask ratio stuck at 1.0 for {self.full_mask_streak} batches (nothing is learnt)", new)
+        return new
+
+    def _raise(self, key: str, message: str, new: list[str]) -> None:
+        if key not in self.raised:
+            self.raised.add(key)
+            new.append(f"{key}: {message}")
+
+    def state_dict(self) -> dict:
+        return {
+            "raised": sorted(self.raised),
+            "zero_grad_streak": self.zero_grad_streak,
+            "losses": list(self.losses),
+            "full_mask_streak": self.full_mask_streak,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raised = set(state.get("raised", []))
+        self.zero_grad_streak = int(state.get("zero_grad_streak", 0))
+        self.losses.extend(state.get("losses", []))
+        self.full_mask_streak = int(state.get("full_mask_streak", 0))

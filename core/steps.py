@@ -1,0 +1,42 @@
+"""The step order, defined once.  The README lists the same order.
+
+One training step (:meth:`arcfw.core.engine.Engine.train_step`) is::
+
+    THRESHOLD         ctx.threshold = hard_cell_threshold(epoch, step)     # curriculum
+    GENERATE_PROMPT   prompt  = generate_prompt(batch)                      # autocast
+    REFINE            refined = refine(prompt, batch)   (chained)           # autocast
+    PREDICT           logits  = predict(refined, batch)                     # autocast
+    COMPUTE_LOSS      loss    = sum(compute_loss(logits, batch))            # autocast
+    BACKWARD          precision.backward(loss)          (scaled in fp16)
+    OPTIMIZER_STEP    unscale -> non-finite check -> clip -> optimizer.step -> scaler.update
+    POST_STEP_UPDATE  post_step_update(detached StepResult)                 # RL update, bookkeeping
+
+Plugins implement the hook stages; BACKWARD and OPTIMIZER_STEP belong to the
+engine alone.  Tests record the sequence of stages and hook calls and assert it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Stage(str, Enum):
+    THRESHOLD = "hard_cell_threshold"
+    GENERATE_PROMPT = "generate_prompt"
+    REFINE = "refine"
+    PREDICT = "predict"
+    COMPUTE_LOSS = "compute_loss"
+    BACKWARD = "backward"
+    OPTIMIZER_STEP = "optimizer_step"
+    POST_STEP_UPDATE = "post_step_update"
+
+
+#: The order of one step. ``Engine.train_step`` walks exactly this list.
+STEP_ORDER: tuple[Stage, ...] = tuple(Stage)
+
+#: Stages that are hooks (plugins implement them); the rest are the engine's own.
+HOOK_STAGES = frozenset(s for s in Stage if s not in (Stage.BACKWARD, Stage.OPTIMIZER_STEP))
+
+
+def order_text() -> str:
+    return " -> ".join(s.value for s in STEP_ORDER)

@@ -1,0 +1,139 @@
+"""Gaussian RL policy that refines the prompt with a residual action, trained by REINFORCE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from arcfw.core.hookspecs import hookimpl
+from arcfw.core.plugin import Plugin
+
+
+def cell_accuracy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-example share of valid cells whose argmax colour is right: ``[B]``."""
+    right = (logits.argmax(-1) == targets) & mask
+    return right.flatten(1).sum(1).float() / mask.flatten(1).sum(1).clamp_min(1).float()
+
+
+class GaussianRefinePolicy(Plugin):
+    """Refines the prompt with a Gaussian residual action and learns it with REINFORCE.
+
+    **Refine** (inside the main graph): for a prompt ``x`` (``[B, D]``)
+    ``action = mu(x) + sigma * eps`` with ``eps ~ N(0, I)`` and
+    ``refined = x + action_scale * action``.  ``mu`` is applied with its
+    parameters *detached* (``torch.func.functional_call``), so the main loss
+    sends gradient through the refined prompt to ``x`` (and on to Qwen) but
+    never trains the policy: the policy learns only from its reward.
+
+    **Reward** (after the optimizer step, from detached values): the
+    *improvement* of the query's cell accuracy that the action brought,
+
+        reward_b = reward_scale * (acc(predict(refined_b)) - acc(predict(x_b)))
+
+    where ``acc`` is the share of the query output's valid cells whose argmax
+    colour is right, and both predictions run the predictor *after* this step's
+    optimizer update, without gradient.  So the reward is > 0 exactly when the
+    refinement made the prediction better than the unrefined prompt would have.
+
+    **Update**: ``loss = -mean_b((reward_b - baseline) * log N(action_b; mu(x_b), sigma))
+    - entropy_coef * H``, one step of the policy's own Adam optimizer, on a graph
+    built here from detached tensors (the main graph is never touched).  The
+    baseline is an exponential moving average of the batch mean reward.
+    """
+
+    name = "rl_policy"
+    role = "refine"
+    description = "Gaussian residual policy on the prompt; REINFORCE on the cell-accuracy improvement after each step"
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        init_std: float = 0.05,
+        learn_std: bool = True,
+        lr: float = 1e-3,
+        reward_scale: float = 5.0,
+        baseline_momentum: float = 0.9,
+        action_scale: float = 1.0,
+        entropy_coef: float = 0.0,
+    ):
+        if init_std <= 0:
+            raise ValueError("init_std must be > 0")
+        if lr < 0:
+            raise ValueError("lr must be >= 0")
+        if not 0 <= baseline_momentum < 1:
+            raise ValueError("baseline_momentum must be in [0, 1)")
+        self.hidden = hidden
+        self.init_std = init_std
+        self.learn_std = learn_std
+        self.lr = lr
+        self.reward_scale = reward_scale
+        self.baseline_momentum = baseline_momentum
+        self.action_scale = action_scale
+        self.entropy_coef = entropy_coef
+        self.baseline = 0.0
+        self.updates = 0
+        self._rollout: tuple[torch.Tensor, torch.Tensor] | None = None  # (policy input, action), detached
+
+    @hookimpl
+    def configure(self, ctx):
+        d = ctx.prompt_dim
+        self.mu = nn.Sequential(nn.Linear(d, self.hidden), nn.Tanh(), nn.Linear(self.hidden, d)).to(ctx.device)
+        nn.init.zeros_(self.mu[2].weight)  # start as "add noise only"
+        nn.init.zeros_(self.mu[2].bias)
+        self.log_std = nn.Parameter(torch.full((d,), math.log(self.init_std), device=ctx.device), requires_grad=self.learn_std)
+        params = list(self.mu.parameters()) + ([self.log_std] if self.learn_std else [])
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        x = prompt.float()
+        frozen = {k: v.detach() for k, v in self.mu.named_parameters()}
+        mean = functional_call(self.mu, frozen, (x,))
+        eps = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+        action = mean + self.log_std.detach().exp() * eps
+        self._rollout = (x.detach(), action.detach())
+        return (x + self.action_scale * action).to(prompt.dtype)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        x, action = self._rollout
+        self._rollout = None
+        batch = result.batch
+        acc_refined = cell_accuracy(result.predict(result.refined), batch.targets, batch.target_mask)
+        acc_plain = cell_accuracy(result.predict(result.prompt), batch.targets, batch.target_mask)
+        improvement = acc_refined - acc_plain
+        reward = self.reward_scale * improvement
+        with torch.enable_grad():
+            std = self.log_std.exp()
+            dist = torch.distributions.Normal(self.mu(x), std)
+            logp = dist.log_prob(action).sum(-1)
+            loss = -((reward - self.baseline) * logp).mean() - self.entropy_coef * dist.entropy().sum(-1).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.optimizer.step()
+        mean_reward, mean_improvement, loss_value = torch.stack([reward.mean(), improvement.mean(), loss.detach()]).tolist()
+        self.baseline = self.baseline_momentum * self.baseline + (1 - self.baseline_momentum) * mean_reward
+        self.updates += 1
+        return {"reward": mean_reward, "acc_improvement": mean_improvement, "policy_loss": loss_value, "reward_baseline": self.baseline}
+
+    @hookimpl
+    def state_dict(self, ctx):
+        return {
+            "mu": self.mu.state_dict(),
+            "log_std": self.log_std.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "baseline": self.baseline,
+            "updates": self.updates,
+        }
+
+    @hookimpl
+    def load_state_dict(self, state, ctx):
+        self.mu.load_state_dict(state["mu"])
+        with torch.no_grad():
+            self.log_std.copy_(state["log_std"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.baseline = float(state["baseline"])
+        self.updates = int(state["updates"])
