@@ -198,7 +198,7 @@ class QwenPrompt(Plugin):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:  # transformers < 5.x
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.eval()
+        model.train()
         self.model = model
         self._build_symbol_ids()
         ctx.prompt_dim = int(model.config.hidden_size)
