@@ -193,14 +193,20 @@ class MaskedEFELoss(Plugin):
 
     @hookimpl
     def compute_loss(self, logits: torch.Tensor, batch: Batch, ctx: Context) -> LossOutput:
-        loss, per_example, stats = efe_loss(
-            logits,
-            batch.targets,
-            batch.target_mask,
-            ctx.threshold,
-            label_smoothing=self.label_smoothing,
-            ambiguity_weight=self.ambiguity_weight,
-            min_scale=self.min_scale,
-        )
+        try:
+            loss, per_example, stats = efe_loss(
+                logits,
+                batch.targets,
+                batch.target_mask,
+                ctx.threshold,
+                label_smoothing=self.label_smoothing,
+                ambiguity_weight=self.ambiguity_weight,
+                min_scale=self.min_scale,
+            )
+        except ContractError as exc:  # name the plugin as registered (a subclass, a second instance)
+            name = getattr(self, "instance_name", "") or self.name
+            if exc.plugin == name:
+                raise
+            raise ContractError(name, exc.hook, exc.expected, exc.got) from None
         return LossOutput(loss=loss, metrics=stats, per_example=per_example.detach())
 

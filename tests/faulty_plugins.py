@@ -1,0 +1,195 @@
+"""Deliberately faulty plugins: each reproduces one of the original script's bugs.
+
+Loaded by configs through import paths (``faulty_plugins:NoGradPolicy``), exactly
+as a user's own plugin module would be.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arcfw.core.context import LossOutput
+from arcfw.core.hookspecs import hookimpl
+from arcfw.core.plugin import Plugin
+from arcfw.plugins.agent import GridAgent
+from arcfw.plugins.efe_loss import MaskedEFELoss
+from arcfw.plugins.qwen import QwenPrompt
+from arcfw.plugins.rl_policy import GaussianRefinePolicy
+
+
+class SevenColourPredictor(GridAgent):
+    """Bug 1 (shape): logits over 7 colours -> 'size of tensor a (7) must match ... (10)' downstream."""
+
+    name = "seven_colour_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx):
+        return self.net(prompt, batch.inputs, batch.canvas_mask)[..., :7]
+
+
+class FloatTargetLoss(MaskedEFELoss):
+    """Bug 1 (dtype): ``target.float()`` fed to the loss."""
+
+    name = "float_target_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        batch.targets = batch.targets.float()
+        return super().compute_loss(logits, batch, ctx)
+
+
+class NoGradPolicy(GaussianRefinePolicy):
+    """Bug 2: ``@torch.no_grad()`` on the policy's apply -> Qwen gradient exactly 0."""
+
+    name = "no_grad_policy"
+
+    @hookimpl
+    @torch.no_grad()
+    def refine(self, prompt, batch, ctx):
+        return super().refine(prompt, batch, ctx)
+
+
+class DetachingPolicy(GaussianRefinePolicy):
+    """Bug 2, subtler: output still requires grad (through the policy's own parameter)
+    but the path to the prompt is cut by ``.detach()``."""
+
+    name = "detaching_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        return prompt.detach() + self.log_std  # requires_grad=True, yet Qwen gets nothing
+
+
+class ZeroGradPrompt(QwenPrompt):
+    """A prompt whose gradient is exactly zero every step (path exists, carries nothing)."""
+
+    name = "zero_grad_prompt"
+
+    @hookimpl
+    def generate_prompt(self, batch, ctx):
+        return super().generate_prompt(batch, ctx) * 0.0
+
+
+class BackwardAgainPolicy(GaussianRefinePolicy):
+    """Bug 3: the RL update backpropagates through the main graph (kept from refine)."""
+
+    name = "backward_again_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        out = super().refine(prompt, batch, ctx)
+        self.kept = out  # NOT detached: a reference into the main graph
+        return out
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        (self.kept ** 2).mean().backward()  # the graph was freed by the engine's backward
+        return {}
+
+
+class Fp16Qwen(QwenPrompt):
+    """Bug 4: Qwen loaded in fp16 and trained with fp16-mixed -> 'Attempting to unscale FP16 gradients'."""
+
+    name = "fp16_qwen"
+
+    @hookimpl
+    def configure(self, ctx):
+        super().configure(ctx)
+        self.model.half()
+
+
+class NaNLoss(MaskedEFELoss):
+    """Bug 5: a NaN loss at the given steps."""
+
+    name = "nan_loss"
+
+    def __init__(self, nan_steps: list = (1,), **kw):
+        super().__init__(**kw)
+        self.nan_steps = set(nan_steps)
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        out = super().compute_loss(logits, batch, ctx)
+        if ctx.step in self.nan_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+class OverflowLoss(MaskedEFELoss):
+    """Multiplies the loss so that fp16 gradients overflow at the given steps (GradScaler must skip)."""
+
+    name = "overflow_loss"
+
+    def __init__(self, overflow_steps: list = (1,), factor: float = 1e8, **kw):
+        super().__init__(**kw)
+        self.overflow_steps = set(overflow_steps)
+        self.factor = factor
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        out = super().compute_loss(logits, batch, ctx)
+        if ctx.step in self.overflow_steps:
+            out.loss = out.loss * self.factor
+        return out
+
+
+class FlatLoss(Plugin):
+    """A loss that never changes (health warning: loss flat)."""
+
+    name = "flat_loss"
+    role = "loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        return LossOutput(loss=logits.float().sum() * 0.0 + 1.0, metrics={"mask_ratio": 1.0})
+
+
+class Recorder(Plugin):
+    """Records every hook call it sees (an 'extra' plugin implementing all step hooks)."""
+
+    name = "recorder"
+    role = "extra"
+    events: list = []
+
+    def __init__(self):
+        Recorder.events = []
+
+    def _rec(self, name):
+        Recorder.events.append(name)
+
+    @hookimpl
+    def configure(self, ctx):
+        self._rec("configure")
+
+    @hookimpl
+    def hard_cell_threshold(self, epoch, step, ctx):
+        self._rec("hard_cell_threshold")
+        return None
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        self._rec("refine")
+        return prompt
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        self._rec("compute_loss")
+        return LossOutput(loss=logits.float().sum() * 0.0)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        self._rec("post_step_update")
+        assert not result.prompt.requires_grad and not result.logits.requires_grad
+        return {"recorder_seen": 1.0}
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        self._rec("on_epoch_start")
+
+    @hookimpl
+    def on_epoch_end(self, epoch, summary, ctx):
+        self._rec("on_epoch_end")
+
+    @hookimpl
+    def log_metrics(self, record, ctx):
+        self._rec(f"log_metrics:{record['kind']}")
