@@ -24,8 +24,8 @@ _HOOK = "compute_loss"
 
 
 def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: float) -> None:
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"efe_loss: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not 0.0 < label_smoothing < 1.0:  # with 0 the smoothed target has zeros and KL(p||q) is infinite
+        raise ValueError(f"efe_loss: label_smoothing must be in (0, 1), got {label_smoothing!r}")
     if not ambiguity_weight >= 0.0:  # also rejects NaN
         raise ValueError(f"efe_loss: ambiguity_weight must be >= 0, got {ambiguity_weight!r}")
     if not 0.0 <= min_scale <= 1.0:
@@ -170,9 +170,9 @@ def efe_loss(
 class MaskedEFELoss(Plugin):
     """Loss plugin: expected free energy (KL risk + weighted entropy) over the hard cells.
 
-    Parameters (YAML): ``label_smoothing`` ε in [0, 1), ``ambiguity_weight`` w >= 0,
+    Parameters (YAML): ``label_smoothing`` ε in (0, 1), ``ambiguity_weight`` w >= 0,
     ``min_scale`` s in [0, 1].  Reads the hard-cell threshold from ``ctx.threshold``.
-    Note: with ε = 0, q has zeros, so KL(p‖q) (and the loss) is +inf for any non-one-hot p.
+    ε must be > 0: with ε = 0, q has zeros and KL(p‖q) is +inf for any non-one-hot p.
     The formula is written out in :func:`efe_loss`.
     """
 

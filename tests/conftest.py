@@ -15,7 +15,6 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = {
     "device": "cpu",

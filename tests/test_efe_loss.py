@@ -334,9 +334,10 @@ def test_shape_mismatch_is_a_contract_error(logits_shape, targets_shape):
 
 def test_parameter_validation():
     MaskedEFELoss()
-    MaskedEFELoss(label_smoothing=0.0, ambiguity_weight=0.0, min_scale=1.0)
+    MaskedEFELoss(label_smoothing=1e-3, ambiguity_weight=0.0, min_scale=1.0)
     for kw in (
         {"label_smoothing": 1.0},
+        {"label_smoothing": 0.0},
         {"label_smoothing": -0.1},
         {"ambiguity_weight": -1e-3},
         {"ambiguity_weight": float("nan")},
