@@ -39,6 +39,8 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """arcfw: a plugin-based training framework for ARC-AGI grid puzzles."""
     ctx.ensure_object(dict)
+    # arcfw never downloads models or data at run time (a user can still set HF_HUB_OFFLINE=0)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ctx.obj["debug"] = debug or bool(os.environ.get("ARCFW_DEBUG"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -220,6 +221,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str,
         except ConfigError as exc:
             problems.extend(exc.problems)
     base_dir = Path(path).parent if path is not None else Path.cwd()
+    # plugins named by import path ("my_plugins:MyPlugin") may live next to the config or in the cwd
+    for folder in (str(Path.cwd()), str(base_dir.resolve())):
+        if folder not in sys.path:
+            sys.path.append(folder)
     _check(data, SCHEMA, "", problems)
     _check_semantics(data, problems, base_dir)
     specs = _check_plugins(data.get("plugins"), problems)

@@ -39,7 +39,8 @@ class AgentNet(nn.Module):
         self.film = nn.Linear(prompt_dim, 2 * channels * layers)
         self.blocks = nn.ModuleList(_Block(channels, 2 ** (i % 4)) for i in range(layers))
         self.head = nn.Conv2d(channels, NUM_COLOURS, 1)
-        nn.init.zeros_(self.film.weight)
+        # small, not zero: with a zero FiLM the prompt (and so Qwen) would get exactly no gradient at step 1
+        nn.init.normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
 
     def forward(self, prompt: torch.Tensor, inputs: torch.Tensor, canvas_mask: torch.Tensor) -> torch.Tensor:

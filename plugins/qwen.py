@@ -31,6 +31,7 @@ from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS, Batch, Example
 from arcfw.core.context import Context, ParamGroup
+from arcfw.core.errors import PluginError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
 
@@ -138,6 +139,10 @@ class QwenPrompt(Plugin):
                 raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
             if (hidden_size // num_heads) % 2:
                 raise ValueError(f"head size hidden_size/num_heads ({hidden_size // num_heads}) must be even (rotary)")
+        if pretrained is not None:
+            pretrained = os.path.expanduser(pretrained)
+            if pretrained.startswith(("/", "./", "../")) and not os.path.isdir(pretrained):
+                raise ValueError(f"pretrained model folder does not exist: {pretrained}")
         self.pretrained = pretrained
         self.trust_remote_code = trust_remote_code
         self.hidden_size = hidden_size
@@ -170,13 +175,20 @@ class QwenPrompt(Plugin):
         from transformers import AutoModel, Qwen2Config, Qwen2Model
 
         if self.pretrained is not None:
-            self.tokenizer = self._load_tokenizer()
-            model = AutoModel.from_pretrained(
-                self.pretrained,
-                trust_remote_code=self.trust_remote_code,
-                dtype=torch.float32,
-                attn_implementation=self.attn_implementation,
-            )
+            try:
+                self.tokenizer = self._load_tokenizer()
+                model = AutoModel.from_pretrained(
+                    self.pretrained,
+                    trust_remote_code=self.trust_remote_code,
+                    dtype=torch.float32,
+                    attn_implementation=self.attn_implementation,
+                )
+            except (OSError, ValueError) as exc:  # not found, no network, not a model folder
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+                raise PluginError(
+                    f"qwen: cannot load pretrained model '{self.pretrained}' (plugins.prompt.pretrained): {first}. "
+                    "arcfw never downloads at run time: point it to a local folder saved with save_pretrained"
+                ) from None
         else:
             self.tokenizer = build_grid_tokenizer()
             config = Qwen2Config(
