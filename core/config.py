@@ -365,6 +365,8 @@ def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec 
 def bind_params(cls: type, params: dict[str, Any], key: str, name: str) -> list[tuple[str, str]]:
     """Check ``params`` against ``cls.__init__``: unknown keys, missing required ones, wrong types."""
     out: list[tuple[str, str]] = []
+    if cls.__init__ is object.__init__:  # no constructor of its own: takes no parameters
+        return [(f"{key}.{p}", f"unknown parameter of plugin '{name}' (it takes no parameters)") for p in params]
     sig = inspect.signature(cls.__init__)
     try:
         hints = typing.get_type_hints(cls.__init__)
