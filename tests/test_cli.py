@@ -131,3 +131,15 @@ def test_check_fails_and_names_the_faulty_plugin(policy):
     assert res.exit_code == 1, res.output
     failed = [line for line in res.output.splitlines() if line.startswith("FAIL")]
     assert failed and any(policy in line for line in failed), res.output
+
+
+def test_package_installs_under_one_name(tmp_path):
+    code = ("import importlib.util as u, arcfw.core.engine, arcfw.plugins.qwen; "
+            "print(u.find_spec('core'), u.find_spec('plugins'), arcfw.plugins.qwen.__name__)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.stdout.split() == ["None", "None", "arcfw.plugins.qwen"], res.stderr
+
+
+def test_python_dash_m_arcfw():
+    res = subprocess.run([sys.executable, "-m", "arcfw", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "run" in res.stdout and "check" in res.stdout and "plugins" in res.stdout
