@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pluggy
 import torch
 
 from arcfw.core import contracts, hookspecs
-from arcfw.core.batch import Batch, Example
+from arcfw.core.batch import Batch
 from arcfw.core.config import RunConfig
 from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult
 from arcfw.core.errors import (
@@ -30,9 +29,8 @@ from arcfw.core.errors import (
     PluginError,
 )
 from arcfw.core.health import GradientWatch, HealthMonitor, NonFiniteGuard
-from arcfw.core.plugin import EXTRA_ROLE
 from arcfw.core.precision import Precision
-from arcfw.core.steps import STEP_ORDER, Stage, order_text
+from arcfw.core.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
 
@@ -311,7 +309,16 @@ class Engine:
 
     def _stage_backward(self, s: _Step) -> None:
         if s.loss.requires_grad:
-            self.precision.backward(s.loss)
+            try:
+                self.precision.backward(s.loss)
+            except RuntimeError as exc:
+                if "backward through the graph a second time" not in str(exc):
+                    raise
+                raise OrderError(
+                    "a plugin called backward() on the main graph before the engine did. Plugins never call "
+                    f"backward or step the main optimizer; the step order is {order_text()}. Return the loss from "
+                    "compute_loss and do extra updates in post_step_update"
+                ) from exc
         if not self._first_step_checked:
             self._check_groups_reached()
 
@@ -410,7 +417,3 @@ class Engine:
     def group_plugin(self, group: str) -> str:
         return next(g.plugin for g in self.groups if g.name == group)
 
-    def modules(self) -> Iterable[tuple[str, torch.nn.Module]]:
-        for g in self.groups:
-            for i, m in enumerate(g.modules):
-                yield (g.name if len(g.modules) == 1 else f"{g.name}.{i}"), m

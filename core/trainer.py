@@ -15,7 +15,7 @@ from tqdm import tqdm
 from arcfw.core.config import RunConfig
 from arcfw.core.data import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine import Engine
-from arcfw.core.errors import ArcfwError, ConfigError
+from arcfw.core.errors import ConfigError
 from arcfw.core.metrics import MetricsLog, batch_line, epoch_line
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
@@ -68,9 +68,8 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         created = self._open_outputs()
-        steps_done = 0
         try:
-            steps_done = self._run()
+            self._run()
         except BaseException:
             self.log.close()
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
@@ -79,7 +78,7 @@ class Trainer:
         self.log.close()
         return self.log.summaries
 
-    def _run(self) -> int:
+    def _run(self) -> None:
         eng, cfg = self.engine, self.cfg
         max_batches = cfg["max_batches"]
         log_every = cfg["log_every"]
@@ -102,7 +101,7 @@ class Trainer:
                 eng.ctx.batch_index = batch_index
                 metrics = eng.train_step(batch.to(eng.device))
                 step = eng.global_step
-                norms = self._last_norms()
+                norms = eng.last_norms
                 qwen_grad = self._qwen_grad(norms)
                 warnings = eng.health.update(self._loss(metrics), norms, metrics, eng.ctx.no_grad_groups)
                 acc.add(metrics, qwen_grad)
@@ -160,10 +159,6 @@ class Trainer:
             self.log.write_summary(summary)
             eng.call_all("log_metrics", record=summary)
             self._print(epoch_line(summary))
-        return eng.global_step
-
-    def _last_norms(self) -> dict[str, float]:
-        return dict(self.engine.last_norms)
 
     def _qwen_grad(self, norms: dict[str, float]) -> float:
         prompt = self.engine.prompt_plugin

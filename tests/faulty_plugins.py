@@ -193,3 +193,15 @@ class Recorder(Plugin):
     @hookimpl
     def log_metrics(self, record, ctx):
         self._rec(f"log_metrics:{record['kind']}")
+
+
+class EagerBackwardLoss(MaskedEFELoss):
+    """Bug 3, the other way round: a plugin calls backward itself (the RL update before the engine's backward)."""
+
+    name = "eager_backward_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        out = super().compute_loss(logits, batch, ctx)
+        out.loss.backward()  # frees the graph; the engine's backward then fails
+        return out

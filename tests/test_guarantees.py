@@ -173,3 +173,9 @@ def test_consecutive_nan_halts_after_max_skips(make_engine, batches):
     eng.train_step(bs[1])
     with pytest.raises(TrainingHalted, match="3 consecutive steps"):
         eng.train_step(bs[2])
+
+
+def test_plugin_calling_backward_itself_is_an_order_error(make_engine, batches):
+    eng = make_engine({"plugins.loss.name": "faulty_plugins:EagerBackwardLoss"})
+    with pytest.raises(OrderError, match="called backward"):
+        eng.train_step(batches(1)[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from arcfw.core.steps import STEP_ORDER, Stage, order_text
+from arcfw.core.steps import STEP_ORDER, order_text
 
 ONE_STEP = [
     ("stage:hard_cell_threshold", None),
