@@ -96,14 +96,27 @@ class Batch:
         )
 
 
-def collate(examples: list[Example]) -> Batch:
-    """Pad B examples onto one canvas. Targets are int64 from here on."""
+def collate(examples: list[Example], shapes: "list[tuple[int, int]] | None" = None) -> Batch:
+    """Pad B examples onto one canvas. Targets are int64 from here on.
+
+    ``shapes`` (evaluation) gives each example's output size ``(h, w)`` when the
+    answer is unknown: the example's canvas then covers that size and
+    ``target_mask`` marks it.  Examples given with ``shapes`` must have no query
+    output (the answer never enters an evaluation batch).
+    """
     if not examples:
         raise ValueError("collate() needs at least one example")
+    if shapes is not None and len(shapes) != len(examples):
+        raise ValueError(f"collate() got {len(shapes)} shapes for {len(examples)} examples")
     sizes = []
-    for ex in examples:
+    for b, ex in enumerate(examples):
         hi, wi = ex.query.input.shape
-        ho, wo = ex.query.output.shape if ex.query.output is not None else (0, 0)
+        if shapes is not None:
+            if ex.query.output is not None:
+                raise ValueError(f"collate(shapes=...) got example {ex.key} with its answer; strip the query output")
+            ho, wo = (int(v) for v in shapes[b])
+        else:
+            ho, wo = ex.query.output.shape if ex.query.output is not None else (0, 0)
         sizes.append((hi, wi, ho, wo, max(hi, ho), max(wi, wo)))
     H = max(s[4] for s in sizes)
     W = max(s[5] for s in sizes)
@@ -118,7 +131,7 @@ def collate(examples: list[Example]) -> Batch:
         input_mask[b, :hi, :wi] = True
         if ex.query.output is not None:
             targets[b, :ho, :wo] = ex.query.output
-            target_mask[b, :ho, :wo] = True
+        target_mask[b, :ho, :wo] = True
         canvas_mask[b, :hc, :wc] = True
     return Batch(
         examples=list(examples),

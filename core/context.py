@@ -85,3 +85,17 @@ class StepResult:
     predict: Callable[[torch.Tensor], torch.Tensor]
     epoch: int = 0
     step: int = 0
+
+
+@dataclass
+class View:
+    """One view of an evaluation example, returned by the ``test_time_views`` hook.
+
+    ``example`` is the transformed example (its query has no output);
+    ``invert(grid)`` maps a grid predicted for this view back to the original
+    frame (int64 ``[h, w]`` numpy arrays in and out).  ``name`` is for logs.
+    """
+
+    example: Any
+    invert: Callable[[Any], Any]
+    name: str = ""

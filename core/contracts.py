@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import LossOutput
+from arcfw.core.batch import NUM_COLOURS, Example
+from arcfw.core.context import LossOutput, View
+from arcfw.core.data import MAX_SIDE
 from arcfw.core.errors import ContractError, GradientPathError
 
 
@@ -76,6 +78,63 @@ def check_metrics(plugin: str, hook: str, value: Any) -> None:
     for k, v in value.items():
         if isinstance(v, torch.Tensor) or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ContractError(plugin, hook, f"metric '{k}' as a Python float", describe(v))
+
+
+def check_shapes(plugin: str, value: Any, batch_size: int) -> None:
+    """``predict_shape``: int64 ``[B, K, 2]``, K >= 1, every side in 1..MAX_SIDE."""
+    expected = f"an int64 tensor [B={batch_size}, K>=1, 2] of (h, w) sizes in 1..{MAX_SIDE}"
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.dtype != torch.int64
+        or value.ndim != 3
+        or value.shape[0] != batch_size
+        or value.shape[1] < 1
+        or value.shape[2] != 2
+    ):
+        raise ContractError(plugin, "predict_shape", expected, describe(value))
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 1 or hi > MAX_SIDE:
+        raise ContractError(plugin, "predict_shape", expected, f"sizes from {lo} to {hi}")
+
+
+def _grid_problem(grid: Any) -> str | None:
+    if not isinstance(grid, np.ndarray) or grid.ndim != 2 or not np.issubdtype(grid.dtype, np.integer):
+        return f"not a 2-D integer numpy array ({type(grid).__name__} {getattr(grid, 'shape', '')})"
+    if not (1 <= grid.shape[0] <= MAX_SIDE and 1 <= grid.shape[1] <= MAX_SIDE):
+        return f"shape {grid.shape}"
+    if grid.min() < 0 or grid.max() >= NUM_COLOURS:
+        return f"colours from {grid.min()} to {grid.max()}"
+    return None
+
+
+def check_example(plugin: str, hook: str, before: Example, after: Any) -> None:
+    """An example returned by a hook: same identity and structure as ``before``, valid grids."""
+    expected = (
+        f"an Example for {before.key} with {len(before.demos)} demonstration pairs, "
+        f"query output {'present' if before.query.output is not None else 'absent'}, grids int 0-9 of 1..{MAX_SIDE} cells a side"
+    )
+    if not isinstance(after, Example):
+        raise ContractError(plugin, hook, expected, describe(after))
+    if (after.task_id, after.pair_index, len(after.demos)) != (before.task_id, before.pair_index, len(before.demos)) or (
+        (after.query.output is None) != (before.query.output is None)
+    ):
+        raise ContractError(plugin, hook, expected, f"an Example for {after.key} with {len(after.demos)} demonstration pairs")
+    pairs = [("query", after.query)] + [(f"demo {i}", p) for i, p in enumerate(after.demos)]
+    for where, pair in pairs:
+        for side, grid in (("input", pair.input), ("output", pair.output)):
+            problem = None if grid is None and (side == "output") else _grid_problem(grid)
+            if problem:
+                raise ContractError(plugin, hook, expected, f"{where} {side} grid: {problem}")
+
+
+def check_views(plugin: str, before: Example, views: Any) -> None:
+    """``test_time_views``: None or a list of :class:`View` of the same example."""
+    if views is None:
+        return
+    if not isinstance(views, (list, tuple)) or not all(isinstance(v, View) and callable(v.invert) for v in views):
+        raise ContractError(plugin, "test_time_views", "None or a list of View(example, invert)", describe(views))
+    for v in views:
+        check_example(plugin, "test_time_views", before, v.example)
 
 
 # --------------------------------------------------------------------------- gradient paths

@@ -8,6 +8,8 @@ names the file, task and pair, never deep inside a training step.
 :class:`ExampleLoader` turns examples into batches in an order that depends only
 on ``(seed, epoch)``, so a run resumed from a checkpoint sees the same batches
 it would have seen, and every data-parallel rank gets the same number of batches.
+An optional per-example ``transform`` (augmentation) draws from a generator
+seeded by ``(seed, epoch, example index)``, so it is as reproducible as the order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -211,6 +213,9 @@ class ExampleLoader:
     the order is padded by repeating its start to a multiple of ``world_size`` and rank
     ``r`` takes ``order[r::world_size]`` (as ``torch.utils.data.DistributedSampler`` does),
     so all ranks run the same number of batches.
+
+    ``transform(example, rng)`` (e.g. :meth:`Engine.augment_example`) is applied to
+    each example before collation with ``rng = numpy.random.default_rng([seed, epoch, index])``.
     """
 
     def __init__(
@@ -222,6 +227,7 @@ class ExampleLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        transform: Callable[[Example, np.random.Generator], Example] | None = None,
     ):
         if not examples:
             raise ValueError("ExampleLoader needs at least one example")
@@ -236,6 +242,7 @@ class ExampleLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.transform = transform
 
     def order(self, epoch: int) -> list[int]:
         """All example indices of ``epoch`` in visiting order (before sharding)."""
@@ -262,4 +269,7 @@ class ExampleLoader:
         indices = self.rank_order(epoch)
         for b in range(start, len(self)):
             chunk = indices[b * self.batch_size : (b + 1) * self.batch_size]
-            yield collate([self.examples[i] for i in chunk])
+            examples = [self.examples[i] for i in chunk]
+            if self.transform is not None:
+                examples = [self.transform(ex, np.random.default_rng([self.seed, epoch, i])) for ex, i in zip(examples, chunk)]
+            yield collate(examples)

@@ -7,20 +7,21 @@ checked against its contract where it is produced (``health.check_contracts``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pluggy
 import torch
 
-from arcfw.core import contracts, hookspecs
-from arcfw.core.batch import Batch
+from arcfw.core import contracts, hookspecs, shapes
+from arcfw.core.batch import Batch, Example
 from arcfw.core.config import RunConfig
-from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult
+from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult, View
 from arcfw.core.errors import (
     ArcfwError,
     ConfigError,
@@ -403,7 +404,10 @@ class Engine:
         """Run the predictor without gradient (post-step reward computation, evaluation)."""
         impl = self._impls["predict"][0]
         with torch.no_grad(), self.precision.autocast():
-            return impl(prompt=prompt, batch=batch, ctx=self.ctx).float()
+            out = impl(prompt=prompt, batch=batch, ctx=self.ctx)
+        if self.check_contracts:
+            contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
+        return out.float()
 
     # ------------------------------------------------------------------ helpers for the loop
 
@@ -417,3 +421,71 @@ class Engine:
     def group_plugin(self, group: str) -> str:
         return next(g.plugin for g in self.groups if g.name == group)
 
+    def implements(self, hook: str) -> bool:
+        """True if some plugin implements ``hook``."""
+        return bool(self._impls.get(hook))
+
+    # ------------------------------------------------------------------ data stage (before the step)
+
+    def augment_example(self, example: Example, rng: np.random.Generator) -> Example:
+        """Chain the ``augment_example`` hooks over one training example (None leaves it unchanged)."""
+        for impl in self._impls.get("augment_example", []):
+            out = self._call("augment_example", impl, example=example, rng=rng, ctx=self.ctx)
+            if out is None:
+                continue
+            if self.check_contracts:
+                contracts.check_example(impl.plugin, "augment_example", example, out)
+            example = out
+        return example
+
+    # ------------------------------------------------------------------ evaluation (arcfw.core.evaluate)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """No gradient, ``ctx.training`` False, modules in eval mode; the previous modes come back after."""
+        modules = [m for g in self.groups for m in g.modules]
+        modes = [m.training for m in modules]
+        was_training = self.ctx.training
+        self.ctx.training = False
+        try:
+            for m in modules:
+                m.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+            self.ctx.training = was_training
+
+    def eval_prompt(self, batch: Batch) -> torch.Tensor:
+        """``generate_prompt`` then the ``refine`` chain, contract-checked (use inside :meth:`evaluating`)."""
+        impl = self._impls["generate_prompt"][0]
+        with self.precision.autocast():
+            x = self._call("generate_prompt", impl, batch=batch, ctx=self.ctx)
+            if self.check_contracts:
+                contracts.check_prompt(impl.plugin, "generate_prompt", x, batch.size, self.ctx.prompt_dim, self.device)
+            for impl in self._impls.get("refine", []):
+                x = self._call("refine", impl, prompt=x, batch=batch, ctx=self.ctx)
+                if self.check_contracts:
+                    contracts.check_prompt(impl.plugin, "refine", x, batch.size, self.ctx.prompt_dim, self.device)
+        return x.float()
+
+    def predict_shape(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Ranked output sizes ``[B, K, 2]`` from the ``predict_shape`` hook, else the demo rule then the input size."""
+        for impl in self._impls.get("predict_shape", []):
+            out = self._call("predict_shape", impl, prompt=prompt, batch=batch, ctx=self.ctx)
+            if out is not None:
+                if self.check_contracts:
+                    contracts.check_shapes(impl.plugin, out, batch.size)
+                return out
+        return torch.stack([shapes.rule_shapes(batch), shapes.mask_shapes(batch.input_mask)], dim=1)
+
+    def test_time_views(self, example: Example) -> list[View]:
+        """Every plugin's extra views of an evaluation example, in role order."""
+        views: list[View] = []
+        for impl in self._impls.get("test_time_views", []):
+            out = self._call("test_time_views", impl, example=example, ctx=self.ctx)
+            if self.check_contracts:
+                contracts.check_views(impl.plugin, example, out)
+            views.extend(out or [])
+        return views

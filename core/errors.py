@@ -97,3 +97,9 @@ class CheckpointError(ArcfwError):
     """A checkpoint cannot be written, read or trusted."""
 
     kind = "checkpoint error"
+
+
+class MissingExtra(ArcfwError):
+    """A feature needs an optional dependency that is not installed (the message names the extra)."""
+
+    kind = "missing dependency"

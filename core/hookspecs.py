@@ -2,6 +2,9 @@
 
 How a step runs (the order lives in :mod:`arcfw.core.steps` and nowhere else)::
 
+    # data stage, before the step, training only, per example, before collation:
+    example   = augment_example(example, rng, ctx)  # chained; rng seeded by (seed, epoch, example)
+    # the step:
     threshold = hard_cell_threshold(...)          # curriculum
     prompt    = generate_prompt(batch, ctx)       # [B, D] float, carries gradient
     refined   = refine(prompt, batch, ctx)        # [B, D] float, keeps the gradient path
@@ -9,6 +12,14 @@ How a step runs (the order lives in :mod:`arcfw.core.steps` and nowhere else)::
     loss      = compute_loss(logits, batch, ctx)  # LossOutput, scalar loss
     engine: backward -> (unscale, clip) -> optimizer step -> scaler update
     post_step_update(result, ctx)                 # detached values only
+
+Evaluation (``arcfw eval``, :mod:`arcfw.core.evaluate`) runs, without gradient and
+with ``ctx.training`` False, for every test input and each of its views
+(the input itself plus :func:`test_time_views`)::
+
+    prompt  = refine(generate_prompt(batch))          # batch has no answer
+    shapes  = predict_shape(prompt, batch, ctx)       # [B, K, 2] ranked output sizes
+    logits  = predict(prompt, batch_k, ctx)           # batch_k's canvas covers size k
 
 Plugins never call ``backward()`` and never step the main optimizer: the engine
 does that.  A plugin contributes trainable modules through
@@ -36,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy
     import torch
 
-    from arcfw.core.batch import Batch
-    from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult
+    from arcfw.core.batch import Batch, Example
+    from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult, View
 
 PROJECT = "arcfw"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -107,7 +119,9 @@ def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
 def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
     """Refine the prompt embedding (for example an RL policy's residual action).
 
-    Called after :func:`generate_prompt`.  Receives ``prompt`` ``[B, D]`` and
+    Called after :func:`generate_prompt`; also at evaluation, where
+    ``ctx.training`` is False and a stochastic policy should act
+    deterministically (its mean action).  Receives ``prompt`` ``[B, D]`` and
     returns a tensor of the same shape and dtype.  The result must keep the
     gradient path to ``prompt`` (the prompt model learns through it): never
     compute it under ``torch.no_grad()`` or from ``prompt.detach()``.
@@ -125,6 +139,26 @@ def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Te
     shape ``[B, H, W, 10]`` where ``(H, W) == batch.canvas``; the cells where
     ``batch.target_mask`` is True are scored.  Must carry gradient to
     ``prompt``.  Exactly one implementation (the predictor role).
+
+    At evaluation the answer is unknown: ``batch.targets`` is all 0 and
+    ``batch.target_mask`` marks the output size chosen by :func:`predict_shape`
+    (each example's canvas covers it); the predicted grid is the argmax there.
+    """
+
+
+@hookspec(firstresult=True)
+def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor | None":
+    """Predict the size of each query's output grid (evaluation only; the answer is never shown).
+
+    Called at evaluation after :func:`refine`, on a batch whose queries carry
+    no output.  Returns int64 ``[B, K, 2]``: for every example ``K >= 1``
+    candidate sizes ``(h, w)``, each side in 1..30, most probable first; the
+    first two become the sizes of the two attempts (or feed the vote over
+    augmented views).  ``ctx.training`` is False and gradient is off.  A
+    predictor that learns sizes trains them through its own
+    :func:`compute_loss` (losses add up).  The first non-None result wins;
+    with no implementation the engine uses the demo-pair rule of
+    :func:`arcfw.core.shapes.rule_shape`, then the input size.
     """
 
 
@@ -154,6 +188,39 @@ def post_step_update(result: "StepResult", ctx: "Context") -> "dict[str, float] 
     REINFORCE step) or for bookkeeping.  The main graph is gone by now:
     backpropagating through it is a step-order error.  All implementations are
     called; returned dicts of floats are merged into the step's metrics.
+    """
+
+
+# --------------------------------------------------------------------------- data and evaluation views
+
+
+@hookspec
+def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Context") -> "Example | None":
+    """Transform a training example before it is collated (data augmentation).
+
+    The data stage before the step: called for every example of every training
+    batch, not at evaluation.  ``rng`` is a NumPy generator seeded by
+    ``(seed, epoch, example index)`` only, so the same run (and a run resumed
+    mid-epoch) draws the same augmentation; use it and no other randomness.
+    Return a new :class:`~arcfw.core.batch.Example` with the same ``task_id``,
+    ``pair_index`` and number of demonstration pairs, with *one* transformation
+    applied consistently to every demonstration grid, the query input and the
+    query output (the target), every grid int 0-9 with sides 1..30; or None to
+    leave the example unchanged.  Implementations are chained in role order.
+    """
+
+
+@hookspec
+def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
+    """Extra views of an evaluation example to vote over (test-time augmentation).
+
+    Called at evaluation for every test example (its query has no output).
+    Return :class:`~arcfw.core.context.View` objects: a transformed example
+    and ``invert``, which maps a grid predicted for the view back to the
+    original frame.  The evaluator always adds the untransformed example
+    itself, predicts every view, inverts, and ranks the distinct grids by votes.
+    Must be deterministic (derive randomness from ``ctx.seed`` and the example).
+    All implementations are called; the lists are concatenated.
     """
 
 

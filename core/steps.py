@@ -11,6 +11,11 @@ One training step (:meth:`arcfw.core.engine.Engine.train_step`) is::
     OPTIMIZER_STEP    unscale -> non-finite check -> clip -> optimizer.step -> scaler.update
     POST_STEP_UPDATE  post_step_update(detached StepResult)                 # RL update, bookkeeping
 
+Before the step, in the data stage (training only), every example of the batch
+passes through the ``augment_example`` hooks (chained, with a NumPy generator
+seeded by ``(seed, epoch, example index)``) and is then collated.  That stage
+is not part of :data:`STEP_ORDER`: the step starts from a collated batch.
+
 Plugins implement the hook stages; BACKWARD and OPTIMIZER_STEP belong to the
 engine alone.  Tests record the sequence of stages and hook calls and assert it.
 """

@@ -21,13 +21,13 @@ from arcfw.core.metrics import MetricsLog, batch_line, epoch_line
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is a file or already holds a run (unless ``overwrite``)."""
+def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = RUN_FILES, what: str = "a run") -> None:
+    """Refuse an output folder that is a file or already holds ``what`` (one of ``files``) unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", [("out", f"output path exists and is not a folder: {out}")])
-    if out.is_dir() and any((out / f).exists() for f in RUN_FILES) and not overwrite:
+    if out.is_dir() and any((out / f).exists() for f in files) and not overwrite:
         raise ConfigError(
-            "--out", [("out", f"{out} already holds a run; pass --overwrite to replace it or use another --out")]
+            "--out", [("out", f"{out} already holds {what}; pass --overwrite to replace it or use another --out")]
         )
 
 
@@ -45,7 +45,10 @@ class Trainer:
         self.tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
         self.examples = make_examples(self.tasks)
         self.engine = Engine.from_config(config, out_dir=self.out_dir)
-        self.loader = ExampleLoader(self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"])
+        augment = self.engine.augment_example if self.engine.implements("augment_example") else None
+        self.loader = ExampleLoader(
+            self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"], transform=augment
+        )
         self.start_epoch = 0
         self.start_batch = 0
 

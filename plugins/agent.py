@@ -1,14 +1,19 @@
-"""Grid predictor ("agent"): query input grid + refined prompt -> logits over 10 colours per cell."""
+"""Grid predictor ("agent"): query input grid + refined prompt -> logits over 10 colours per cell,
+and the output grid's size (a size head trained by an auxiliary loss, used at evaluation)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import ParamGroup
+from arcfw.core.context import LossOutput, ParamGroup
+from arcfw.core.data import MAX_SIDE
+from arcfw.core.errors import ContractError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
+from arcfw.core.shapes import mask_shapes, rule_shapes, top_shapes
 
 
 class _Block(nn.Module):
@@ -22,6 +27,29 @@ class _Block(nn.Module):
         h = h * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]  # FiLM from the prompt
         h = self.mix(torch.nn.functional.gelu(h))
         return (x + h) * mask  # cells outside the example's canvas stay exactly 0
+
+
+class SizeHead(nn.Module):
+    """Output size from the refined prompt: logits over sides 1..30 for rows and for columns, ``[B, 2, 30]``.
+
+    ``logits = MLP(prompt) + w_rule * onehot(rule size) + w_input * onehot(input size)``.
+    The MLP's last layer starts at zero, so an untrained head predicts the size the
+    demonstration pairs suggest (:func:`arcfw.core.shapes.rule_shape`), the input size
+    second; training learns the departures.  It reads the prompt and the input grid's
+    size only, never the canvas, which in training would give the answer's size away.
+    """
+
+    def __init__(self, prompt_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(prompt_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * MAX_SIDE))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        self.prior = nn.Parameter(torch.tensor([4.0, 2.0]))  # weights of the rule size and the input size
+
+    def forward(self, prompt: torch.Tensor, rule: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        logits = self.mlp(prompt).view(prompt.shape[0], 2, MAX_SIDE).float()
+        sides = torch.arange(1, MAX_SIDE + 1, device=prompt.device)
+        return logits + self.prior[0] * (rule[..., None] == sides) + self.prior[1] * (inp[..., None] == sides)
 
 
 class AgentNet(nn.Module):
@@ -42,6 +70,7 @@ class AgentNet(nn.Module):
         # small, not zero: with a zero FiLM the prompt (and so Qwen) would get exactly no gradient at step 1
         nn.init.normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
+        self.size = SizeHead(prompt_dim, 2 * channels)  # after the rest: their initial values do not move
 
     def forward(self, prompt: torch.Tensor, inputs: torch.Tensor, canvas_mask: torch.Tensor) -> torch.Tensor:
         mask = canvas_mask[:, None].to(self.embed.weight.dtype)
@@ -53,18 +82,28 @@ class AgentNet(nn.Module):
 
 
 class GridAgent(Plugin):
-    """Predicts the query's output grid, cell by cell, from its input grid and the refined prompt."""
+    """Predicts the query's output grid, cell by cell, from its input grid and the refined prompt.
+
+    Its :class:`SizeHead` predicts the output grid's size for evaluation
+    (``predict_shape``); in training, its ``compute_loss`` adds
+    ``size_loss_weight`` times the cross-entropy of the answer's rows and
+    columns to the main loss, and logs ``size_loss`` and ``size_acc``.
+    """
 
     name = "agent"
     role = "predictor"
     description = "Conv grid predictor conditioned on the refined prompt (FiLM); logits over 10 colours per cell"
 
-    def __init__(self, channels: int = 64, layers: int = 4):
+    def __init__(self, channels: int = 64, layers: int = 4, size_loss_weight: float = 0.1):
         if channels < 1 or layers < 1:
             raise ValueError("channels and layers must be >= 1")
+        if not size_loss_weight >= 0:
+            raise ValueError(f"size_loss_weight must be >= 0, got {size_loss_weight!r}")
         self.channels = channels
         self.layers = layers
+        self.size_loss_weight = float(size_loss_weight)
         self.net: AgentNet | None = None
+        self._pending: tuple | None = None  # (batch, size logits) from predict, for compute_loss
 
     @hookimpl
     def configure(self, ctx):
@@ -74,6 +113,36 @@ class GridAgent(Plugin):
     def parameter_groups(self, ctx):
         return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net])]
 
+    def size_logits(self, prompt, batch) -> torch.Tensor:
+        return self.net.size(prompt, rule_shapes(batch), mask_shapes(batch.input_mask))
+
     @hookimpl
     def predict(self, prompt, batch, ctx):
+        if torch.is_grad_enabled():  # a training step: compute_loss trains the size head next
+            self._pending = (batch, self.size_logits(prompt, batch))
         return self.net(prompt, batch.inputs, batch.canvas_mask)
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not batch:
+            raise ContractError(
+                self.instance_name or self.name, "compute_loss", "predict() to have run on this batch first",
+                "no size logits", hint="A subclass that overrides predict must store self._pending as GridAgent.predict does",
+            )
+        size_logits = pending[1]
+        target = mask_shapes(batch.target_mask).clamp_min(1)  # [B, 2] answer size (training only)
+        ce = F.cross_entropy(size_logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1), reduction="none")
+        per_example = ce.view(-1, 2).sum(1)
+        with torch.no_grad():
+            right = (top_shapes(size_logits, k=1)[:, 0] == target).all(1).float().mean()
+            size_loss, size_acc = torch.stack([per_example.mean(), right]).tolist()
+        return LossOutput(
+            loss=self.size_loss_weight * per_example.mean(),
+            metrics={"size_loss": size_loss, "size_acc": size_acc},
+            per_example=(self.size_loss_weight * per_example).detach(),
+        )
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return top_shapes(self.size_logits(prompt, batch), k=2)

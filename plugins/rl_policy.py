@@ -26,7 +26,8 @@ class GaussianRefinePolicy(Plugin):
     ``refined = x + action_scale * action``.  ``mu`` is applied with its
     parameters *detached* (``torch.func.functional_call``), so the main loss
     sends gradient through the refined prompt to ``x`` (and on to Qwen) but
-    never trains the policy: the policy learns only from its reward.
+    never trains the policy: the policy learns only from its reward.  At
+    evaluation (``ctx.training`` False) the action is the mean, ``mu(x)``.
 
     **Reward** (after the optimizer step, from detached values): the
     *improvement* of the query's cell accuracy that the action brought,
@@ -92,6 +93,8 @@ class GaussianRefinePolicy(Plugin):
         x = prompt.float()
         frozen = {k: v.detach() for k, v in self.mu.named_parameters()}
         mean = functional_call(self.mu, frozen, (x,))
+        if not ctx.training:  # evaluation: act deterministically, nothing to learn from
+            return (x + self.action_scale * mean).to(prompt.dtype)
         eps = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
         action = mean + self.log_std.detach().exp() * eps
         self._rollout = (x.detach(), action.detach())

