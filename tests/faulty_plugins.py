@@ -205,3 +205,50 @@ class EagerBackwardLoss(MaskedEFELoss):
         out = super().compute_loss(logits, batch, ctx)
         out.loss.backward()  # frees the graph; the engine's backward then fails
         return out
+
+
+class FloatShapeAgent(GridAgent):
+    """predict_shape returns float sizes (a regression head's raw output)."""
+
+    name = "float_shape_agent"
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return super().predict_shape(prompt, batch, ctx).float()
+
+
+class ZeroShapeAgent(GridAgent):
+    """predict_shape returns a 0x0 size."""
+
+    name = "zero_shape_agent"
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return torch.zeros(batch.size, 1, 2, dtype=torch.int64, device=prompt.device)
+
+
+class DemoDroppingAugment(Plugin):
+    """augment_example that loses a demonstration pair."""
+
+    name = "demo_dropping_augment"
+    role = "extra"
+
+    @hookimpl
+    def augment_example(self, example, rng, ctx):
+        from dataclasses import replace
+
+        return replace(example, demos=example.demos[1:])
+
+
+class HalfTransformAugment(Plugin):
+    """augment_example that rotates the query input but returns a colour 12 in its output (invalid grid)."""
+
+    name = "half_transform_augment"
+    role = "extra"
+
+    @hookimpl
+    def augment_example(self, example, rng, ctx):
+        from arcfw.core.batch import Example, Pair
+
+        q = example.query
+        return Example(example.task_id, example.pair_index, example.demos, Pair(q.input.T.copy(), q.output * 0 + 12))

