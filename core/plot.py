@@ -91,11 +91,8 @@ def epoch_ends(run_dir: Path) -> list[tuple[int, int]]:
     return [(int(s["epoch"]), int(s["step"])) for s in summaries if isinstance(s, dict) and "step" in s and "epoch" in s]
 
 
-def plot_curves(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Loss, reward, Qwen gradient norm, mask ratio and cell accuracy against step, epoch ends marked.
-
-    Writes ``out`` (default ``run_dir/curves.png``) and returns its path.
-    """
+def curves_figure(run_dir: Path | str):
+    """Loss, reward, Qwen gradient norm, mask ratio and cell accuracy against step, epoch ends marked."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
@@ -115,8 +112,13 @@ def plot_curves(run_dir: Path | str, out: Path | str | None = None) -> Path:
                          ha="right", va="top", fontsize=8, color="grey", rotation=90)
     axes[-1].set_xlabel("step")
     fig.suptitle(f"{run_dir.name}: {len(records)} logged steps up to step {steps[-1]}")
-    out = Path(out) if out is not None else run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    return fig
+
+
+def plot_curves(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Write :func:`curves_figure` to ``out`` (default ``run_dir/curves.png``) and return its path."""
+    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    curves_figure(run_dir).savefig(out, dpi=100)
     return out
 
 
@@ -140,7 +142,7 @@ def _draw_grid(ax, grid: np.ndarray | None, title: str, colour: str = "black") -
     ax.set_xlabel(f"{h}x{w}", fontsize=8)
 
 
-def render_task(task: Task, attempts: list[list[np.ndarray]] | None, out: Path | str) -> Path:
+def task_figure(task: Task, attempts: list[list[np.ndarray]] | None):
     """One row per demonstration pair (input, output), then one per test (input, answer, attempt 1, attempt 2).
 
     Attempt titles say whether the attempt equals the answer (shape and every cell).
@@ -165,6 +167,10 @@ def render_task(task: Task, attempts: list[list[np.ndarray]] | None, out: Path |
             right = grid.shape == pair.output.shape and bool(np.array_equal(grid, pair.output))
             _draw_grid(row[2 + a], grid, f"attempt {a + 1}: {'right' if right else 'wrong'}", "green" if right else "red")
     fig.suptitle(f"task {task.task_id}")
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    return out
+    return fig
+
+
+def render_task(task: Task, attempts: list[list[np.ndarray]] | None, out: Path | str) -> Path:
+    """Write :func:`task_figure` to ``out`` and return its path."""
+    task_figure(task, attempts).savefig(out, dpi=100)
+    return Path(out)
