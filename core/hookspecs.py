@@ -155,8 +155,9 @@ def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "to
     candidate sizes ``(h, w)``, each side in 1..30, most probable first; the
     first two become the sizes of the two attempts (or feed the vote over
     augmented views).  ``ctx.training`` is False and gradient is off.  A
-    predictor that learns sizes trains them through its own
-    :func:`compute_loss` (losses add up).  The first non-None result wins;
+    predictor that learns sizes trains them itself: as an auxiliary
+    :func:`compute_loss` (losses add up) or, as the default agent does, in
+    :func:`post_step_update` with an optimizer of its own.  The first non-None result wins;
     with no implementation the engine uses the demo-pair rule of
     :func:`arcfw.core.shapes.rule_shape`, then the input size.
     """

@@ -5,7 +5,7 @@ Provisional and isolated here until the checkpoint module (issue 4) lands;
 holds:
 
 - ``weights.safetensors``: the modules of every parameter group, keys
-  ``<module name>.<parameter>`` with module names from :meth:`Engine.modules`;
+  ``<module name>.<parameter>`` (:func:`named_modules`);
 - ``plugin_state.pt``: what each plugin's ``state_dict`` hook returned (the RL
   policy's own network, the curriculum position...), keyed by plugin name.
 """
@@ -24,6 +24,13 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "plugin_state.pt"
 
 
+def named_modules(engine: Engine) -> list[tuple[str, torch.nn.Module]]:
+    """The modules of every parameter group: named by the group, ``<group>.<i>`` when it has several."""
+    return [
+        (g.name if len(g.modules) == 1 else f"{g.name}.{i}", m) for g in engine.groups for i, m in enumerate(g.modules)
+    ]
+
+
 def _one_plugin(engine: Engine, hook: str, name: str):
     """A caller of ``hook`` restricted to the plugin registered as ``name``."""
     others = [p for n, p in engine.plugins.items() if n != name]
@@ -34,7 +41,7 @@ def save_weights(engine: Engine, folder: Path | str) -> Path:
     """Write the engine's module weights and plugin states to ``folder`` (created)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in engine.modules() for k, v in m.state_dict().items()}
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in named_modules(engine) for k, v in m.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     states = {}
     for name in engine.plugins:
@@ -59,7 +66,7 @@ def load_weights(engine: Engine, folder: Path | str) -> None:
     except Exception as exc:
         raise CheckpointError(f"{where}: cannot read {WEIGHTS_FILE}: {exc}") from None
     used: set[str] = set()
-    for name, module in engine.modules():
+    for name, module in named_modules(engine):
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         used.update(prefix + k for k in own)

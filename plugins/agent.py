@@ -1,5 +1,5 @@
 """Grid predictor ("agent"): query input grid + refined prompt -> logits over 10 colours per cell,
-and the output grid's size (a size head trained by an auxiliary loss, used at evaluation)."""
+and the output grid's size (a size head with its own optimizer, used at evaluation)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import LossOutput, ParamGroup
+from arcfw.core.context import ParamGroup
 from arcfw.core.data import MAX_SIDE
-from arcfw.core.errors import ContractError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
 from arcfw.core.shapes import mask_shapes, rule_shapes, top_shapes
@@ -70,7 +69,6 @@ class AgentNet(nn.Module):
         # small, not zero: with a zero FiLM the prompt (and so Qwen) would get exactly no gradient at step 1
         nn.init.normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
-        self.size = SizeHead(prompt_dim, 2 * channels)  # after the rest: their initial values do not move
 
     def forward(self, prompt: torch.Tensor, inputs: torch.Tensor, canvas_mask: torch.Tensor) -> torch.Tensor:
         mask = canvas_mask[:, None].to(self.embed.weight.dtype)
@@ -84,65 +82,71 @@ class AgentNet(nn.Module):
 class GridAgent(Plugin):
     """Predicts the query's output grid, cell by cell, from its input grid and the refined prompt.
 
-    Its :class:`SizeHead` predicts the output grid's size for evaluation
-    (``predict_shape``); in training, its ``compute_loss`` adds
-    ``size_loss_weight`` times the cross-entropy of the answer's rows and
-    columns to the main loss, and logs ``size_loss`` and ``size_acc``.
+    Its :class:`SizeHead` predicts the output grid's size at evaluation
+    (``predict_shape``).  The head learns after every step, in
+    ``post_step_update``, from the detached refined prompt and the answer's
+    size (cross-entropy of rows and columns, its own Adam with ``size_lr``),
+    like the RL policy: the main loss and its gradients stay those of the grid.
+    Logs ``size_loss`` and ``size_acc`` (before the update).
     """
 
     name = "agent"
     role = "predictor"
     description = "Conv grid predictor conditioned on the refined prompt (FiLM); logits over 10 colours per cell"
 
-    def __init__(self, channels: int = 64, layers: int = 4, size_loss_weight: float = 0.1):
+    def __init__(self, channels: int = 64, layers: int = 4, size_lr: float = 1e-3):
         if channels < 1 or layers < 1:
             raise ValueError("channels and layers must be >= 1")
-        if not size_loss_weight >= 0:
-            raise ValueError(f"size_loss_weight must be >= 0, got {size_loss_weight!r}")
+        if not size_lr >= 0:
+            raise ValueError(f"size_lr must be >= 0, got {size_lr!r}")
         self.channels = channels
         self.layers = layers
-        self.size_loss_weight = float(size_loss_weight)
+        self.size_lr = float(size_lr)
         self.net: AgentNet | None = None
-        self._pending: tuple | None = None  # (batch, size logits) from predict, for compute_loss
+        self.size_head: SizeHead | None = None
 
     @hookimpl
     def configure(self, ctx):
         self.net = AgentNet(ctx.prompt_dim, self.channels, self.layers).to(ctx.device)
+        self.size_head = SizeHead(ctx.prompt_dim, 2 * self.channels).to(ctx.device)
+        self.size_optimizer = torch.optim.Adam(self.size_head.parameters(), lr=self.size_lr)
 
     @hookimpl
     def parameter_groups(self, ctx):
         return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net])]
 
-    def size_logits(self, prompt, batch) -> torch.Tensor:
-        return self.net.size(prompt, rule_shapes(batch), mask_shapes(batch.input_mask))
-
     @hookimpl
     def predict(self, prompt, batch, ctx):
-        if torch.is_grad_enabled():  # a training step: compute_loss trains the size head next
-            self._pending = (batch, self.size_logits(prompt, batch))
         return self.net(prompt, batch.inputs, batch.canvas_mask)
 
-    @hookimpl
-    def compute_loss(self, logits, batch, ctx):
-        pending, self._pending = self._pending, None
-        if pending is None or pending[0] is not batch:
-            raise ContractError(
-                self.instance_name or self.name, "compute_loss", "predict() to have run on this batch first",
-                "no size logits", hint="A subclass that overrides predict must store self._pending as GridAgent.predict does",
-            )
-        size_logits = pending[1]
-        target = mask_shapes(batch.target_mask).clamp_min(1)  # [B, 2] answer size (training only)
-        ce = F.cross_entropy(size_logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1), reduction="none")
-        per_example = ce.view(-1, 2).sum(1)
-        with torch.no_grad():
-            right = (top_shapes(size_logits, k=1)[:, 0] == target).all(1).float().mean()
-            size_loss, size_acc = torch.stack([per_example.mean(), right]).tolist()
-        return LossOutput(
-            loss=self.size_loss_weight * per_example.mean(),
-            metrics={"size_loss": size_loss, "size_acc": size_acc},
-            per_example=(self.size_loss_weight * per_example).detach(),
-        )
+    def size_logits(self, prompt, batch) -> torch.Tensor:
+        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
+        return self.size_head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
 
     @hookimpl
     def predict_shape(self, prompt, batch, ctx):
         return top_shapes(self.size_logits(prompt, batch), k=2)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        if not result.applied:  # a skipped step may carry non-finite values
+            return None
+        target = mask_shapes(result.batch.target_mask).clamp_min(1)  # [B, 2] the answer's size
+        with torch.enable_grad():
+            logits = self.size_logits(result.refined, result.batch)
+            loss = F.cross_entropy(logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1)) * 2  # rows + columns
+            self.size_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.size_optimizer.step()
+        right = (top_shapes(logits.detach(), k=1)[:, 0] == target).all(1).float().mean()
+        size_loss, size_acc = torch.stack([loss.detach(), right]).tolist()
+        return {"size_loss": size_loss, "size_acc": size_acc}
+
+    @hookimpl
+    def state_dict(self, ctx):
+        return {"size_head": self.size_head.state_dict(), "size_optimizer": self.size_optimizer.state_dict()}
+
+    @hookimpl
+    def load_state_dict(self, state, ctx):
+        self.size_head.load_state_dict(state["size_head"])
+        self.size_optimizer.load_state_dict(state["size_optimizer"])

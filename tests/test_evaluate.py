@@ -25,7 +25,7 @@ from arcfw.core.evaluate import (
     submission,
 )
 from arcfw.core.shapes import mask_shapes, rule_shape
-from arcfw.core.weights import load_weights, save_weights
+from arcfw.core.weights import load_weights, named_modules, save_weights
 
 
 def g(rows) -> np.ndarray:
@@ -179,13 +179,17 @@ def test_size_head_does_not_see_the_canvas(make_engine):
         assert torch.equal(agent.size_logits(prompt, small), agent.size_logits(prompt, large))
 
 
-def test_size_head_trains_through_the_agents_loss(make_engine, batches):
+def test_size_head_learns_after_the_step_and_leaves_the_main_loss_alone(make_engine, batches):
     eng = make_engine()
-    head = eng.plugins["agent"].net.size
-    before = head.mlp[2].weight.detach().clone()
+    agent = eng.plugins["agent"]
+    before = agent.size_head.mlp[2].weight.detach().clone()
+    seen = []
+    eng.add_listener(lambda event, plugin: seen.append((event, plugin)) if event == "compute_loss" else None)
     metrics = eng.train_step(batches(1)[0])
     assert {"size_loss", "size_acc"} <= metrics.keys() and metrics["size_loss"] > 0
-    assert not torch.equal(before, head.mlp[2].weight)
+    assert not torch.equal(before, agent.size_head.mlp[2].weight)  # it learnt
+    assert seen == [("compute_loss", "efe_loss")]  # the loss is the grid's alone
+    assert not any(p is q for p in agent.size_head.parameters() for g_ in eng.groups for q in g_.params)
 
 
 @pytest.mark.parametrize("agent, got", [("FloatShapeAgent", "float32"), ("ZeroShapeAgent", "sizes from 0 to 0")])
@@ -249,8 +253,9 @@ def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
     fresh = make_engine()
     tasks = eval_tasks(2)
     load_weights(fresh, root / "weights")
-    assert all(torch.equal(a, b) for (_, m1), (_, m2) in zip(engine.modules(), fresh.modules()) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for (_, m1), (_, m2) in zip(named_modules(engine), named_modules(fresh)) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert torch.equal(engine.plugins["rl_policy"].mu[0].weight, fresh.plugins["rl_policy"].mu[0].weight)
+    assert torch.equal(engine.plugins["agent"].size_head.mlp[0].weight, fresh.plugins["agent"].size_head.mlp[0].weight)
     p1, p2 = predict(engine, tasks), predict(fresh, tasks)
     assert all(np.array_equal(x, y) for k in p1 for a, b in zip(p1[k], p2[k]) for x, y in zip(a, b))
 

@@ -1,6 +1,6 @@
 """The plugin author's guide's worked examples, each run through its YAML config.
 
-- ``examples/residual_refine``: a refine plugin loaded by import path;
+- ``examples/histogram_refine``: a refine plugin loaded by import path;
 - ``examples/focal_loss``: a loss plugin in a package of its own, loaded by its
   entry point.  Instead of pip-installing the package, the test writes the
   ``*.dist-info`` that an install would write into a temporary folder on
@@ -16,6 +16,7 @@ import sys
 import tomllib
 
 import pytest
+import torch
 from conftest import REPO, TINY
 
 from arcfw.core.config import load_config
@@ -35,16 +36,26 @@ def run(config, tmp_path, **extra):
     return trainer, records
 
 
-def test_residual_refine_example_trains_its_own_group(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES / "residual_refine"))
-    trainer, records = run(EXAMPLES / "residual_refine" / "config.yaml", tmp_path)
+def test_histogram_refine_example_trains_its_own_group(tmp_path):
+    # run as documented: the import path resolves next to the config, no PYTHONPATH
+    trainer, records = run(EXAMPLES / "histogram_refine" / "config.yaml", tmp_path)
     eng = trainer.engine
-    assert eng.roles["residual_refine:ResidualRefiner"] == "refine"
-    group = next(g for g in eng.groups if g.name == "residual_refine")
-    assert group.lr == 1.0e-3 and {pg["name"]: pg["lr"] for pg in eng.optimizer.param_groups}["residual_refine"] == 1.0e-3
-    assert all(r["grad_norms"]["residual_refine"] > 0 for r in records[1:])  # the main loss trains it
-    assert all(r["qwen_grad"] > 0 for r in records[1:])  # and Qwen still learns through the refined prompt
+    assert eng.roles["histogram_refine:HistogramRefine"] == "refine"
+    assert {pg["name"]: pg["lr"] for pg in eng.optimizer.param_groups}["histogram_refine"] == 1.0e-3
+    assert all(r["grad_norms"]["histogram_refine"] > 0 for r in records if r["mask_ratio"] > 0)  # the main loss trains it
+    assert all(r["qwen_grad"] > 0 for r in records if r["mask_ratio"] > 0)  # Qwen still learns through it
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_histogram_refine_reads_colour_shares_without_padding():
+    sys.path.insert(0, str(EXAMPLES / "histogram_refine"))
+    try:
+        from histogram_refine import colour_shares
+    finally:
+        sys.path.remove(str(EXAMPLES / "histogram_refine"))
+    inputs = torch.tensor([[[1, 1, 10], [0, 2, 10]]])  # 10 = padding
+    mask = inputs != 10
+    assert colour_shares(inputs, mask).tolist() == [[0.25, 0.5, 0.25] + [0.0] * 7]
 
 
 @pytest.fixture
@@ -87,3 +98,21 @@ def test_focal_loss_parameters_are_checked_from_yaml(focal_package, tmp_path):
 
     with pytest.raises(ConfigError, match=r"plugins.loss.gamma: expected float, got str"):
         load_config(EXAMPLES / "focal_loss" / "config.yaml", {**SMALL, "plugins.loss.gamma": "two"})
+
+
+def test_the_guides_first_plugin_runs_as_written(tmp_path, monkeypatch):
+    import re
+
+    from click.testing import CliRunner
+
+    from arcfw.core.cli import main
+
+    guide = (REPO / "docs" / "plugins.md").read_text()
+    blocks = {body.splitlines()[0]: body for body in re.findall(r"```(?:python|yaml)\n(.*?)```", guide, flags=re.S)}
+    (tmp_path / "my_refine.py").write_text(blocks["# my_refine.py"])
+    (tmp_path / "config.yaml").write_text(blocks["# config.yaml"])
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "data.max_tasks=2", "--set", "plugins.prompt.num_layers=1", "--set", "plugins.prompt.max_tokens=256"]
+    result = CliRunner().invoke(main, ["check", "config.yaml", *small])
+    assert result.exit_code == 0, result.output
+    assert "PASS  gradient reaches group 'scaled_refine'" in result.output

@@ -24,6 +24,7 @@ ONE_STEP = [
     ("stage:optimizer_step", None),
     ("stage:post_step_update", None),
     ("post_step_update", "rl_policy"),
+    ("post_step_update", "agent"),  # the predictor's size head learns from detached values
     ("post_step_update", "faulty_plugins:Recorder"),
 ]
 
