@@ -442,7 +442,7 @@ class Engine:
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """No gradient, ``ctx.training`` False, modules in eval mode; the previous modes come back after."""
+        """No gradient, ``ctx.training`` False, the parameter groups' modules in eval mode; all restored after."""
         modules = [m for g in self.groups for m in g.modules]
         modes = [m.training for m in modules]
         was_training = self.ctx.training

@@ -108,9 +108,10 @@ def curves_figure(run_dir: Path | str):
         for _, step in ends:
             ax.axvline(step + 0.5, color="grey", ls="--", lw=1)
     for epoch, step in ends:
-        axes[0].annotate(f"end of epoch {epoch}", (step + 0.5, 1), xycoords=("data", "axes fraction"),
+        axes[0].annotate(f"end of epoch {epoch}", (step + 0.5, 0.97), xycoords=("data", "axes fraction"),
                          ha="right", va="top", fontsize=8, color="grey", rotation=90)
     axes[-1].set_xlabel("step")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{run_dir.name}: {len(records)} logged steps up to step {steps[-1]}")
     return fig
 
