@@ -144,6 +144,13 @@ def test_predictions_do_not_depend_on_the_batch_size(make_engine):
     assert all(np.array_equal(x, y) for k in one for a, b in zip(one[k], many[k]) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_evaluation_runs_under_mixed_precision(make_engine, precision):
+    tasks = eval_tasks(2)
+    preds = predict(make_engine({"precision": precision}), tasks)
+    assert [len(preds[t.task_id]) for t in tasks] == [len(t.test) for t in tasks]
+
+
 def test_evaluation_restores_training_mode(make_engine):
     eng = make_engine()
     predict(eng, eval_tasks(1))
