@@ -235,7 +235,6 @@ class EvalReport:
     baseline: Score | None
     predictions: Predictions
     overlap: list[str]
-    out_dir: Path
 
 
 def select_tasks(tasks: list[Task], ids: tuple[str, ...], source: str) -> list[Task]:
@@ -273,7 +272,7 @@ def run_eval(
     :func:`check_overlap` returned.  Nothing is written before the predictions exist.
     """
     predictions = predict(engine, tasks, batch_size=batch_size, quiet=quiet)
-    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap, out_dir)
+    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "submission.json", submission(predictions))
     _write_json(

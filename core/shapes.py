@@ -47,9 +47,8 @@ def rule_shape(example: Example) -> tuple[int, int]:
     shape = example.query.input.shape
     if not demos:
         return int(shape[0]), int(shape[1])
-    return tuple(  # type: ignore[return-value]
-        _side([p.input.shape[d] for p in demos], [p.output.shape[d] for p in demos], int(shape[d])) for d in (0, 1)
-    )
+    h, w = (_side([p.input.shape[d] for p in demos], [p.output.shape[d] for p in demos], int(shape[d])) for d in (0, 1))
+    return h, w
 
 
 def rule_shapes(batch: Batch) -> torch.Tensor:
