@@ -88,17 +88,32 @@ def _common_options(fn):
 @_common_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in the output folder.")
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path),
+    metavar="OUT",
+    help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
-def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, quiet) -> None:
+def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
+    from arcfw.core.checkpoint import locate
     from arcfw.core.config import load_config
+    from arcfw.core.errors import ConfigError
     from arcfw.core.trainer import Trainer
 
     overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
+    if resume is not None:
+        run_dir = locate(resume)[0]
+        if out is not None and out.resolve() != run_dir.resolve():
+            raise ConfigError("--out", [("out", f"--resume continues the run in {run_dir}; leave out --out or give the same folder")])
+        if overwrite:
+            raise ConfigError("--overwrite", [("overwrite", "cannot be combined with --resume")])
+        out = run_dir
     if out is not None:
         overrides.append(f"out={out}")
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite)
+    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume)
     summaries = trainer.fit()
     click.echo(f"arcfw: done, {trainer.engine.global_step} steps; outputs in {trainer.out_dir}", err=True)
     if not summaries:

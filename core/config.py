@@ -80,6 +80,10 @@ SCHEMA: dict[str, Any] = {
         "flat_window": Positive(int),
         "flat_tolerance": Positive(float, strict=False),
     },
+    "checkpoint": {
+        "every": Positive(int, nullable=True),
+        "keep": Positive(int),
+    },
     "plugins": ANY,  # checked by _check_plugins
 }
 
@@ -103,6 +107,8 @@ DEFAULTS: dict[str, Any] = {
         "flat_window": 200,
         "flat_tolerance": 1e-4,
     },
+    # every: also save every N batches (null: only at epoch ends and on SIGINT/SIGTERM); keep: last N kept
+    "checkpoint": {"every": 500, "keep": 3},
     "plugins": {
         "prompt": {"name": "qwen"},
         "refine": {"name": "rl_policy"},

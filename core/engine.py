@@ -418,6 +418,15 @@ class Engine:
             out.append((impl.plugin, self._call(hook, impl, ctx=self.ctx, **kwargs)))
         return out
 
+    def implementers(self, hook: str) -> list[str]:
+        """Names of the plugins that implement ``hook``, in role order."""
+        return [impl.plugin for impl in self._impls.get(hook, [])]
+
+    def call_plugin(self, hook: str, plugin: str, **kwargs: Any) -> Any:
+        """Call one plugin's implementation of a non-step hook (``load_state_dict`` gets each plugin its own state)."""
+        impl = next(i for i in self._impls.get(hook, []) if i.plugin == plugin)
+        return self._call(hook, impl, ctx=self.ctx, **kwargs)
+
     def group_plugin(self, group: str) -> str:
         return next(g.plugin for g in self.groups if g.name == group)
 

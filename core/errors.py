@@ -103,3 +103,19 @@ class MissingExtra(ArcfwError):
     """A feature needs an optional dependency that is not installed (the message names the extra)."""
 
     kind = "missing dependency"
+
+
+class Interrupted(ArcfwError):
+    """The run stopped on SIGINT/SIGTERM after saving a checkpoint.
+
+    The exit code is the shell's for the signal (``128 + signum``: 130 for
+    SIGINT, 143 for SIGTERM), so a scheduler sees an interrupted run, not a
+    failed one; the message says how to resume.
+    """
+
+    kind = "interrupted"
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+        super().__init__(message)

@@ -230,7 +230,11 @@ def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
 
 @hookspec
 def on_epoch_start(epoch: int, ctx: "Context") -> None:
-    """Called at the start of every epoch, before its first step. All implementations."""
+    """Called at the start of every epoch, before its first step. All implementations.
+
+    A run resumed from a checkpoint taken inside an epoch does not call it again
+    for that epoch (restore what it set up in :func:`load_state_dict`).
+    """
 
 
 @hookspec
@@ -259,10 +263,21 @@ def state_dict(ctx: "Context") -> "dict[str, Any] | None":
     Modules listed in :func:`parameter_groups` are saved by the engine; return
     here anything else that a resumed run needs to be the same run (a policy's
     own module and optimizer, a reward baseline, a curriculum position).
-    Tensors and plain Python values only.  Called per plugin; keyed by plugin name.
+    Tensors and plain Python values only (dict, list, tuple, str, int, float,
+    bool, None): the checkpoint is read back with ``torch.load(weights_only=True)``,
+    and anything else is refused when the checkpoint is saved, naming the plugin.
+    Called per plugin, at every checkpoint; keyed by plugin name.  Return None
+    for nothing to save.
     """
 
 
 @hookspec
 def load_state_dict(state: "dict[str, Any]", ctx: "Context") -> None:
-    """Restore what :func:`state_dict` returned. Called after :func:`configure`."""
+    """Restore what :func:`state_dict` returned, when a run resumes.
+
+    Called after :func:`configure`, once the engine has loaded the parameter
+    groups' modules and the main optimizer, with this plugin's own ``state``
+    (tensors on the CPU: ``module.load_state_dict`` and
+    ``optimizer.load_state_dict`` move them).  Raise
+    :class:`~arcfw.core.errors.CheckpointError` for a state you cannot use.
+    """

@@ -21,15 +21,17 @@ def _clean(v: Any) -> Any:
 class MetricsLog:
     """Append-only JSONL writer. Each line is flushed so a killed run keeps what it logged."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, resume_step: int | None = None, resume_epoch: int | None = None):
+        """A resumed run passes the checkpoint's step and the epoch it continues: records after
+        that step and summaries of that epoch or later (written before the run was stopped) go."""
         self.path = out_dir / "metrics.jsonl"
         self.summary_path = out_dir / "summary.json"
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self._fh = open(self.path, "a", encoding="utf-8")
         self.summaries: list[dict[str, Any]] = []
-        if resume_step is not None and self.summary_path.exists():
-            self.summaries = [s for s in json.loads(self.summary_path.read_text()) if s.get("step", 0) <= resume_step]
+        if resume_epoch is not None and self.summary_path.exists():
+            self.summaries = [s for s in json.loads(self.summary_path.read_text()) if s.get("epoch", 0) < resume_epoch]
 
     def _truncate_after(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from (no duplicated steps)."""

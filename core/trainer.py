@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,36 +14,61 @@ from typing import Any
 
 from tqdm import tqdm
 
+from arcfw.core import checkpoint
+from arcfw.core.checkpoint import Checkpointer, Position
 from arcfw.core.config import RunConfig
 from arcfw.core.data import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine import Engine
-from arcfw.core.errors import ConfigError
+from arcfw.core.errors import ConfigError, Interrupted
+from arcfw.core.interrupt import StopSignals
 from arcfw.core.metrics import MetricsLog, batch_line, epoch_line
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 
 
-def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = RUN_FILES, what: str = "a run") -> None:
-    """Refuse an output folder that is a file or already holds ``what`` (one of ``files``) unless ``overwrite``."""
+def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FILES, checkpoint.DIR), what: str = "a run") -> None:
+    """Refuse an output folder that is a file, cannot be written, or already holds ``what`` (one of
+    ``files``) unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", [("out", f"output path exists and is not a folder: {out}")])
     if out.is_dir() and any((out / f).exists() for f in files) and not overwrite:
         raise ConfigError(
             "--out", [("out", f"{out} already holds {what}; pass --overwrite to replace it or use another --out")]
         )
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError("--out", [("out", f"cannot create output folder {out}: {parent} is a file")])
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("--out", [("out", f"cannot write output folder {out}: no write permission in {parent}")])
 
 
 class Trainer:
     """Loads the data, builds the :class:`Engine`, and runs epochs with logging."""
 
-    def __init__(self, config: RunConfig, out_dir: Path | str, *, quiet: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: Path | str,
+        *,
+        quiet: bool = False,
+        overwrite: bool = False,
+        resume: Path | str | None = None,
+    ):
+        """``resume``: continue the run in ``out_dir`` from a checkpoint (``out_dir`` itself for its
+        latest checkpoint, or one of its checkpoint folders)."""
         self.config = config
         self.cfg = config.data
         self.out_dir = Path(out_dir)
         self.quiet = quiet
-        check_out_dir(self.out_dir, overwrite)
+        # Everything that can fail on bad input happens before the output folder is touched.
+        if resume is None:
+            check_out_dir(self.out_dir, overwrite, what=f"a run (--resume {self.out_dir} continues it)")
+            self.resumed = None
+        else:
+            self.resumed = checkpoint.open_for_resume(resume, self.out_dir, config)
         d = self.cfg["data"]
-        # Everything that can fail on bad input happens before the output folder exists.
         self.tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
         self.examples = make_examples(self.tasks)
         self.engine = Engine.from_config(config, out_dir=self.out_dir)
@@ -49,8 +76,24 @@ class Trainer:
         self.loader = ExampleLoader(
             self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"], transform=augment
         )
+        c = self.cfg["checkpoint"]
+        self.checkpoints = Checkpointer(self.out_dir, self.engine, self.loader, c["keep"], checkpoint.data_fingerprint(self.tasks))
+        checkpoint.check_space(self.out_dir, self.engine)
+        self.checkpoints.check_plugin_states()
         self.start_epoch = 0
         self.start_batch = 0
+        self.acc, self.window, self.elapsed = _EpochStats(), _EpochStats(), 0.0  # the current epoch's statistics
+        self._rng: dict[str, Any] | None = None
+        self.last_checkpoint: Path | None = None
+        if self.resumed is not None:
+            restored = self.checkpoints.restore(self.resumed)
+            self.start_epoch, self.start_batch = restored.position.epoch, restored.position.batch
+            self.acc = _EpochStats.from_state(restored.loop["acc"])
+            self.window = _EpochStats.from_state(restored.loop["window"])
+            self.elapsed = float(restored.loop["elapsed"])
+            self._rng = restored.rng
+            for note in restored.notes:
+                self._print(f"warning: {note}")
 
     # ------------------------------------------------------------------ output
 
@@ -60,11 +103,23 @@ class Trainer:
 
     def _open_outputs(self) -> bool:
         created = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for f in RUN_FILES:
-            (self.out_dir / f).unlink(missing_ok=True)
-        (self.out_dir / "config.yaml").write_text(self.config.dump(), encoding="utf-8")
-        self.log = MetricsLog(self.out_dir)
+        r = self.resumed
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if r is None:
+                for f in RUN_FILES:
+                    (self.out_dir / f).unlink(missing_ok=True)
+            self.checkpoints.start(r)
+            (self.out_dir / "config.yaml").write_text(self.config.dump(), encoding="utf-8")
+            # a resumed run drops what was logged after its checkpoint, and the unfinished epoch's summary
+            if r is None:
+                self.log = MetricsLog(self.out_dir)
+            else:
+                self.log = MetricsLog(self.out_dir, resume_step=r.step, resume_epoch=self.start_epoch)
+        except OSError as exc:
+            if created:
+                shutil.rmtree(self.out_dir, ignore_errors=True)
+            raise ConfigError("--out", [("out", f"cannot write to {self.out_dir}: {exc.strerror or exc}")]) from None
         return created
 
     # ------------------------------------------------------------------ the loop
@@ -72,7 +127,10 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         created = self._open_outputs()
         try:
-            self._run()
+            with StopSignals(self._on_signal) as self._signals:
+                if self._rng is not None:
+                    checkpoint.set_rng_state(self._rng)  # last, so that nothing draws between restore and step
+                self._run()
         except BaseException:
             self.log.close()
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
@@ -89,15 +147,17 @@ class Trainer:
             if max_batches is not None and eng.global_step >= max_batches:
                 break
             eng.ctx.epoch = epoch
-            eng.call_all("on_epoch_start", epoch=epoch)
             start = self.start_batch if epoch == self.start_epoch else 0
+            if start == 0:  # a run resumed inside an epoch has had its epoch start already
+                eng.call_all("on_epoch_start", epoch=epoch)
+                self.acc, self.window, self.elapsed = _EpochStats(), _EpochStats(), 0.0
+            acc = self.acc
             total = len(self.loader)
             if max_batches is not None:
                 total = min(total, start + max_batches - eng.global_step)
-            acc = _EpochStats()
-            window = _EpochStats()
             bar = tqdm(total=total, initial=start, desc=f"Epoch {epoch}", disable=self.quiet, dynamic_ncols=True, file=sys.stderr)
-            t0 = time.perf_counter()
+            self._t0 = time.perf_counter() - self.elapsed
+            next_batch = start
             for batch_index, batch in enumerate(self.loader.batches(epoch, start), start):
                 if max_batches is not None and eng.global_step >= max_batches:
                     break
@@ -108,7 +168,7 @@ class Trainer:
                 qwen_grad = self._qwen_grad(norms)
                 warnings = eng.health.update(self._loss(metrics), norms, metrics, eng.ctx.no_grad_groups)
                 acc.add(metrics, qwen_grad)
-                window.add(metrics, qwen_grad)
+                self.window.add(metrics, qwen_grad)
                 for w in warnings:
                     self._print(f"warning: {w}")
                 bar.update(1)
@@ -119,7 +179,7 @@ class Trainer:
                         "epoch": epoch,
                         "batch": batch_index + 1,
                         "loss": self._loss(metrics),
-                        "loss_avg": window.mean("loss"),
+                        "loss_avg": self.window.mean("loss"),
                         "reward": metrics.get("reward", float("nan")),
                         "qwen_grad": qwen_grad,
                         "mask_ratio": metrics.get("mask_ratio", float("nan")),
@@ -136,8 +196,12 @@ class Trainer:
                     eng.call_all("log_metrics", record=rec)
                     if step % log_every == 0:
                         self._print(batch_line(rec))
-                        window = _EpochStats()
+                        self.window = _EpochStats()
+                next_batch = batch_index + 1
+                self._after_step(epoch, next_batch)
             bar.close()
+            if next_batch < len(self.loader):  # max_batches reached inside the epoch: the run can go on from here
+                self._save(epoch, next_batch)
             if acc.n == 0:
                 continue
             summary = {
@@ -145,7 +209,7 @@ class Trainer:
                 "epoch": epoch,
                 "step": eng.global_step,
                 "batches": acc.n,
-                "seconds": round(time.perf_counter() - t0, 3),
+                "seconds": round(time.perf_counter() - self._t0, 3),
                 "avg_loss": acc.mean("loss"),
                 "avg_reward": acc.mean("reward"),
                 "avg_qwen_grad": acc.mean("qwen_grad"),
@@ -162,6 +226,40 @@ class Trainer:
             self.log.write_summary(summary)
             eng.call_all("log_metrics", record=summary)
             self._print(epoch_line(summary))
+            if next_batch == len(self.loader):
+                self._save(epoch + 1, 0)
+                self._stop_if_asked()
+
+    # ------------------------------------------------------------------ checkpoints and signals
+
+    def _after_step(self, epoch: int, next_batch: int) -> None:
+        """Periodic checkpoint (the epoch end saves its own), and a stop that a signal asked for."""
+        every = self.cfg["checkpoint"]["every"]
+        if every and self.engine.global_step % every == 0 and next_batch < len(self.loader):
+            self._save(epoch, next_batch)
+        if self._signals.signum is not None:
+            self._save(epoch, next_batch)
+            self._stop_if_asked()
+
+    def _save(self, epoch: int, next_batch: int) -> Path:
+        loop = {"acc": self.acc.state_dict(), "window": self.window.state_dict(), "elapsed": time.perf_counter() - self._t0}
+        self.last_checkpoint = self.checkpoints.save(Position(epoch, next_batch), loop)
+        return self.last_checkpoint
+
+    def _on_signal(self, signum: int) -> None:
+        self._print(
+            f"arcfw: {signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+            "(Ctrl-C again aborts at once, without saving)"
+        )
+
+    def _stop_if_asked(self) -> None:
+        signum = self._signals.signum
+        if signum is not None:
+            raise Interrupted(
+                signum,
+                f"{signal.Signals(signum).name}: stopped after step {self.engine.global_step}, checkpoint saved in "
+                f"{self.last_checkpoint}. Resume with: arcfw run {self.config.source} --resume {self.out_dir}",
+            )
 
     def _qwen_grad(self, norms: dict[str, float]) -> float:
         prompt = self.engine.prompt_plugin
@@ -201,6 +299,15 @@ class _EpochStats:
             self.tail.append(ca)
             if len(self.tail) > self.EDGE:
                 self.tail.pop(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_EpochStats":
+        stats = cls()
+        stats.__dict__.update(state)
+        return stats
 
     def mean(self, key: str) -> float:
         return self.sums[key] / self.counts[key] if self.counts.get(key) else float("nan")

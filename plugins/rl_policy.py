@@ -138,5 +138,7 @@ class GaussianRefinePolicy(Plugin):
         with torch.no_grad():
             self.log_std.copy_(state["log_std"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's learning rate wins: it may change on resume
+            group["lr"] = self.lr
         self.baseline = float(state["baseline"])
         self.updates = int(state["updates"])

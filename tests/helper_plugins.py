@@ -1,10 +1,18 @@
-"""Well-behaved plugins that make evaluation results predictable (loaded by import path)."""
+"""Well-behaved plugins the tests load by import path (``helper_plugins:SendSignal``), as a user's would be:
+predictable evaluation results, and checkpoint helpers (a signal at an exact step, third-party state)."""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+
+import numpy as np
 import torch
+from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS
+from arcfw.core.context import LossOutput, ParamGroup
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
 from arcfw.core.shapes import mask_shapes
@@ -25,3 +33,84 @@ class CopyInputPredictor(Plugin):
     @hookimpl
     def predict_shape(self, prompt, batch, ctx):
         return mask_shapes(batch.input_mask)[:, None, :]
+
+
+class SendSignal(Plugin):
+    """Sends ``signal`` to its own process ``times`` times after optimizer step number ``after_step``
+    (1-based), as a scheduler or a user pressing Ctrl-C would, at an exact step."""
+
+    name = "send_signal"
+    role = "extra"
+
+    def __init__(self, after_step: int, signal: str = "SIGINT", times: int = 1):
+        self.after_step, self.signal, self.times = after_step, signal, times
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        if result.step + 1 == self.after_step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), getattr(signal, self.signal))
+        return None
+
+
+class StepCounter(Plugin):
+    """A third-party plugin with state of its own (a count of its updates, reported as a metric) and a
+    trainable parameter that belongs to no module (a ParamGroup without modules)."""
+
+    name = "step_counter"
+    role = "extra"
+
+    def __init__(self):
+        self.count = 0
+
+    @hookimpl
+    def configure(self, ctx):
+        self.bias = nn.Parameter(torch.zeros((), device=ctx.device))
+
+    @hookimpl
+    def parameter_groups(self, ctx):
+        return [ParamGroup("counter_bias", [self.bias], lr=1e-2)]
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        return LossOutput(loss=1e-3 * (self.bias - 1.0) ** 2)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        self.count += 1
+        return {"counter": float(self.count)}
+
+    @hookimpl
+    def state_dict(self, ctx):
+        return {"count": self.count}
+
+    @hookimpl
+    def load_state_dict(self, state, ctx):
+        self.count = int(state["count"])
+
+
+class NumpyState(Plugin):
+    """Returns a numpy array from state_dict: ``torch.load(weights_only=True)`` could not read it back."""
+
+    name = "numpy_state"
+    role = "extra"
+
+    @hookimpl
+    def state_dict(self, ctx):
+        return {"table": np.zeros(3)}
+
+    @hookimpl
+    def load_state_dict(self, state, ctx):
+        pass
+
+
+class RandomDraws(Plugin):
+    """Draws from the global python, numpy and torch RNGs every step and logs the draws, so a
+    resumed run that did not restore those RNG states logs different numbers."""
+
+    name = "random_draws"
+    role = "extra"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        return {"draw_python": random.random(), "draw_numpy": float(np.random.rand()), "draw_torch": torch.rand(()).item()}

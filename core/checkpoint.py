@@ -1,0 +1,656 @@
+"""Checkpoints: everything a resumed run needs, written atomically and read back safely.
+
+A run folder holds its checkpoints like this::
+
+    OUT/checkpoints/
+        step-00000020/
+            modules/0-qwen.safetensors   # the modules of every parameter group (safetensors: data only)
+            modules/1-agent.safetensors
+            state.pt                     # optimizer, GradScaler, RNG states, data position, step
+                                         # counters, health counters, every plugin's state_dict hook
+            meta.json                    # format, versions, step, config, plugin set, sha256 of each file
+        step-00000040/
+        latest                           # the name of the newest complete checkpoint
+
+**Writing.**  Into ``.tmp-step-N-PID/``; every file is fsynced, then the
+folder; the folder is renamed to ``step-N`` and ``latest`` is replaced
+atomically (write, fsync, rename).  A process killed at any moment leaves the
+previous checkpoint and ``latest`` intact; the next run in that folder removes
+the stale temporary folder.  Only the last ``checkpoint.keep`` are kept.
+
+**Reading.**  ``meta.json`` must name this format and version; every file's
+sha256 must match (a truncated or modified file is refused); modules are read
+with safetensors and ``state.pt`` with ``torch.load(weights_only=True)``, so a
+checkpoint can never run code.  Resuming with a config that builds another
+model, plugin set or data order is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from arcfw import __version__
+from arcfw.core.batch import Task
+from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
+from arcfw.core.registry import resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from arcfw.core.config import RunConfig
+    from arcfw.core.data import ExampleLoader
+    from arcfw.core.engine import Engine
+
+FORMAT = "arcfw-checkpoint"
+FORMAT_VERSION = 1
+DIR = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+STATE = "state.pt"
+MODULES = "modules"
+#: parameters of a group that belong to none of its modules
+LOOSE = "params.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+#: Config keys that must not change when a run resumes: they define the model, the plugin set and the
+#: data order.  Everything else (epochs, max_batches, learning rates, logging, health, checkpoint
+#: settings, device, precision, data location) may change.  Plugin parameters named ``lr`` or ``*_lr``
+#: are learning rates and may change too.  The data itself is compared by content (a fingerprint).
+FIXED_KEYS = ("seed", "batch_size", "data.shuffle", "optimizer.name", "plugins")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the data stands: the next batch to run is batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int
+    batch: int
+
+
+@dataclass
+class Restored:
+    """What :meth:`Checkpointer.restore` hands back to the training loop."""
+
+    position: Position
+    loop: dict[str, Any]  # the loop's own state (epoch statistics), as it gave it to save()
+    rng: dict[str, Any]  # apply with set_rng_state() right before the first step
+    notes: list[str]  # things the user should know (e.g. RNG not restored across devices)
+
+
+# --------------------------------------------------------------------------- small file helpers
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------- what goes in
+
+
+def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
+    """Every distinct module of every parameter group, named as ``Engine.modules`` names them."""
+    seen: set[int] = set()
+    out = []
+    for name, module in engine.modules():
+        if id(module) not in seen:
+            seen.add(id(module))
+            out.append((name, module))
+    return out
+
+
+def _loose_params(engine: "Engine") -> dict[str, nn.Parameter]:
+    """Group parameters that belong to none of the groups' modules (saved on their own)."""
+    covered = {id(p) for _, m in _modules(engine) for p in m.parameters()}
+    return {f"{g.name}.{i}": p for g in engine.groups for i, p in enumerate(g.params) if id(p) not in covered}
+
+
+def _module_file(index: int, name: str) -> str:
+    return f"{MODULES}/{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
+
+
+def data_fingerprint(tasks: Sequence[Task]) -> str:
+    """sha256 over every task id and grid: a resumed run must train on the same data."""
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(t.task_id.encode())
+        for p in (*t.train, *t.test):
+            for g in (p.input, p.output):
+                h.update(b"-" if g is None else repr(g.shape).encode() + np.ascontiguousarray(g, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    npstate = np.random.get_state(legacy=False)
+    npstate["state"]["key"] = npstate["state"]["key"].tolist()  # plain ints: weights_only has no ndarray
+    return {
+        "python": random.getstate(),
+        "numpy": npstate,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Put the global RNGs (python, numpy, torch, CUDA where present) back as they were saved."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _engine_state(engine: "Engine") -> dict[str, Any]:
+    gen = engine.ctx.generator
+    return {
+        "global_step": engine.global_step,
+        "threshold": engine.ctx.threshold,
+        "optimizer": engine.optimizer.state_dict(),
+        "precision": engine.precision.state_dict(),
+        "grad_watch": engine.grad_watch.state_dict(),
+        "guard": engine.guard.state_dict(),
+        "health": engine.health.state_dict(),
+        "generator": None if gen is None else gen.get_state(),
+        "generator_device": None if gen is None else gen.device.type,
+    }
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Restore the optimizer's per-parameter state, matching parameter groups by name.
+
+    The hyperparameters (lr, weight decay, betas...) stay those of the current
+    config, so learning rates may change on resume; a group frozen now drops
+    its state, a group trainable only now starts fresh.
+    """
+    by_name = {g.get("name", str(i)): g for i, g in enumerate(saved["param_groups"])}
+    state, groups, index = {}, [], 0
+    for g in opt.param_groups:
+        ids = list(range(index, index + len(g["params"])))
+        index += len(ids)
+        old = by_name.get(g.get("name"))
+        if old is not None:
+            if len(old["params"]) != len(ids):
+                raise CheckpointError(
+                    f"parameter group '{g.get('name')}' has {len(ids)} trainable tensors, the checkpoint's has "
+                    f"{len(old['params'])}: the model differs from the checkpoint's"
+                )
+            state.update({new: saved["state"][o] for new, o in zip(ids, old["params"]) if o in saved["state"]})
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` could not read back (checked at save time,
+    where the culprit can still be named, not at resume time)."""
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor):
+        if kind not in (torch.Tensor, nn.Parameter):
+            raise CheckpointError(f"{where}: a {kind.__name__} cannot go into a checkpoint; store a plain torch.Tensor")
+    elif kind in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, f"{where} (a key)")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif kind in (list, tuple, set):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif kind not in _PLAIN:
+        raise CheckpointError(
+            f"{where}: a {kind.__module__}.{kind.__name__} cannot go into a checkpoint (state_dict hooks return only "
+            "tensors and plain Python values: dict, list, tuple, str, int, float, bool, None)"
+        )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint folder: ``meta`` is read; tensors load on demand."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def load_state(self) -> dict[str, Any]:
+        """``state.pt`` with ``weights_only=True`` (tensors and plain values only; never runs code)."""
+        try:
+            state = torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+            raise CheckpointError(
+                f"{self.path / STATE}: refused: not loadable as tensors and plain values ({_one_line(exc)[:300]})"
+            ) from None
+        if not isinstance(state, dict) or not {"engine", "rng", "plugins", "position", "loop"} <= set(state):
+            raise CheckpointError(f"{self.path / STATE}: refused: not an arcfw checkpoint state")
+        return state
+
+
+_META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run folder, checkpoint folder)`` for a run folder (its latest checkpoint) or a checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: cannot resume: no such folder")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: cannot resume: this is a file; --resume takes a run folder or one of its checkpoint folders")
+    if (p / META).exists():
+        if p.parent.name != DIR:
+            raise CheckpointError(f"{p}: cannot resume: a checkpoint folder must sit in RUN/{DIR}/ (the run folder it continues)")
+        return p.parent.parent, p
+    pointer = p / DIR / LATEST
+    if not pointer.is_file():
+        raise CheckpointError(f"{p}: cannot resume: no checkpoint here ({DIR}/{LATEST} is missing); is this an arcfw run folder?")
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not _STEP_DIR.match(name) or not (p / DIR / name).is_dir():
+        raise CheckpointError(f"{pointer}: damaged: it names {name[:40]!r}, which is not a checkpoint folder in {p / DIR}")
+    return p, p / DIR / name
+
+
+def read(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint folder: check its format and every file's checksum. Loads no tensor."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not an arcfw checkpoint (no {META})")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_file}: damaged: {_one_line(exc)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: not an arcfw checkpoint ({META} has format {found!r}, expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')!r} (arcfw {meta.get('arcfw', '?')}); "
+            f"this arcfw ({__version__}) reads version {FORMAT_VERSION}"
+        )
+    for key, kind in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{meta_file}: damaged: '{key}' should be {kind.__name__}, got {type(meta.get(key)).__name__}")
+    files = meta["files"]
+    needed = {STATE, *meta["modules"].values()}
+    if not needed <= set(files):
+        raise CheckpointError(f"{meta_file}: damaged: no checksum for {sorted(needed - set(files))}")
+    for rel, digest in files.items():
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{meta_file}: damaged: file name {rel!r} points outside the checkpoint")
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint: {rel} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch: the file is truncated or was changed after it was saved")
+    return Checkpoint(path, meta)
+
+
+# --------------------------------------------------------------------------- config comparison
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        for i, v in enumerate(node):
+            _flatten(v, f"{prefix}[{i}]", out)
+    else:
+        out[prefix] = node
+    return out
+
+
+def _plugin_defaults(name: Any) -> dict[str, Any]:
+    """The constructor defaults of a plugin class (so an omitted parameter equals its default)."""
+    try:
+        cls = resolve(name)
+    except PluginError:
+        return {}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.name != "self" and p.default is not inspect.Parameter.empty}
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    plugins = dict(out.get("plugins") or {})
+
+    def fill(entry: Any) -> Any:
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        return {**_plugin_defaults(entry["name"]), **entry} if isinstance(entry, dict) and "name" in entry else entry
+
+    for role, entry in plugins.items():
+        plugins[role] = [fill(e) for e in entry] if isinstance(entry, list) else fill(entry)
+    out["plugins"] = plugins
+    return _jsonable(out)
+
+
+def _is_fixed(key: str) -> bool:
+    if not any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in FIXED_KEYS):
+        return False
+    last = re.split(r"[.\]]", key)[-1]
+    return not (key.startswith("plugins") and (last == "lr" or last.endswith("_lr")))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fixed keys (:data:`FIXED_KEYS`) whose values differ, as ``key (checkpoint: a, now: b)``."""
+    a, b = _flatten(_with_defaults(saved), "", {}), _flatten(_with_defaults(current), "", {})
+    missing = "<not set>"
+    keys = list(a) + [k for k in b if k not in a]
+    return [
+        f"{k} (checkpoint: {json.dumps(a.get(k, missing))}, now: {json.dumps(b.get(k, missing))})"
+        for k in keys
+        if _is_fixed(k) and a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig") -> Checkpoint:
+    """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
+    found_run, folder = locate(path)
+    if found_run.resolve() != Path(run_dir).resolve():
+        raise CheckpointError(f"{folder}: belongs to run folder {found_run}, not to {run_dir}")
+    ckpt = read(folder)
+    diff = config_differences(ckpt.meta["config"], config.data)
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {folder}: the config differs from the checkpoint's in what defines the model, "
+            f"plugins or data: {'; '.join(diff)}. Only settings such as learning rates, epochs, max_batches, "
+            "logging, health and checkpoint options may change"
+        )
+    return ckpt
+
+
+# --------------------------------------------------------------------------- disk space
+
+
+def estimate_bytes(engine: "Engine") -> int:
+    """About the size of one checkpoint: module weights plus two optimizer moments per trainable weight."""
+    weights = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for g in engine.groups if g.lr > 0 for p in g.trainable())
+    return weights + 2 * trainable
+
+
+def check_space(run_dir: Path, engine: "Engine") -> None:
+    """Refuse to start when the output's file system cannot hold one checkpoint."""
+    probe = Path(run_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = estimate_bytes(engine)
+    if free < need:
+        raise CheckpointError(
+            f"{run_dir}: not enough free disk space for a checkpoint: about {need / 2**20:.1f} MiB needed, "
+            f"{free / 2**20:.1f} MiB free on that file system"
+        )
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves and restores the whole training state of one run folder."""
+
+    def __init__(self, run_dir: Path, engine: "Engine", loader: "ExampleLoader", keep: int, fingerprint: str):
+        self.dir = Path(run_dir) / DIR
+        self.engine = engine
+        self.loader = loader
+        self.keep = keep
+        self.fingerprint = fingerprint
+        self._last: int | None = None  # the step saved or restored last
+
+    # ------------------------------------------------------------------ folder bookkeeping
+
+    def _existing(self) -> list[tuple[int, Path]]:
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return sorted(found)
+
+    def latest_name(self) -> str | None:
+        pointer = self.dir / LATEST
+        return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+    def start(self, resumed: Checkpoint | None) -> None:
+        """Prepare the folder: a fresh run starts without checkpoints; a resumed one drops stale
+        temporary folders and checkpoints newer than the one it continues (an abandoned future)."""
+        if resumed is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for p in self.dir.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for step, p in self._existing():
+            if step > resumed.step:
+                shutil.rmtree(p)
+        if self.latest_name() != resumed.path.name:
+            _write_atomic(self.dir / LATEST, resumed.path.name + "\n")
+
+    def _prune(self) -> None:
+        latest = self.latest_name()
+        for _, p in self._existing()[: -self.keep]:
+            if p.name != latest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------ save
+
+    def _plugin_states(self) -> dict[str, Any]:
+        states = {name: s for name, s in self.engine.call_all("state_dict") if s is not None}
+        _check_plain(states, "plugin state")  # names the plugin: plugin state['name']...
+        return states
+
+    def check_plugin_states(self) -> None:
+        """Ask every plugin for its state once, before training, so a state that cannot be saved is
+        an error now and not at the first checkpoint hours later."""
+        self._plugin_states()
+
+    def save(self, position: Position, loop: dict[str, Any]) -> Path:
+        """Write a checkpoint for the current step; the data continues at ``position``.
+
+        A step is saved once: a second save at the same step (a periodic save, then
+        max_batches reached; the end of an epoch whose last step a signal saved) keeps
+        the first, which resumes to the same run.
+        """
+        eng = self.engine
+        step = eng.global_step
+        final = self.dir / step_dir_name(step)
+        if self._last == step:
+            return final
+        state = {
+            "engine": _engine_state(eng),
+            "rng": _rng_state(),
+            "plugins": self._plugin_states(),
+            "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
+                         "batches": len(self.loader)},
+            "loop": loop,
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write(tmp, state, step, position)
+            if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(self.dir)
+            _write_atomic(self.dir / LATEST, final.name + "\n")
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                previous = self.latest_name()
+                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+                raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or _one_line(exc)}; {kept}") from None
+            raise
+        self._last = step
+        self._prune()
+        return final
+
+    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position) -> None:
+        eng = self.engine
+        (tmp / MODULES).mkdir(parents=True)
+        modules: dict[str, str] = {}
+        for i, (name, module) in enumerate(_modules(eng)):
+            modules[name] = _module_file(i, name)
+            save_model(module, str(tmp / modules[name]))
+            _fsync(tmp / modules[name])
+        loose = _loose_params(eng)
+        if loose:
+            save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
+            _fsync(tmp / MODULES / LOOSE)
+        with open(tmp / STATE, "wb") as f:
+            torch.save(state, f)
+        _fsync(tmp / STATE)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arcfw": __version__,
+            "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "step": step,
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "device": eng.device.type,
+            "config_source": eng.config.source,
+            "config": _jsonable(eng.config.data),
+            "plugins": dict(eng.roles),
+            "data": {"fingerprint": self.fingerprint, "examples": len(self.loader.examples)},
+            "modules": modules,
+            "files": {rel: _sha256(tmp / rel) for rel in files},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _fsync(tmp / META)
+        _fsync(tmp / MODULES)
+        _fsync(tmp)
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, ckpt: Checkpoint) -> Restored:
+        """Load a checkpoint (see :func:`read`) into the engine and its plugins.
+
+        The global RNG states come back in :attr:`Restored.rng`: apply them with
+        :func:`set_rng_state` right before training continues.
+        """
+        eng, meta = self.engine, ckpt.meta
+        if meta["data"].get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the training data differs from the checkpoint's "
+                f"({meta['data'].get('examples')} examples then, {len(self.loader.examples)} now, or their grids changed)"
+            )
+        state = ckpt.load_state()
+        names = [n for n, _ in _modules(eng)]
+        if sorted(names) != sorted(meta["modules"]):
+            raise CheckpointError(f"cannot resume from {ckpt.path}: it holds modules {sorted(meta['modules'])}, the config builds {sorted(names)}")
+        try:
+            for name, module in _modules(eng):
+                load_model(module, str(ckpt.path / meta["modules"][name]), strict=True, device=str(eng.device))
+            loose = _loose_params(eng)
+            if loose:
+                saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(eng.device))
+                with torch.no_grad():
+                    for key, p in loose.items():
+                        p.copy_(saved[key])
+            e = state["engine"]
+            _load_optimizer(eng.optimizer, e["optimizer"])
+        except ArcfwError:
+            raise
+        except (RuntimeError, KeyError, ValueError, SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot resume from {ckpt.path}: it does not fit the model the config builds: {_one_line(exc)[:400]}") from None
+        eng.global_step = int(e["global_step"])
+        eng.ctx.threshold = float(e["threshold"])
+        eng.precision.load_state_dict(e["precision"])
+        eng.grad_watch.load_state_dict(e["grad_watch"])
+        eng.guard.load_state_dict(e["guard"])
+        eng.health.load_state_dict(e["health"])
+        notes = []
+        if eng.ctx.generator is not None and e["generator"] is not None:
+            if e["generator_device"] == eng.ctx.generator.device.type:
+                eng.ctx.generator.set_state(e["generator"])
+            else:
+                notes.append(f"checkpoint made on {e['generator_device']}, resumed on {eng.device.type}: "
+                             "random draws differ from an uninterrupted run")
+        self._load_plugins(ckpt, state["plugins"])
+        position = self._position(ckpt, state["position"])
+        self._last = eng.global_step
+        return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
+
+    def _load_plugins(self, ckpt: Checkpoint, saved: dict[str, Any]) -> None:
+        loaders = self.engine.implementers("load_state_dict")
+        orphans = sorted(set(saved) - set(loaders))
+        if orphans:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: it holds state of plugin(s) {orphans} that no plugin of this config loads "
+                "(a load_state_dict hook is missing)"
+            )
+        for name in loaders:
+            if name not in saved:
+                continue
+            try:
+                self.engine.call_plugin("load_state_dict", name, state=saved[name])
+            except ArcfwError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(f"cannot resume from {ckpt.path}: plugin '{name}' could not load its state: {_one_line(exc)[:300]}") from None
+
+    def _position(self, ckpt: Checkpoint, pos: dict[str, Any]) -> Position:
+        epoch, batch = int(pos["epoch"]), int(pos["batch"])
+        if pos["batches"] != len(self.loader):
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: an epoch had {pos['batches']} batches, now {len(self.loader)}"
+            )
+        if pos["order"] != self.loader.order(epoch):
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the example order of epoch {epoch} differs from the checkpoint's "
+                "(the data or the seed changed)"
+            )
+        return Position(epoch, batch)
+
