@@ -129,6 +129,10 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -270,8 +274,11 @@ class Checkpoint:
         try:
             state = torch.load(self.path / STATE, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+            # torch's message opens with advice to retry with weights_only=False: keep only the reason
+            lines = [x for x in str(exc).splitlines() if x.strip() and not x.startswith(("Weights only load failed", "Check the doc"))]
             raise CheckpointError(
-                f"{self.path / STATE}: refused: not loadable as tensors and plain values ({_one_line(exc)[:300]})"
+                f"{self.path / STATE}: refused: not readable as tensors and plain values only "
+                f"({_short(_one_line(lines[0]) if lines else type(exc).__name__)}); nothing in it was run"
             ) from None
         if not isinstance(state, dict) or not {"engine", "rng", "plugins", "position", "loop"} <= set(state):
             raise CheckpointError(f"{self.path / STATE}: refused: not an arcfw checkpoint state")
@@ -604,7 +611,7 @@ class Checkpointer:
         except ArcfwError:
             raise
         except (RuntimeError, KeyError, ValueError, SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot resume from {ckpt.path}: it does not fit the model the config builds: {_one_line(exc)[:400]}") from None
+            raise CheckpointError(f"cannot resume from {ckpt.path}: it does not fit the model the config builds: {_short(_one_line(exc))}") from None
         eng.global_step = int(e["global_step"])
         eng.ctx.threshold = float(e["threshold"])
         eng.precision.load_state_dict(e["precision"])
@@ -639,7 +646,7 @@ class Checkpointer:
             except ArcfwError:
                 raise
             except Exception as exc:
-                raise CheckpointError(f"cannot resume from {ckpt.path}: plugin '{name}' could not load its state: {_one_line(exc)[:300]}") from None
+                raise CheckpointError(f"cannot resume from {ckpt.path}: plugin '{name}' could not load its state: {_short(_one_line(exc))}") from None
 
     def _position(self, ckpt: Checkpoint, pos: dict[str, Any]) -> Position:
         epoch, batch = int(pos["epoch"]), int(pos["batch"])

@@ -27,6 +27,10 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.echo(f"arcfw: {exc.kind}: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:  # a command's arguments: one line too, not click's usage block
+            where = f" (arcfw {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.info_name else ""
+            click.echo(f"arcfw: usage error: {exc.format_message()}{where}", err=True)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("arcfw: interrupted", err=True)
             ctx.exit(130)
