@@ -520,10 +520,10 @@ class Checkpointer:
                          "batches": len(self.loader)},
             "loop": loop,
         }
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             self._write(tmp, state, step, position)
             if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
                 shutil.rmtree(final)
@@ -587,31 +587,37 @@ class Checkpointer:
         The global RNG states come back in :attr:`Restored.rng`: apply them with
         :func:`set_rng_state` right before training continues.
         """
-        eng, meta = self.engine, ckpt.meta
-        if meta["data"].get("fingerprint") != self.fingerprint:
+        if ckpt.meta["data"].get("fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"cannot resume from {ckpt.path}: the training data differs from the checkpoint's "
-                f"({meta['data'].get('examples')} examples then, {len(self.loader.examples)} now, or their grids changed)"
+                f"({ckpt.meta['data'].get('examples')} examples then, {len(self.loader.examples)} now, or their grids changed)"
             )
         state = ckpt.load_state()
+        try:
+            return self._restore(ckpt, state)
+        except ArcfwError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: it does not fit the model the config builds "
+                f"({type(exc).__name__}: {_short(_one_line(exc))})"
+            ) from None
+
+    def _restore(self, ckpt: Checkpoint, state: dict[str, Any]) -> Restored:
+        eng, meta = self.engine, ckpt.meta
         names = [n for n, _ in _modules(eng)]
         if sorted(names) != sorted(meta["modules"]):
             raise CheckpointError(f"cannot resume from {ckpt.path}: it holds modules {sorted(meta['modules'])}, the config builds {sorted(names)}")
-        try:
-            for name, module in _modules(eng):
-                load_model(module, str(ckpt.path / meta["modules"][name]), strict=True, device=str(eng.device))
-            loose = _loose_params(eng)
-            if loose:
-                saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(eng.device))
-                with torch.no_grad():
-                    for key, p in loose.items():
-                        p.copy_(saved[key])
-            e = state["engine"]
-            _load_optimizer(eng.optimizer, e["optimizer"])
-        except ArcfwError:
-            raise
-        except (RuntimeError, KeyError, ValueError, SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot resume from {ckpt.path}: it does not fit the model the config builds: {_short(_one_line(exc))}") from None
+        for name, module in _modules(eng):
+            load_model(module, str(ckpt.path / meta["modules"][name]), strict=True, device=str(eng.device))
+        loose = _loose_params(eng)
+        if loose:
+            saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(eng.device))
+            with torch.no_grad():
+                for key, p in loose.items():
+                    p.copy_(saved[key])
+        e = state["engine"]
+        _load_optimizer(eng.optimizer, e["optimizer"])
         eng.global_step = int(e["global_step"])
         eng.ctx.threshold = float(e["threshold"])
         eng.precision.load_state_dict(e["precision"])

@@ -303,6 +303,9 @@ RESUME_CASES = {
     "module-byte-flipped": (lambda r: flip_a_byte(latest(r) / module_file(r)), ["qwen.safetensors: checksum mismatch"]),
     "module-forged-with-checksum": (forged_module, ["does not fit the model the config builds"]),
     "state-executes-code-with-checksum": (malicious_state, ["state.pt: refused: not readable as tensors and plain values only", "GLOBAL posix.mkdir", "nothing in it was run"]),
+    "state-wrong-content-with-checksum": (lambda r: (torch.save({k: {} for k in ("engine", "rng", "plugins", "position", "loop")}, latest(r) / checkpoint.STATE),
+                                                     rehash(latest(r), checkpoint.STATE)),
+                                          ["does not fit the model the config builds (KeyError: 'optimizer')"]),
     "state-foreign-pickle-with-checksum": (lambda r: (torch.save({"a": 1}, latest(r) / checkpoint.STATE), rehash(latest(r), checkpoint.STATE)),
                                            ["state.pt: refused: not an arcfw checkpoint state"]),
 }
