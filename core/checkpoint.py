@@ -141,13 +141,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
-    """Every distinct module of every parameter group, named as ``Engine.modules`` names them."""
+    """Every distinct module of every parameter group, named after its group (``group.i`` for several)."""
     seen: set[int] = set()
     out = []
-    for name, module in engine.modules():
-        if id(module) not in seen:
-            seen.add(id(module))
-            out.append((name, module))
+    for g in engine.groups:
+        for i, module in enumerate(g.modules):
+            if id(module) not in seen:
+                seen.add(id(module))
+                out.append((g.name if len(g.modules) == 1 else f"{g.name}.{i}", module))
     return out
 
 

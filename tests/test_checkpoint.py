@@ -51,7 +51,7 @@ def checkpoint_dirs(out: Path) -> list[str]:
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every module weight, the RL policy's own weights and the main optimizer's moments."""
     eng = trainer.engine
-    out = {f"{name}.{k}": v for name, m in eng.modules() for k, v in m.state_dict().items()}
+    out = {f"{g.name}.{i}.{k}": v for g in eng.groups for i, m in enumerate(g.modules) for k, v in m.state_dict().items()}
     policy = eng.plugins["rl_policy"]
     out.update({f"policy.{k}": v for k, v in policy.mu.state_dict().items()})
     out["policy.log_std"] = policy.log_std.detach()
