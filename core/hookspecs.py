@@ -265,9 +265,9 @@ def state_dict(ctx: "Context") -> "dict[str, Any] | None":
     own module and optimizer, a reward baseline, a curriculum position).
     Tensors and plain Python values only (dict, list, tuple, str, int, float,
     bool, None): the checkpoint is read back with ``torch.load(weights_only=True)``,
-    and anything else is refused when the checkpoint is saved, naming the plugin.
-    Called per plugin, at every checkpoint; keyed by plugin name.  Return None
-    for nothing to save.
+    and anything else is an error naming the plugin.  Called per plugin at every
+    checkpoint, and once before training so that such an error comes at once;
+    keyed by plugin name.  Return None for nothing to save.
     """
 
 

@@ -92,6 +92,8 @@ class Trainer:
             self.window = _EpochStats.from_state(restored.loop["window"])
             self.elapsed = float(restored.loop["elapsed"])
             self._rng = restored.rng
+            self._print(f"arcfw: resuming from {self.resumed.path} (step {self.engine.global_step}, "
+                        f"epoch {self.start_epoch}, batch {self.start_batch})")
             for note in restored.notes:
                 self._print(f"warning: {note}")
 
