@@ -93,6 +93,19 @@ def test_stopped_and_resumed_run_is_the_same_run(reference, tmp_path, split):
     assert resumed.engine.plugins["rl_policy"].baseline == ref.engine.plugins["rl_policy"].baseline
 
 
+def test_fp16_gradscaler_state_resumes(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    straight = Trainer(config(max_batches=10, precision="fp16-mixed"), ref, quiet=True)
+    straight.fit()
+    Trainer(config(max_batches=5, precision="fp16-mixed"), out, quiet=True).fit()
+    resumed = Trainer(config(max_batches=10, precision="fp16-mixed"), out, quiet=True, resume=out)
+    resumed.fit()
+    scaler = straight.engine.precision.state_dict()
+    assert scaler["scaler"]["scale"] < 65536.0 and scaler["scaler_skipped"] > 0  # the scale moved: restoring it matters
+    assert resumed.engine.precision.state_dict() == scaler
+    assert records(out) == records(ref)
+
+
 def test_keep_the_last_n_checkpoints(reference):
     out, _ = reference
     # saves at 7, 12 (epoch end), 14, 21, 24, 28, 35, 36, 40 (max_batches): the last two stay
