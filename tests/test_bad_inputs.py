@@ -363,3 +363,14 @@ def test_existing_run_is_neither_overwritten_nor_mixed(finished_run, tmp_path):
     before = snapshot(run)
     assert_refused(arcfw("run", DEFAULT, "--out", str(run), *sets(TINY)), "already holds a run", "--overwrite", "--resume")
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("case", ["state-truncated", "module-forged-with-checksum", "state-executes-code-with-checksum"])
+def test_eval_refuses_a_bad_checkpoint_the_same_way(finished_run, tmp_path, case):
+    damage, fragments = RESUME_CASES[case]
+    run, out = tmp_path / "run", tmp_path / "eval"
+    shutil.copytree(finished_run, run)
+    damage(run)
+    assert_refused(arcfw("eval", str(run / "config.yaml"), "--checkpoint", str(run), "--max-tasks", "1", "--out", str(out), "-q"),
+                   "arcfw: checkpoint error:", *fragments)
+    assert not out.exists() and not (tmp_path / "pwned").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,19 @@ def test_third_party_plugin_state_and_loose_parameters_are_saved(tmp_path):
     assert [r["counter"] for r in records(out)] == [float(i) for i in range(1, 9)]
 
 
+def test_a_checkpoint_copied_out_of_its_run_loads_for_evaluation_but_does_not_resume(reference, tmp_path):
+    out, ref = reference
+    kept = tmp_path / "best"
+    shutil.copytree(out / checkpoint.DIR / "step-00000040", kept)
+    fresh = Trainer(config(max_batches=40, plugins__extra=DRAWS), tmp_path / "unused", quiet=True).engine
+    checkpoint.load_weights(fresh, kept)
+    a, b = (dict(g.modules[0].state_dict()) for g in (ref.engine.groups[0], fresh.groups[0]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(ref.engine.plugins["rl_policy"].log_std, fresh.plugins["rl_policy"].log_std)
+    with pytest.raises(CheckpointError, match="must sit in RUN/checkpoints/"):
+        checkpoint.run_folder(kept)
+
+
 def test_learning_rates_may_change_on_resume(tmp_path):
     out = tmp_path / "run"
     Trainer(config(max_batches=3), out, quiet=True).fit()
@@ -214,7 +228,7 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes(tmp_path):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("arcfw: interrupted: SIGTERM: stopped after step") and "--resume" in lines[0]
     steps = [r["step"] for r in records(out)]
-    latest = checkpoint.read(checkpoint.locate(out)[1])
+    latest = checkpoint.read(checkpoint.locate(out))
     assert latest.step == steps[-1] and steps == list(range(1, steps[-1] + 1))  # the step in flight was finished and saved
     resumed = Trainer(config(max_batches=latest.step + 2, epochs=1000), out, quiet=True, resume=out)
     resumed.fit()
@@ -264,7 +278,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
 
     assert checkpoint_dirs(out) == left_behind
     assert len(list((out / checkpoint.DIR).glob(".tmp-step-00000002-*"))) == temporary
-    run_dir, folder = checkpoint.locate(out)
+    folder = checkpoint.locate(out)
     assert folder.name == "step-00000001"
     assert checkpoint.read(folder).step == 1  # every file there and its checksum intact
     resumed = Trainer(config(max_batches=4), out, quiet=True, resume=out)
@@ -292,7 +306,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     msg = str(err.value)
     assert "step-00000004" in msg and "No space left on device" in msg and "step-00000002 is intact" in msg
     assert checkpoint_dirs(out) == ["step-00000002"] and not list((out / checkpoint.DIR).glob(".tmp-*"))
-    assert checkpoint.read(checkpoint.locate(out)[1]).step == 2
+    assert checkpoint.read(checkpoint.locate(out)).step == 2
 
 
 # ----------------------------------------------------------------------------- safe loading

@@ -25,7 +25,7 @@ from arcfw.core.evaluate import (
     submission,
 )
 from arcfw.core.shapes import mask_shapes, rule_shape
-from arcfw.core.weights import load_weights, named_modules, save_weights
+from arcfw.core.checkpoint import load_weights
 
 
 def g(rows) -> np.ndarray:
@@ -242,7 +242,7 @@ def test_overlap_is_found_by_content_under_another_name(tiny_config, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny run trained for 3 steps, its weights, and a config file that rebuilds it."""
+    """A tiny run trained for 3 steps (its checkpoint holds the weights) and a config file that rebuilds it."""
     from arcfw.core.config import load_config
     from arcfw.core.trainer import Trainer
 
@@ -250,7 +250,6 @@ def trained(tmp_path_factory):
     cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": 3, "out": str(root / "run")})
     trainer = Trainer(cfg, root / "run", quiet=True)
     trainer.fit()
-    save_weights(trainer.engine, root / "weights")
     (root / "tiny.yaml").write_text(cfg.dump())
     return root, trainer.engine
 
@@ -259,8 +258,9 @@ def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
     root, engine = trained
     fresh = make_engine()
     tasks = eval_tasks(2)
-    load_weights(fresh, root / "weights")
-    assert all(torch.equal(a, b) for (_, m1), (_, m2) in zip(named_modules(engine), named_modules(fresh)) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    load_weights(fresh, root / "run")
+    modules = [(m1, m2) for g1, g2 in zip(engine.groups, fresh.groups) for m1, m2 in zip(g1.modules, g2.modules)]
+    assert all(torch.equal(a, b) for m1, m2 in modules for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert torch.equal(engine.plugins["rl_policy"].mu[0].weight, fresh.plugins["rl_policy"].mu[0].weight)
     assert torch.equal(engine.plugins["agent"].size_head.mlp[0].weight, fresh.plugins["agent"].size_head.mlp[0].weight)
     p1, p2 = predict(engine, tasks), predict(fresh, tasks)
@@ -269,16 +269,16 @@ def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
 
 def test_weights_of_another_config_are_refused(trained, make_engine, tmp_path):
     root, _ = trained
-    with pytest.raises(CheckpointError, match="module 'agent' does not match the config"):
-        load_weights(make_engine({"plugins.predictor.channels": 8}), root / "weights")
-    with pytest.raises(CheckpointError, match="no weights.safetensors"):
+    with pytest.raises(CheckpointError, match="module 'agent' does not fit the model the config builds"):
+        load_weights(make_engine({"plugins.predictor.channels": 8}), root / "run")
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
         load_weights(make_engine(), tmp_path)
 
 
 def test_eval_command_scores_and_writes_the_submission(trained, tmp_path):
     root, _ = trained
     out = tmp_path / "eval"
-    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--max-tasks", "3", "--out", str(out), "-q"]
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--max-tasks", "3", "--out", str(out), "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "pass@2 (mean over tasks)" in result.stdout and "copy input" in result.stdout
@@ -296,7 +296,7 @@ def test_eval_command_scores_and_writes_the_submission(trained, tmp_path):
 
 def test_eval_command_refuses_arcagi1_evaluation_in_one_line(trained, tmp_path):
     root, _ = trained
-    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--data-version", "arcagi1", "--out", str(tmp_path / "e")]
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--data-version", "arcagi1", "--out", str(tmp_path / "e")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "--allow-overlap" in result.stderr
@@ -305,6 +305,6 @@ def test_eval_command_refuses_arcagi1_evaluation_in_one_line(trained, tmp_path):
 
 def test_eval_command_names_an_unknown_task(trained, tmp_path):
     root, _ = trained
-    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--task", "nope", "--out", str(tmp_path / "e")]
+    args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--task", "nope", "--out", str(tmp_path / "e")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "no task nope" in result.stderr

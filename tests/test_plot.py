@@ -93,15 +93,13 @@ def evaluated(tmp_path_factory):
     """A 2-step run, evaluated on 2 ARC-AGI-2 evaluation tasks through the CLI."""
     from arcfw.core.config import load_config
     from arcfw.core.trainer import Trainer
-    from arcfw.core.weights import save_weights
 
     root = tmp_path_factory.mktemp("evaluated")
     cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": 2, "out": str(root / "run")})
     trainer = Trainer(cfg, root / "run", quiet=True)
     trainer.fit()
-    save_weights(trainer.engine, root / "weights")
     (root / "tiny.yaml").write_text(cfg.dump())
-    result = CliRunner().invoke(main, ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "weights"), "--max-tasks", "2", "--out", str(root / "eval"), "-q"])
+    result = CliRunner().invoke(main, ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--max-tasks", "2", "--out", str(root / "eval"), "-q"])
     assert result.exit_code == 0, result.output
     return root
 
