@@ -24,7 +24,7 @@ from arcfw.core import checkpoint
 from arcfw.core.cli import main
 from arcfw.core.config import load_config
 from arcfw.core.context import Context
-from arcfw.core.errors import CheckpointError, Interrupted
+from arcfw.core.errors import CheckpointError
 from arcfw.core.trainer import Trainer
 
 #: tiny data (3 tasks = 12 demonstration pairs, so an epoch is 12 batches), 4 epochs
