@@ -119,6 +119,8 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume)
     summaries = trainer.fit()
+    if not trainer.dist.is_main:  # rank 0 reports for the whole run
+        return
     click.echo(f"arcfw: done, {trainer.engine.global_step} steps; outputs in {trainer.out_dir}", err=True)
     if not summaries:
         click.echo("arcfw: warning: no batch was run", err=True)

@@ -80,6 +80,11 @@ SCHEMA: dict[str, Any] = {
         "flat_window": Positive(int),
         "flat_tolerance": Positive(float, strict=False),
     },
+    "distributed": {
+        "backend": Choice("auto", "gloo", "nccl"),
+        "strategy": Choice("auto", "ddp", "fsdp"),
+        "find_unused_parameters": bool,
+    },
     "checkpoint": {
         "every": Positive(int, nullable=True),
         "keep": Positive(int),
@@ -107,6 +112,8 @@ DEFAULTS: dict[str, Any] = {
         "flat_window": 200,
         "flat_tolerance": 1e-4,
     },
+    # read only when torchrun starts more than one process (see arcfw.core.distributed)
+    "distributed": {"backend": "auto", "strategy": "auto", "find_unused_parameters": False},
     # every: also save every N batches (null: only at epoch ends and on SIGINT/SIGTERM); keep: last N kept
     "checkpoint": {"every": 500, "keep": 3},
     "plugins": {

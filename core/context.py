@@ -40,13 +40,25 @@ class Context:
 
 @dataclass
 class ParamGroup:
-    """A named set of trainable parameters with its own learning rate."""
+    """A named set of trainable parameters with its own learning rate.
+
+    ``module_attr`` names the plugin attribute that holds the group's one module
+    (e.g. ``"net"`` for ``self.net``).  With several processes and
+    ``distributed.strategy: ddp`` the engine replaces that attribute with a
+    ``DistributedDataParallel`` wrapper of the module, so the plugin's own
+    ``self.net(...)`` calls go through DDP; code that needs the bare module
+    (attributes, ``save_pretrained``) uses ``arcfw.core.distributed.unwrap``.
+    ``modules`` keep the bare modules.  Without ``module_attr`` the engine
+    averages the group's gradients itself after backward (same result, no
+    overlap of communication with the backward pass).
+    """
 
     name: str
     params: list[nn.Parameter]
     lr: float
     modules: list[nn.Module] = field(default_factory=list)
     weight_decay: float | None = None
+    module_attr: str | None = None
     plugin: str = ""  # filled in by the engine
 
     def trainable(self) -> list[nn.Parameter]:

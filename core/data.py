@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+from torch.utils.data.distributed import DistributedSampler
 
 from .batch import Batch, Example, Pair, Task, collate
 from .errors import DataError
@@ -209,10 +210,13 @@ def summarize(tasks: Sequence[Task]) -> dict:
 class ExampleLoader:
     """Deterministic, resumable batches of examples, optionally sharded across data-parallel ranks.
 
-    The order of an epoch depends only on ``(seed, epoch)``.  With ``world_size > 1``
-    the order is padded by repeating its start to a multiple of ``world_size`` and rank
-    ``r`` takes ``order[r::world_size]`` (as ``torch.utils.data.DistributedSampler`` does),
-    so all ranks run the same number of batches.
+    The indices come from a :class:`torch.utils.data.DistributedSampler`
+    (``set_epoch`` at every epoch, the same ``seed`` on every rank): the order of
+    an epoch depends only on ``(seed, epoch)``; with ``world_size > 1`` it is
+    padded by repeating its start to a multiple of ``world_size`` and rank ``r``
+    takes ``order[r::world_size]``, so all ranks run the same number of batches
+    of the same sizes.  Together the ranks' ``b``-th batches hold the examples of
+    batch ``b`` of a one-process run at ``batch_size * world_size``.
 
     ``transform(example, rng)`` (e.g. :meth:`Engine.augment_example`) is applied to
     each example before collation with ``rng = numpy.random.default_rng([seed, epoch, index])``.
@@ -243,20 +247,19 @@ class ExampleLoader:
         self.rank = rank
         self.world_size = world_size
         self.transform = transform
+        indices = range(len(self.examples))
+        self.sampler = DistributedSampler(indices, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self._unsharded = DistributedSampler(indices, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
 
     def order(self, epoch: int) -> list[int]:
-        """All example indices of ``epoch`` in visiting order (before sharding)."""
-        n = len(self.examples)
-        if not self.shuffle:
-            return list(range(n))
-        return np.random.default_rng([self.seed, epoch]).permutation(n).tolist()
+        """All example indices of ``epoch`` in visiting order (before sharding; the same on every rank)."""
+        self._unsharded.set_epoch(epoch)
+        return list(self._unsharded)
 
     def rank_order(self, epoch: int) -> list[int]:
         """The indices this rank visits in ``epoch``."""
-        order = self.order(epoch)
-        total = math.ceil(len(order) / self.world_size) * self.world_size
-        padded = (order * math.ceil(total / len(order)))[:total]
-        return padded[self.rank :: self.world_size]
+        self.sampler.set_epoch(epoch)
+        return list(self.sampler)
 
     def __len__(self) -> int:
         n = math.ceil(len(self.examples) / self.world_size)

@@ -22,6 +22,7 @@ from arcfw.core import contracts, hookspecs, shapes
 from arcfw.core.batch import Batch, Example
 from arcfw.core.config import RunConfig
 from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult, View
+from arcfw.core.distributed import Dist, full_tensor, rank_seed
 from arcfw.core.errors import (
     ArcfwError,
     ConfigError,
@@ -79,13 +80,20 @@ class _Impl:
 class Engine:
     """Build with :meth:`Engine.from_config`, then :meth:`fit` or :meth:`train_step`."""
 
-    def __init__(self, config: RunConfig, *, device: torch.device | None = None, out_dir: Path | None = None):
+    def __init__(
+        self, config: RunConfig, *, device: torch.device | None = None, out_dir: Path | None = None, dist: Dist | None = None
+    ):
+        """``dist`` (from :func:`arcfw.core.distributed.setup`) places the engine in a multi-process run."""
         self.config = config
         cfg = config.data
-        self.device = device or resolve_device(cfg["device"])
+        self.device = device or (dist.device if dist else resolve_device(cfg["device"]))
+        self.dist = dist or Dist(device=self.device)
         self.check_contracts = bool(cfg["health"]["check_contracts"])
         self.precision = Precision(cfg["precision"], self.device)
-        self.ctx = Context(device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir)
+        self.ctx = Context(
+            device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )
         self.listeners: list[Listener] = []
         self.global_step = 0  # optimizer steps attempted
         self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
@@ -102,7 +110,7 @@ class Engine:
     def _build_plugins(self) -> None:
         seed_everything(self.ctx.seed)
         self.ctx.generator = torch.Generator(device=self.device)
-        self.ctx.generator.manual_seed(self.ctx.seed)
+        self.ctx.generator.manual_seed(rank_seed(self.ctx.seed, self.ctx.rank))
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, Any] = {}
@@ -151,6 +159,7 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
+        self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
         self.optimizer = self._build_optimizer()
         h = self.config["health"]
@@ -320,6 +329,7 @@ class Engine:
                     f"backward or step the main optimizer; the step order is {order_text()}. Return the loss from "
                     "compute_loss and do extra updates in post_step_update"
                 ) from exc
+        self.dist.sync_gradients()  # groups no DDP/FSDP wrapper owns; the wrappers reduced theirs in backward
         if not self._first_step_checked:
             self._check_groups_reached()
 
@@ -339,8 +349,10 @@ class Engine:
         self.precision.unscale(opt)
         live = [g for g in self.groups if g.lr > 0]
         grads = [[p.grad for p in g.trainable() if p.grad is not None] for g in live]
-        norms = [torch.nn.utils.get_total_norm(gs) if gs else torch.zeros((), device=self.device) for gs in grads]
-        values = torch.stack([s.loss.detach().float(), *[n.float().to(self.device) for n in norms]]).tolist()  # one sync
+        norms = [full_tensor(torch.nn.utils.get_total_norm(gs)) if gs else torch.zeros((), device=self.device) for gs in grads]
+        # gradients are already the same on every rank; the loss is averaged so that all ranks skip alike
+        loss = self.dist.mean(s.loss.detach().float())
+        values = torch.stack([loss, *[n.float().to(self.device) for n in norms]]).tolist()  # one sync
         s.loss_value = values[0]
         s.metrics["loss"] = s.loss_value
         s.norms = {g.name: v for g, v in zip(live, values[1:])}

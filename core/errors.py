@@ -105,6 +105,12 @@ class MissingExtra(ArcfwError):
     kind = "missing dependency"
 
 
+class DistributedError(ArcfwError):
+    """A multi-process run cannot start or continue (process group, ranks, devices)."""
+
+    kind = "distributed error"
+
+
 class Interrupted(ArcfwError):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint.
 

@@ -80,7 +80,11 @@ def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
     has a unique ``name`` (e.g. ``"qwen"``, ``"agent"``), the parameters, the
     modules they belong to (the engine puts them in train mode and watches
     them) and a default ``lr``; ``optimizer.lr.<name>`` in the config overrides
-    it.  A group with ``lr == 0`` is frozen (no gradient expected).
+    it.  A group with ``lr == 0`` is frozen (no gradient expected).  Set
+    ``module_attr`` to the name of the attribute holding the group's module
+    (``"net"`` for ``self.net``) and call the module through that attribute:
+    in a multi-process run the engine puts a DistributedDataParallel wrapper
+    there (see :class:`~arcfw.core.context.ParamGroup`).
     Parameters a plugin optimises itself (like the RL policy) are *not*
     returned here.  All implementations are called; the lists are concatenated;
     duplicate names or parameters shared between groups are an error.

@@ -61,6 +61,22 @@ class MetricsLog:
             self._fh.close()
 
 
+class NullLog:
+    """The log of ranks other than 0 in a multi-process run: writes nothing, keeps the summaries."""
+
+    def __init__(self) -> None:
+        self.summaries: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.summaries.append({k: _clean(v) for k, v in summary.items()})
+
+    def close(self) -> None:
+        pass
+
+
 def batch_line(rec: dict[str, Any]) -> str:
     line = (
         f"[Batch {rec['step']}] Reward: {rec.get('reward', float('nan')):.4f} | Loss: {rec['loss']:.4f} | "

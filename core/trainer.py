@@ -18,10 +18,11 @@ from arcfw.core import checkpoint
 from arcfw.core.checkpoint import Checkpointer, Position
 from arcfw.core.config import RunConfig
 from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.engine import Engine
+from arcfw.core.distributed import setup as setup_distributed
+from arcfw.core.engine import Engine, resolve_device
 from arcfw.core.errors import ConfigError, Interrupted
 from arcfw.core.interrupt import StopSignals
-from arcfw.core.metrics import MetricsLog, batch_line, epoch_line
+from arcfw.core.metrics import MetricsLog, NullLog, batch_line, epoch_line
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 
@@ -45,7 +46,13 @@ def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FIL
 
 
 class Trainer:
-    """Loads the data, builds the :class:`Engine`, and runs epochs with logging."""
+    """Loads the data, builds the :class:`Engine`, and runs epochs with logging.
+
+    Under ``torchrun`` every process builds a Trainer; it joins the process
+    group (:func:`arcfw.core.distributed.setup`), takes its shard of the data,
+    and averages each step's metrics over ranks.  Only rank 0 prints and writes
+    the run files.
+    """
 
     def __init__(
         self,
@@ -61,30 +68,41 @@ class Trainer:
         self.config = config
         self.cfg = config.data
         self.out_dir = Path(out_dir)
-        self.quiet = quiet
+        self.dist = setup_distributed(config, resolve_device(self.cfg["device"]))
+        self.quiet = quiet or not self.dist.is_main
         # Everything that can fail on bad input happens before the output folder is touched.
         if resume is None:
-            check_out_dir(self.out_dir, overwrite, what=f"a run (--resume {self.out_dir} continues it)")
+            if self.dist.is_main:  # the only rank that writes
+                check_out_dir(self.out_dir, overwrite, what=f"a run (--resume {self.out_dir} continues it)")
             self.resumed = None
         else:
             self.resumed = checkpoint.open_for_resume(resume, self.out_dir, config)
         d = self.cfg["data"]
         self.tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
         self.examples = make_examples(self.tasks)
-        self.engine = Engine.from_config(config, out_dir=self.out_dir)
+        self.engine = Engine.from_config(config, out_dir=self.out_dir, dist=self.dist)
         augment = self.engine.augment_example if self.engine.implements("augment_example") else None
         self.loader = ExampleLoader(
-            self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"], transform=augment
+            self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"],
+            rank=self.dist.rank, world_size=self.dist.world_size, transform=augment,
         )
         c = self.cfg["checkpoint"]
         self.checkpoints = Checkpointer(self.out_dir, self.engine, self.loader, c["keep"], checkpoint.data_fingerprint(self.tasks))
-        checkpoint.check_space(self.out_dir, self.engine)
+        if self.dist.is_main:
+            checkpoint.check_space(self.out_dir, self.engine)
         self.checkpoints.check_plugin_states()
+        if not self.checkpoints.supported:
+            if self.resumed is not None:
+                raise ConfigError(config.source, [("distributed.strategy", "cannot resume into strategy fsdp: "
+                                                   "checkpoints of sharded models are not supported yet")])
+            self._print("warning: strategy fsdp writes no checkpoints (sharded state is not supported yet): "
+                        "a stopped run cannot be resumed")
         self.start_epoch = 0
         self.start_batch = 0
         self.acc, self.window, self.elapsed = _EpochStats(), _EpochStats(), 0.0  # the current epoch's statistics
         self._rng: dict[str, Any] | None = None
         self.last_checkpoint: Path | None = None
+        self._stop_signum: int | None = None  # the stop signal any rank received (agreed after every step)
         if self.resumed is not None:
             restored = self.checkpoints.restore(self.resumed)
             self.start_epoch, self.start_batch = restored.position.epoch, restored.position.batch
@@ -104,6 +122,9 @@ class Trainer:
             tqdm.write(text, file=sys.stderr)
 
     def _open_outputs(self) -> bool:
+        if not self.dist.is_main:
+            self.log = NullLog()
+            return False
         created = not self.out_dir.exists()
         r = self.resumed
         try:
@@ -138,6 +159,8 @@ class Trainer:
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
                 shutil.rmtree(self.out_dir, ignore_errors=True)
             raise
+        finally:
+            self.dist.close()
         self.log.close()
         return self.log.summaries
 
@@ -165,6 +188,8 @@ class Trainer:
                     break
                 eng.ctx.batch_index = batch_index
                 metrics = eng.train_step(batch.to(eng.device))
+                # averaged over ranks; a signal that reached any rank stops every rank after this step
+                metrics, self._stop_signum = self.dist.exchange(metrics, self._signals.signum)
                 step = eng.global_step
                 norms = eng.last_norms
                 qwen_grad = self._qwen_grad(norms)
@@ -195,7 +220,8 @@ class Trainer:
                     if warnings:
                         rec["warnings"] = warnings
                     self.log.write(rec)
-                    eng.call_all("log_metrics", record=rec)
+                    if self.dist.is_main:
+                        eng.call_all("log_metrics", record=rec)
                     if step % log_every == 0:
                         self._print(batch_line(rec))
                         self.window = _EpochStats()
@@ -226,7 +252,8 @@ class Trainer:
                 if extra:
                     summary.update(extra)
             self.log.write_summary(summary)
-            eng.call_all("log_metrics", record=summary)
+            if self.dist.is_main:
+                eng.call_all("log_metrics", record=summary)
             self._print(epoch_line(summary))
             if next_batch == len(self.loader):
                 self._save(epoch + 1, 0)
@@ -239,11 +266,11 @@ class Trainer:
         every = self.cfg["checkpoint"]["every"]
         if every and self.engine.global_step % every == 0 and next_batch < len(self.loader):
             self._save(epoch, next_batch)
-        if self._signals.signum is not None:
+        if self._stop_signum is not None:
             self._save(epoch, next_batch)
             self._stop_if_asked()
 
-    def _save(self, epoch: int, next_batch: int) -> Path:
+    def _save(self, epoch: int, next_batch: int) -> Path | None:
         loop = {"acc": self.acc.state_dict(), "window": self.window.state_dict(), "elapsed": time.perf_counter() - self._t0}
         self.last_checkpoint = self.checkpoints.save(Position(epoch, next_batch), loop)
         return self.last_checkpoint
@@ -255,12 +282,13 @@ class Trainer:
         )
 
     def _stop_if_asked(self) -> None:
-        signum = self._signals.signum
+        signum = self._stop_signum
         if signum is not None:
             raise Interrupted(
                 signum,
-                f"{signal.Signals(signum).name}: stopped after step {self.engine.global_step}, checkpoint saved in "
-                f"{self.last_checkpoint}. Resume with: arcfw run {self.config.source} --resume {self.out_dir}",
+                f"{signal.Signals(signum).name}: stopped after step {self.engine.global_step}, "
+                + (f"checkpoint saved in {self.last_checkpoint}. Resume with: arcfw run {self.config.source} "
+                   f"--resume {self.out_dir}" if self.last_checkpoint else "no checkpoint written (strategy fsdp)"),
             )
 
     def _qwen_grad(self, norms: dict[str, float]) -> float:

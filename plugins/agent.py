@@ -113,7 +113,7 @@ class GridAgent(Plugin):
 
     @hookimpl
     def parameter_groups(self, ctx):
-        return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net])]
+        return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
 
     @hookimpl
     def predict(self, prompt, batch, ctx):

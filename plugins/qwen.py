@@ -31,6 +31,7 @@ from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS, Batch, Example
 from arcfw.core.context import Context, ParamGroup
+from arcfw.core.distributed import unwrap
 from arcfw.core.errors import PluginError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
@@ -273,7 +274,7 @@ class QwenPrompt(Plugin):
 
     @hookimpl
     def parameter_groups(self, ctx: Context) -> list[ParamGroup]:
-        return [ParamGroup(name="qwen", params=list(self.model.parameters()), lr=1e-4, modules=[self.model])]
+        return [ParamGroup(name="qwen", params=list(self.model.parameters()), lr=1e-4, modules=[self.model], module_attr="model")]
 
     # ------------------------------------------------------------------ serialisation
 
@@ -371,5 +372,5 @@ class QwenPrompt(Plugin):
         """Save model and tokenizer to ``path`` (loadable again with ``pretrained=path``)."""
         if self.model is None:
             raise RuntimeError("QwenPrompt.save_pretrained called before configure")
-        self.model.save_pretrained(path)
+        unwrap(self.model).save_pretrained(path)
         self.tokenizer.save_pretrained(path)

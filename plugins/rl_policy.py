@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from arcfw.core.distributed import all_reduce_mean_, average_gradients, broadcast_
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
 
@@ -43,6 +44,11 @@ class GaussianRefinePolicy(Plugin):
     - entropy_coef * H``, one step of the policy's own Adam optimizer, on a graph
     built here from detached tensors (the main graph is never touched).  The
     baseline is an exponential moving average of the batch mean reward.
+
+    **Several processes**: the policy's gradients are averaged over ranks
+    before its step and the baseline follows the reward averaged over ranks,
+    so the policy and its baseline stay identical on every rank.  Each rank
+    draws its own exploration noise (``ctx.generator`` is seeded per rank).
     """
 
     name = "rl_policy"
@@ -85,8 +91,9 @@ class GaussianRefinePolicy(Plugin):
         nn.init.zeros_(self.mu[2].weight)  # start as "add noise only"
         nn.init.zeros_(self.mu[2].bias)
         self.log_std = nn.Parameter(torch.full((d,), math.log(self.init_std), device=ctx.device), requires_grad=self.learn_std)
-        params = list(self.mu.parameters()) + ([self.log_std] if self.learn_std else [])
-        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.params = list(self.mu.parameters()) + ([self.log_std] if self.learn_std else [])
+        broadcast_([*self.mu.parameters(), self.log_std])  # same start on every rank
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr)
 
     @hookimpl
     def refine(self, prompt, batch, ctx):
@@ -116,8 +123,10 @@ class GaussianRefinePolicy(Plugin):
             loss = -((reward - self.baseline) * logp).mean() - self.entropy_coef * dist.entropy().sum(-1).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        average_gradients(self.params)
         self.optimizer.step()
-        mean_reward, mean_improvement, loss_value = torch.stack([reward.mean(), improvement.mean(), loss.detach()]).tolist()
+        means = all_reduce_mean_(torch.stack([reward.mean(), improvement.mean(), loss.detach()]))
+        mean_reward, mean_improvement, loss_value = means.tolist()
         self.baseline = self.baseline_momentum * self.baseline + (1 - self.baseline_momentum) * mean_reward
         self.updates += 1
         return {"reward": mean_reward, "acc_improvement": mean_improvement, "policy_loss": loss_value, "reward_baseline": self.baseline}
