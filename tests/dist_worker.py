@@ -23,6 +23,7 @@ from arcfw.core.errors import PluginError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.trainer import Trainer
 from arcfw.plugins.agent import GridAgent
+from arcfw.plugins.efe_loss import MaskedEFELoss
 from conftest import REPO, TINY
 
 WORLD = 2
@@ -126,6 +127,28 @@ def stop_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
     return {"steps": gather(trainer.engine.global_step)}
 
 
+class OneRankNaNLoss(MaskedEFELoss):
+    """A NaN loss on rank 1 only, at the second step, with finite gradients (a NaN constant added)."""
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        out = super().compute_loss(logits, batch, ctx)
+        if ctx.rank == 1 and ctx.step == 1:
+            out.loss = out.loss + float("nan")
+        return out
+
+
+def nonfinite_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
+    """Every rank must skip the step whose loss is non-finite on any rank, or the replicas drift apart."""
+    cfg = tiny_config({"max_batches": STEPS, "plugins.loss.name": "dist_worker:OneRankNaNLoss"})
+    trainer = Trainer(cfg, out / "nonfinite", quiet=True)
+    trainer.fit()
+    mine = flat(trained_tensors(trainer.engine))
+    both = [torch.empty_like(mine) for _ in range(WORLD)]
+    dist.all_gather(both, mine)
+    return {"skipped": gather(trainer.engine.guard.skipped), "rank_diff": (both[0] - both[1]).abs().max().item()}
+
+
 class WrongAttrAgent(GridAgent):
     """Names an attribute that does not hold its module."""
 
@@ -171,6 +194,7 @@ def run_scenarios(rank: int, port: int, out: str) -> None:
             "ddp": equivalence(rank, root, "ddp"),
             "fsdp": equivalence(rank, root, "fsdp"),
             "stop": stop_on_one_rank(rank, root),
+            "nonfinite": nonfinite_on_one_rank(rank, root),
             "wrong_module_attr": wrong_module_attr(rank),
         }
     finally:

@@ -112,6 +112,12 @@ def test_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(spawned):
     assert len((out / "stop" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(spawned):
+    r = spawned[0]["nonfinite"]
+    assert r["skipped"] == [1, 1]
+    assert r["rank_diff"] == 0.0
+
+
 def test_module_attr_that_does_not_hold_the_module_is_a_plugin_error(spawned):
     msg = spawned[0]["wrong_module_attr"]
     assert "module_attr 'channels'" in msg and "dist_worker:WrongAttrAgent" in msg
