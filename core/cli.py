@@ -16,6 +16,12 @@ import click
 from arcfw.core.errors import ArcfwError
 
 
+def _who() -> str:
+    """``arcfw``, or ``arcfw[rank 1/4]`` in a process started by torchrun (each rank reports its own errors)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"arcfw[rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "0", "1") else "arcfw"
+
+
 class _Group(click.Group):
     """Turns ArcfwError into one line and exit code 2 (traceback only with --debug)."""
 
@@ -25,7 +31,7 @@ class _Group(click.Group):
         except ArcfwError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"arcfw: {exc.kind}: {exc}", err=True)
+            click.echo(f"{_who()}: {exc.kind}: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:  # a command's arguments: one line too, not click's usage block
             where = f" (arcfw {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.info_name else ""

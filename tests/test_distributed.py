@@ -154,6 +154,18 @@ def test_torchrun_cli_two_processes(tmp_path):
 # --------------------------------------------------------------------------- one process
 
 
+def test_errors_name_the_rank_under_torchrun(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from arcfw.core.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = CliRunner().invoke(main, ["run", str(REPO / "configs" / "default.yaml"), "--set", "distributed.strategy=zero3"])
+    assert res.exit_code == 2
+    assert res.output.startswith("arcfw[rank 1/2]: config error:") and "distributed.strategy" in res.output
+
+
 def test_one_process_takes_the_plain_path():
     cfg = load_config(REPO / "configs" / "default.yaml", dict(TINY))
     d = setup(cfg, torch.device("cpu"))
