@@ -216,7 +216,8 @@ class ExampleLoader:
     padded by repeating its start to a multiple of ``world_size`` and rank ``r``
     takes ``order[r::world_size]``, so all ranks run the same number of batches
     of the same sizes.  Together the ranks' ``b``-th batches hold the examples of
-    batch ``b`` of a one-process run at ``batch_size * world_size``.
+    batch ``b`` of a one-process run at ``batch_size * world_size`` (the last
+    batch may be padded with the epoch's first examples).
 
     ``transform(example, rng)`` (e.g. :meth:`Engine.augment_example`) is applied to
     each example before collation with ``rng = numpy.random.default_rng([seed, epoch, index])``.
