@@ -152,7 +152,7 @@ class Dist:
     def wrap(self, groups: list["ParamGroup"], plugins: dict[str, Any]) -> None:
         """Make every trainable parameter group data-parallel; called before the optimizer exists.
 
-        - ``fsdp``: each module of the group is sharded in place with FSDP2
+        - ``fsdp``: each module of every group (frozen ones too) is sharded in place with FSDP2
           ``fully_shard`` (first every sub-module whose class the model lists in
           ``_no_split_modules``, e.g. transformers' decoder layers, then the
           module itself); the group's parameters become the sharded ones.
@@ -160,6 +160,7 @@ class Dist:
           replaced by a :class:`~torch.nn.parallel.DistributedDataParallel`
           wrapper of the module, so the plugin's own ``self.<attr>(...)`` calls
           go through DDP (gradients all-reduced during backward).
+        - a frozen group (``lr == 0``) is broadcast from rank 0;
         - otherwise the parameters are broadcast from rank 0 and the engine
           averages their gradients after backward (:func:`average_gradients`).
         """
@@ -167,10 +168,10 @@ class Dist:
         if not self.enabled:
             return
         for g in groups:
-            if g.lr == 0 or not g.trainable():
-                continue
             if self.strategy == "fsdp" and g.modules:
-                _shard(g)
+                _shard(g)  # frozen groups too: their memory is split like the rest
+            elif g.lr == 0 or not g.trainable():
+                broadcast_(g.params)  # frozen: the same values everywhere, no gradient to average
             elif self.strategy == "ddp" and g.module_attr:
                 self._ddp(g, plugins[g.plugin])
             else:
