@@ -9,6 +9,7 @@ from torch import nn
 
 from arcfw.core.batch import NUM_COLOURS
 from arcfw.core.context import ParamGroup
+from arcfw.core.distributed import average_gradients, broadcast_
 from arcfw.core.data import MAX_SIDE
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
@@ -109,6 +110,7 @@ class GridAgent(Plugin):
     def configure(self, ctx):
         self.net = AgentNet(ctx.prompt_dim, self.channels, self.layers).to(ctx.device)
         self.size_head = SizeHead(ctx.prompt_dim, 2 * self.channels).to(ctx.device)
+        broadcast_(self.size_head.parameters())  # same start on every rank (several processes)
         self.size_optimizer = torch.optim.Adam(self.size_head.parameters(), lr=self.size_lr)
 
     @hookimpl
@@ -137,6 +139,7 @@ class GridAgent(Plugin):
             loss = F.cross_entropy(logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1)) * 2  # rows + columns
             self.size_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        average_gradients(self.size_head.parameters())  # the size head stays the same on every rank
         self.size_optimizer.step()
         right = (top_shapes(logits.detach(), k=1)[:, 0] == target).all(1).float().mean()
         size_loss, size_acc = torch.stack([loss.detach(), right]).tolist()

@@ -35,11 +35,17 @@ def tiny_config(overrides: dict[str, Any]) -> RunConfig:
 
 
 def trained_tensors(engine: Engine) -> list[torch.Tensor]:
-    """Every parameter the run trains (groups and the RL policy) and the reward baseline."""
-    out = [full_tensor(p.detach()) for g in engine.groups for p in g.params]
+    """Every parameter of every plugin (groups, the RL policy, the agent's size head) and the reward baseline."""
+    out = []
+    for plugin in engine.plugins.values():
+        for value in vars(plugin).values():
+            if isinstance(value, torch.nn.Module):
+                out += [full_tensor(p.detach()) for p in value.parameters()]
+            elif isinstance(value, torch.nn.Parameter):
+                out.append(value.detach())
     policy = engine.plugins.get("rl_policy")
     if policy is not None:
-        out += [p.detach() for p in policy.params] + [torch.tensor([policy.baseline])]
+        out.append(torch.tensor([policy.baseline]))
     return out
 
 
