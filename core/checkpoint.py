@@ -49,6 +49,7 @@ from torch import nn
 
 from arcfw import __version__
 from arcfw.core.batch import Task
+from arcfw.core.distributed import all_gather_object
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 from arcfw.core.registry import resolve
 
@@ -194,7 +195,8 @@ def set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _engine_state(engine: "Engine") -> dict[str, Any]:
+def _engine_state(engine: "Engine", generators: list[Any]) -> dict[str, Any]:
+    """``generators``: every rank's ``ctx.generator`` state, in rank order (each rank draws its own noise)."""
     gen = engine.ctx.generator
     return {
         "global_step": engine.global_step,
@@ -205,6 +207,7 @@ def _engine_state(engine: "Engine") -> dict[str, Any]:
         "guard": engine.guard.state_dict(),
         "health": engine.health.state_dict(),
         "generator": None if gen is None else gen.get_state(),
+        "rank_generators": generators,
         "generator_device": None if gen is None else gen.device.type,
     }
 
@@ -463,6 +466,8 @@ class Checkpointer:
         self.keep = keep
         self.fingerprint = fingerprint
         self._last: int | None = None  # the step saved or restored last
+        #: FSDP shards parameters and optimizer state over the ranks; gathering them is not implemented yet
+        self.supported = engine.dist.strategy != "fsdp"
 
     # ------------------------------------------------------------------ folder bookkeeping
 
@@ -508,24 +513,32 @@ class Checkpointer:
         an error now and not at the first checkpoint hours later."""
         self._plugin_states()
 
-    def save(self, position: Position, loop: dict[str, Any]) -> Path:
+    def save(self, position: Position, loop: dict[str, Any]) -> Path | None:
         """Write a checkpoint for the current step; the data continues at ``position``.
 
         A step is saved once: a second save at the same step (a periodic save, then
         max_batches reached; the end of an epoch whose last step a signal saved) keeps
-        the first, which resumes to the same run.
+        the first, which resumes to the same run.  Returns None where checkpoints
+        are not :attr:`supported`.
         """
+        if not self.supported:
+            return None
         eng = self.engine
         step = eng.global_step
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
+        # every rank saves at the same steps; the replicas are identical, so rank 0 alone writes
+        generators = all_gather_object(None if eng.ctx.generator is None else eng.ctx.generator.get_state())
+        if not eng.dist.is_main:
+            self._last = step
+            return final
         state = {
-            "engine": _engine_state(eng),
+            "engine": _engine_state(eng, generators),
             "rng": _rng_state(),
             "plugins": self._plugin_states(),
             "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
-                         "batches": len(self.loader)},
+                         "batches": len(self.loader), "world_size": self.loader.world_size},
             "loop": loop,
         }
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
@@ -615,21 +628,34 @@ class Checkpointer:
         eng.grad_watch.load_state_dict(e["grad_watch"])
         eng.guard.load_state_dict(e["guard"])
         eng.health.load_state_dict(e["health"])
-        notes = []
-        if eng.ctx.generator is not None and e["generator"] is not None:
+        notes: list[str] = []
+        saved_gens = e.get("rank_generators") or [e["generator"]]
+        if len(saved_gens) != eng.ctx.world_size:
+            notes.append(f"checkpoint made by {len(saved_gens)} process(es), resumed by {eng.ctx.world_size}: "
+                         "the ranks' random draws differ from an uninterrupted run")
+        own = saved_gens[eng.ctx.rank] if eng.ctx.rank < len(saved_gens) else None
+        if eng.ctx.generator is not None and own is not None:
             if e["generator_device"] == eng.ctx.generator.device.type:
-                eng.ctx.generator.set_state(e["generator"])
+                eng.ctx.generator.set_state(own)
             else:
                 notes.append(f"checkpoint made on {e['generator_device']}, resumed on {eng.device.type}: "
                              "random draws differ from an uninterrupted run")
         _load_plugin_states(eng, ckpt, state["plugins"])
-        position = self._position(ckpt, state["position"])
+        position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
         return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
 
-    def _position(self, ckpt: Checkpoint, pos: dict[str, Any]) -> Position:
+    def _position(self, ckpt: Checkpoint, pos: dict[str, Any], notes: list[str]) -> Position:
+        """The position to continue from; a checkpoint of another number of processes is converted.
+
+        With ``W`` processes batch ``b`` of an epoch starts after ``b * batch_size * W``
+        examples of the epoch's order (the same order for any ``W``).  Resumed on
+        ``W'`` processes the run continues at the batch boundary at or before that
+        point; examples between the two are trained again (a note says how many).
+        """
         epoch, batch = int(pos["epoch"]), int(pos["batch"])
-        if pos["batches"] != len(self.loader):
+        saved_world, world = int(pos.get("world_size", 1)), self.loader.world_size
+        if saved_world == world and pos["batches"] != len(self.loader):
             raise CheckpointError(
                 f"{ckpt.path}: cannot resume: an epoch had {pos['batches']} batches, now {len(self.loader)}"
             )
@@ -638,6 +664,12 @@ class Checkpointer:
                 f"{ckpt.path}: cannot resume: the example order of epoch {epoch} differs from the checkpoint's "
                 "(the data or the seed changed)"
             )
+        if saved_world != world:
+            done = batch * self.loader.batch_size * saved_world
+            batch, again = divmod(done, self.loader.batch_size * world)
+            if again:
+                notes.append(f"checkpoint made by {saved_world} process(es), resumed by {world}: the {again} example(s) "
+                             f"before it in epoch {epoch} are trained again, to start on a whole step")
         return Position(epoch, batch)
 
 

