@@ -49,7 +49,7 @@ from torch import nn
 
 from arcfw import __version__
 from arcfw.core.batch import Task
-from arcfw.core.distributed import all_gather_object
+from arcfw.core.distributed import all_gather_object, barrier
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 from arcfw.core.registry import resolve
 
@@ -531,6 +531,7 @@ class Checkpointer:
         # every rank saves at the same steps; the replicas are identical, so rank 0 alone writes
         generators = all_gather_object(None if eng.ctx.generator is None else eng.ctx.generator.get_state())
         if not eng.dist.is_main:
+            barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final
         state = {
@@ -560,6 +561,7 @@ class Checkpointer:
             raise
         self._last = step
         self._prune()
+        barrier()
         return final
 
     def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position) -> None:

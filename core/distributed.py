@@ -97,6 +97,12 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         offset += n
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing with one process)."""
+    if enabled():
+        dist.barrier()
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` with one process)."""
     if not enabled():
