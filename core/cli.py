@@ -1,4 +1,4 @@
-"""Command line: ``arcfw run | check | eval | plot | show | plugins``.
+"""Command line: ``arcfw run | check | bench | eval | plot | show | plugins``.
 
 Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -219,6 +219,31 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 
     task, attempts = load_eval(eval_dir, task_id)
     click.echo(str(render_task(task, attempts, out or eval_dir / f"{task_id}.png")))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (config: batch_size).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--seed", type=int, help="Random seed (config: seed).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.cache_every=1.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
+def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path) -> None:
+    """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
+    from arcfw.core.bench import check_json_target, run_bench
+    from arcfw.core.config import load_config
+
+    overrides = run_overrides(None, None, None, None, device, seed, sets)
+    if batch_size is not None:
+        overrides.insert(0, f"batch_size={batch_size}")
+    cfg = load_config(config, overrides)
+    check_json_target(json_path)
+    result = run_bench(cfg, warmup=warmup, steps=steps)
+    click.echo(result.table())
+    if json_path is not None:
+        result.write_json(json_path)
 
 
 @main.command()

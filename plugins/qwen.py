@@ -17,12 +17,56 @@ Without ``pretrained`` the vocabulary is the compact grid vocabulary of
 own tokenizer is used; every symbol (a colour, the row end, a marker) is
 mapped to its token ids once, so the ids of an example are a concatenation of
 per-symbol ids, never a tokenisation of the whole text.
+
+**Prompt cache** (``cache_every``, default 10 as in the original script, which
+cached Qwen's prompt "every 10 batches").  The cache is keyed *per example*
+(``example.key``, checked against a digest of its grids): every pair has its own
+task and query, so one example's prompt is never reused for another one (the
+original reused one prompt for the next batches, whatever their task).
+
+- *Qwen trainable*: a training step reuses an example's prompt while it is
+  younger than ``cache_every`` optimizer steps, then recomputes it (a
+  *refresh*).  A reused prompt is stale (Qwen has moved on since) and carries
+  **no gradient**: Qwen learns only from the prompts recomputed in a step.  When
+  every prompt of a batch comes from the cache, the plugin puts ``"qwen"`` in
+  ``ctx.no_grad_groups``, so the first-step path check, the zero-gradient watch
+  and the health monitor do not count that step against Qwen, and the optimizer
+  leaves Qwen untouched (no gradient, so no update and no weight decay).
+  Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
+- *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is
+  reused for as long as Qwen's weights stay the same (checked with the
+  parameters' version counters, so loading other weights invalidates it).
+- ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False)
+  never uses it.  ``post_step_update`` reports ``prompt_cached`` (share of the
+  batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of
+  a reused stale prompt, in steps).  Young entries go into checkpoints, so a
+  resumed run reuses the same prompts as the uninterrupted one.
+
+A prompt is only reused when *the same example* comes back within
+``cache_every`` steps: small task sets (test-time training on one task, a few
+``data.max_tasks``) or, with Qwen frozen, every epoch after the first.  One
+shuffled pass over a large set (the default config: 3232 examples, each seen
+once) never hits the cache.  Caching only the demonstrations' encoding (a KV
+prefix) so that the query keeps its gradient was considered and left out: it has
+the same hit rate, saves less per hit (the query is a third of the tokens on
+average and still attends over the whole prefix) and trains Qwen on a partial
+gradient that skips the demonstrations.  ``benchmarks/README.md`` has the figures.
+
+**Batching** (``batching``): ``"padded"`` runs one forward over the
+right-padded batch with an attention mask; ``"per_example"`` runs one unpadded
+forward per example (the same prompts: padding is masked out either way).  On
+CPU a padded, masked batch is slower per example than separate forwards (the
+masked attention kernel computes the full square instead of the causal
+triangle, over the longest sequence of the batch), so ``"auto"`` (the default)
+picks ``"per_example"`` on CPU and ``"padded"`` elsewhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +89,9 @@ PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 
 POOLINGS = ("last", "mean")
+BATCHINGS = ("auto", "padded", "per_example")
+#: name of this plugin's parameter group (the one put in ``ctx.no_grad_groups`` on fully cached steps)
+GROUP = "qwen"
 #: tokenizer_config.json classes that mean "load tokenizer.json as it is"
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -82,6 +129,16 @@ def build_grid_tokenizer():
     )
 
 
+@dataclass
+class _CachedPrompt:
+    """One example's prompt, kept for reuse (see the module docstring)."""
+
+    fingerprint: int
+    step: int  # ctx.step when it was computed
+    weights: int | None  # stamp of Qwen's parameters when it was computed (None: restored from a checkpoint)
+    prompt: torch.Tensor  # [D], detached
+
+
 class QwenPrompt(Plugin):
     """Prompt embedding from a Qwen2 model reading the serialised demos and query input.
 
@@ -100,6 +157,9 @@ class QwenPrompt(Plugin):
       causal, so it has seen the whole sequence) or ``"mean"`` (masked mean).
     - ``gradient_checkpointing``: recompute activations in the backward pass.
     - ``attn_implementation``: ``"sdpa"``, ``"eager"``, ... (as transformers names it).
+    - ``cache_every``: reuse an example's prompt for fewer than this many steps
+      (1: no cache); the gradient semantics are in the module docstring.
+    - ``batching``: ``"auto"``, ``"padded"`` or ``"per_example"`` (module docstring).
     """
 
     name = "qwen"
@@ -119,9 +179,15 @@ class QwenPrompt(Plugin):
         pooling: str = "last",
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        cache_every: int = 10,
+        batching: str = "auto",
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(repr(p) for p in POOLINGS)}, got {pooling!r}")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(repr(b) for b in BATCHINGS)}, got {batching!r}")
+        if cache_every < 1:
+            raise ValueError(f"cache_every must be at least 1 (1 turns the prompt cache off), got {cache_every}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if pretrained is None:
@@ -155,6 +221,9 @@ class QwenPrompt(Plugin):
         self.pooling = pooling
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
+        self.cache_every = cache_every
+        self.batching = batching
+        self._per_example = batching == "per_example"  # "auto" is resolved in configure
 
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
@@ -168,6 +237,10 @@ class QwenPrompt(Plugin):
         self._row_end_id: int | None = None
         #: example.key -> (fingerprint of the grids, ids)
         self._cache: dict[str, tuple[int, list[int]]] = {}
+        #: example.key -> its prompt, for reuse (cache_every > 1)
+        self._prompts: dict[str, _CachedPrompt] = {}
+        self._prompts_weights: int | None = None  # weights stamp at the last eviction
+        self._last_use: tuple[int, int, int] | None = None  # (reused, batch size, staleness) of the last step
 
     # ------------------------------------------------------------------ setup
 
@@ -213,6 +286,8 @@ class QwenPrompt(Plugin):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
+        if self.batching == "auto":
+            self._per_example = ctx.device.type == "cpu"
         self._build_symbol_ids()
         ctx.prompt_dim = int(model.config.hidden_size)
 
@@ -271,10 +346,11 @@ class QwenPrompt(Plugin):
                 "tokenizer and model do not belong together"
             )
         self._cache.clear()
+        self._prompts.clear()
 
     @hookimpl
     def parameter_groups(self, ctx: Context) -> list[ParamGroup]:
-        return [ParamGroup(name="qwen", params=list(self.model.parameters()), lr=1e-4, modules=[self.model], module_attr="model")]
+        return [ParamGroup(name=GROUP, params=list(self.model.parameters()), lr=1e-4, modules=[self.model], module_attr="model")]
 
     # ------------------------------------------------------------------ serialisation
 
@@ -316,12 +392,18 @@ class QwenPrompt(Plugin):
 
     @staticmethod
     def _fingerprint(example: Example) -> int:
+        """A digest of the grids the prompt reads, stable across processes (it goes into checkpoints)."""
         grids: list[Any] = [example.query.input]
         for p in example.demos:
             grids.extend((p.input, p.output))
-        return hash(tuple(
-            (None if g is None else (np.shape(g), np.ascontiguousarray(g, dtype=np.int64).tobytes())) for g in grids
-        ))
+        h = hashlib.blake2b(digest_size=8)
+        for g in grids:
+            if g is None:
+                h.update(b"-")
+            else:
+                h.update(repr(np.shape(g)).encode())
+                h.update(np.ascontiguousarray(g, dtype=np.int64).tobytes())
+        return int.from_bytes(h.digest(), "little")
 
     def token_ids(self, example: Example) -> list[int]:
         """The example's token ids (demos then query input; never the query output), cached per ``example.key``.
@@ -355,7 +437,61 @@ class QwenPrompt(Plugin):
     def generate_prompt(self, batch: Batch, ctx: Context) -> torch.Tensor:
         if self.model is None:
             raise RuntimeError("QwenPrompt.generate_prompt called before configure")
-        input_ids, attention_mask = self.encode_batch(batch.examples, ctx.device)
+        if self.cache_every == 1 or not ctx.training:
+            self._last_use = None
+            return self._encode(batch.examples, ctx.device)
+        return self._reuse_or_encode(batch.examples, ctx)
+
+    def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor:
+        """Prompts ``[B, D]``: cached ones where still usable, the others from Qwen (with gradient)."""
+        trainable = any(p.requires_grad for p in self.model.parameters())
+        weights = self._weights_stamp()
+        self._evict(ctx.step, weights, trainable)
+        fingerprints = [self._fingerprint(ex) for ex in examples]
+        rows: list[torch.Tensor | None] = []
+        staleness = 0
+        for ex, fp in zip(examples, fingerprints):
+            hit = self._prompts.get(ex.key)
+            if hit is not None and hit.fingerprint == fp:
+                rows.append(hit.prompt)
+                if hit.weights != weights:
+                    staleness = max(staleness, ctx.step - hit.step)
+            else:
+                rows.append(None)
+        misses = [b for b, row in enumerate(rows) if row is None]
+        self._last_use = (len(examples) - len(misses), len(examples), staleness)
+        if not misses:
+            if trainable:
+                ctx.no_grad_groups.add(GROUP)  # expected: no gradient for Qwen this step
+            return torch.stack(rows)
+        fresh = self._encode([examples[b] for b in misses], ctx.device)
+        for i, b in enumerate(misses):
+            rows[b] = fresh[i]
+            self._prompts[examples[b].key] = _CachedPrompt(fingerprints[b], ctx.step, weights, fresh[i].detach())
+        return fresh if len(misses) == len(examples) else torch.stack(rows)
+
+    def _weights_stamp(self) -> int:
+        """Changes whenever a parameter of Qwen is updated in place or replaced."""
+        return hash(tuple((id(p), p._version) for p in self.model.parameters()))
+
+    def _evict(self, step: int, weights: int, trainable: bool) -> None:
+        """Drop the prompts that may not be reused at ``step``: computed with other weights and,
+        if Qwen trains, ``cache_every`` or more steps ago."""
+        if not trainable and weights == self._prompts_weights:
+            return  # frozen and unchanged: every entry is still exact
+        self._prompts_weights = weights
+        self._prompts = {
+            k: c for k, c in self._prompts.items()
+            if c.weights == weights or (trainable and step - c.step < self.cache_every)
+        }
+
+    def _encode(self, examples: Sequence[Example], device: torch.device) -> torch.Tensor:
+        """Prompts ``[n, D]`` of ``examples`` from Qwen, with gradient to its parameters."""
+        if self._per_example:
+            return torch.cat([self._forward(*self.encode_batch([ex], device)) for ex in examples])
+        return self._forward(*self.encode_batch(examples, device))
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # [B, L, D]
         if self.pooling == "last":
@@ -365,6 +501,30 @@ class QwenPrompt(Plugin):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1)
         return pooled.float()
+
+    @hookimpl
+    def post_step_update(self, result: Any, ctx: Context) -> dict[str, float] | None:
+        """Report this step's use of the prompt cache (nothing when the cache is off)."""
+        if self._last_use is None:
+            return None
+        reused, n, staleness = self._last_use
+        return {"prompt_cached": reused / n, "prompt_staleness": float(staleness)}
+
+    # ------------------------------------------------------------------ state
+
+    @hookimpl
+    def state_dict(self, ctx: Context) -> dict[str, Any]:
+        """The prompts a resumed run may still reuse (younger than ``cache_every`` steps)."""
+        young = {k: c for k, c in self._prompts.items() if ctx.step - c.step < self.cache_every}
+        return {"prompt_cache": {k: {"fingerprint": c.fingerprint, "step": c.step, "prompt": c.prompt} for k, c in young.items()}}
+
+    @hookimpl
+    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
+        self._prompts = {
+            k: _CachedPrompt(int(e["fingerprint"]), int(e["step"]), None, e["prompt"].to(ctx.device))
+            for k, e in state.get("prompt_cache", {}).items()
+        }
+        self._prompts_weights = None
 
     # ------------------------------------------------------------------ helpers
 

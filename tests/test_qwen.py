@@ -11,7 +11,7 @@ from arcfw.core.context import Context
 from arcfw.plugins.qwen import QwenPrompt, build_grid_tokenizer
 
 CPU = torch.device("cpu")
-TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
+TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, cache_every=1)
 
 
 def grid(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -158,9 +158,10 @@ def test_prompt_carries_gradient_to_every_parameter():
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("batching", ["padded", "per_example"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_batch_equals_single_calls(pooling):
-    plugin, ctx = configured(pooling=pooling, num_layers=2)
+def test_batch_equals_single_calls(pooling, batching):
+    plugin, ctx = configured(pooling=pooling, num_layers=2, batching=batching)
     exs = mixed_examples()
     lengths = {len(plugin.token_ids(e)) for e in exs}
     assert len(lengths) == len(exs)  # really different sizes: padding is exercised
