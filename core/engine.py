@@ -161,6 +161,8 @@ class Engine:
         self.groups = self._collect_groups()
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
+        if self.config["compile"]:
+            self._compile_modules()
         self.optimizer = self._build_optimizer()
         h = self.config["health"]
         trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
@@ -208,6 +210,21 @@ class Engine:
                 for p in g.params:
                     p.requires_grad_(False)
         return groups
+
+    def _compile_modules(self) -> None:
+        """``compile: true``: compile the modules of every parameter group in place (``nn.Module.compile``).
+
+        Shapes change from batch to batch (sequence lengths, canvases), so they are
+        compiled as dynamic.  The first-step gradient-path check runs part of the
+        backward with ``retain_graph``, which compiled backward functions with donated
+        buffers refuse, so buffer donation is turned off.
+        """
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        for g in self.groups:
+            for m in g.modules:
+                m.compile(dynamic=True)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config["optimizer"]

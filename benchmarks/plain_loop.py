@@ -1,0 +1,62 @@
+"""The default pipeline's training step written out by hand, for measuring the engine's overhead.
+
+:func:`plain_step` calls the same plugin code, in the same order, with the same
+random numbers as :meth:`arcfw.core.engine.Engine.train_step` does for the
+default plugins (qwen, rl_policy, agent, efe_loss, curriculum), and does the
+same backward / clip / optimizer step.  What it leaves out is the engine's own
+work: hook dispatch and listeners, contract checks, the first-step gradient-path
+check, the non-finite guard and the zero-gradient watch.  Started from the same
+config and seed, it ends with bitwise the same weights
+(``tests/test_throughput.py::test_engine_step_equals_plain_loop_bitwise``);
+``benchmarks/test_overhead.py`` times the two against each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from arcfw.core.batch import Batch
+from arcfw.core.context import StepResult
+from arcfw.core.engine import Engine
+
+
+def plain_step(engine: Engine, batch: Batch, step: int) -> float:
+    """One training step of ``engine``'s default plugins without the engine. Returns the loss."""
+    ctx, p = engine.ctx, engine.plugins
+    qwen, policy, agent, loss_fn, curriculum = p["qwen"], p["rl_policy"], p["agent"], p["efe_loss"], p["curriculum"]
+    ctx.training, ctx.step, ctx.no_grad_groups = True, step, set()
+
+    ctx.threshold = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
+    prompt = qwen.generate_prompt(batch, ctx)
+    refined = policy.refine(prompt, batch, ctx)
+    logits = agent.predict(refined, batch, ctx)
+    out = loss_fn.compute_loss(logits, batch, ctx)
+    loss = out.loss.float()
+    loss.backward()
+
+    # clip by the total norm over the trainable groups, combined from per-group norms as the engine does
+    optimizer = engine.optimizer
+    live = [[q for q in g.trainable() if q.grad is not None] for g in engine.groups if g.lr > 0]
+    norms = [torch.nn.utils.get_total_norm([q.grad for q in gs]) if gs else torch.zeros(()) for gs in live]
+    values = torch.stack([loss.detach(), *norms]).tolist()
+    total_norm = math.sqrt(sum(v * v for v in values[1:]))
+    clip = engine.config["grad_clip"]
+    if clip:
+        params = [q for gs in live for q in gs]
+        torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(total_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return agent.predict(x, batch, ctx).float()
+
+    result = StepResult(
+        batch=batch, prompt=prompt.detach(), refined=refined.detach(), logits=logits.detach(), loss=values[0],
+        metrics=dict(out.metrics), applied=True, predict=predict, epoch=ctx.epoch, step=step + 1,
+    )
+    qwen.post_step_update(result, ctx)  # role order, as the engine calls them
+    policy.post_step_update(result, ctx)
+    return values[0]
