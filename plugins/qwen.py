@@ -35,7 +35,8 @@ original reused one prompt for the next batches, whatever their task).
   Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
 - *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is
   reused for as long as Qwen's weights stay the same (checked with the
-  parameters' version counters, so loading other weights invalidates it).
+  parameters' identities and version counters, so loading other weights
+  invalidates it).
 - ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False)
   never uses it.  ``post_step_update`` reports ``prompt_cached`` (share of the
   batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of
@@ -135,7 +136,7 @@ class _CachedPrompt:
 
     fingerprint: int
     step: int  # ctx.step when it was computed
-    weights: int | None  # stamp of Qwen's parameters when it was computed (None: restored from a checkpoint)
+    weights: int | None  # stamp of a frozen Qwen's parameters when it was computed (None: Qwen trained, or restored)
     prompt: torch.Tensor  # [D], detached
 
 
@@ -445,7 +446,7 @@ class QwenPrompt(Plugin):
     def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor:
         """Prompts ``[B, D]``: cached ones where still usable, the others from Qwen (with gradient)."""
         trainable = any(p.requires_grad for p in self.model.parameters())
-        weights = self._weights_stamp()
+        weights = None if trainable else self._weights_stamp()
         self._evict(ctx.step, weights, trainable)
         fingerprints = [self._fingerprint(ex) for ex in examples]
         rows: list[torch.Tensor | None] = []
@@ -454,7 +455,7 @@ class QwenPrompt(Plugin):
             hit = self._prompts.get(ex.key)
             if hit is not None and hit.fingerprint == fp:
                 rows.append(hit.prompt)
-                if hit.weights != weights:
+                if trainable:
                     staleness = max(staleness, ctx.step - hit.step)
             else:
                 rows.append(None)
@@ -471,18 +472,22 @@ class QwenPrompt(Plugin):
         return fresh if len(misses) == len(examples) else torch.stack(rows)
 
     def _weights_stamp(self) -> int:
-        """Changes whenever a parameter of Qwen is updated in place or replaced."""
+        """Changes when a parameter of a frozen Qwen is replaced or changed in place (a checkpoint load).
+
+        Only used while Qwen is frozen: fused optimizer kernels update parameters without
+        bumping their version counters, so a training Qwen is judged by age alone.
+        """
         return hash(tuple((id(p), p._version) for p in self.model.parameters()))
 
-    def _evict(self, step: int, weights: int, trainable: bool) -> None:
-        """Drop the prompts that may not be reused at ``step``: computed with other weights and,
-        if Qwen trains, ``cache_every`` or more steps ago."""
+    def _evict(self, step: int, weights: int | None, trainable: bool) -> None:
+        """Drop the prompts that may not be reused at ``step``: if Qwen trains, those computed
+        ``cache_every`` or more steps ago; if it is frozen, those computed with other weights."""
         if not trainable and weights == self._prompts_weights:
             return  # frozen and unchanged: every entry is still exact
         self._prompts_weights = weights
         self._prompts = {
             k: c for k, c in self._prompts.items()
-            if c.weights == weights or (trainable and step - c.step < self.cache_every)
+            if (step - c.step < self.cache_every if trainable else c.weights == weights)
         }
 
     def _encode(self, examples: Sequence[Example], device: torch.device) -> torch.Tensor:

@@ -38,6 +38,15 @@ def grads_of(engine) -> dict[str, torch.Tensor]:
     }
 
 
+def tiny_qwen(cache_every: int) -> tuple[QwenPrompt, Context]:
+    plugin = QwenPrompt(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                        max_tokens=256, cache_every=cache_every)
+    ctx = Context(device=torch.device("cpu"))
+    torch.manual_seed(0)
+    plugin.configure(ctx)
+    return plugin, ctx
+
+
 def loss_and_grads(engine, batch) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and gradients of one engine step, with the optimizer step replaced by a no-op."""
     seen: dict[str, torch.Tensor] = {}
@@ -120,11 +129,7 @@ def test_trainable_qwen_reuses_young_prompts_without_gradient(make_engine, batch
 
 
 def test_mixed_batch_gets_gradient_only_through_recomputed_prompts(examples):
-    plugin = QwenPrompt(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                        max_tokens=256, cache_every=5)
-    ctx = Context(device=torch.device("cpu"))
-    torch.manual_seed(0)
-    plugin.configure(ctx)
+    plugin, ctx = tiny_qwen(cache_every=5)
     a, b = examples[0], examples[2]
     first = plugin.generate_prompt(collate([a]), ctx).detach()
     with torch.no_grad():
@@ -150,16 +155,21 @@ def test_mixed_batch_gets_gradient_only_through_recomputed_prompts(examples):
     assert plugin.post_step_update(None, ctx)["prompt_cached"] == 0.0
 
 
-def test_prompt_cache_goes_into_the_plugin_state(examples):
-    def make() -> tuple[QwenPrompt, Context]:
-        p = QwenPrompt(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                       max_tokens=256, cache_every=3)
-        c = Context(device=torch.device("cpu"))
-        torch.manual_seed(0)
-        p.configure(c)
-        return p, c
+def test_frozen_qwen_reuses_exact_prompts_until_its_weights_are_loaded(examples):
+    plugin, ctx = tiny_qwen(cache_every=5)
+    plugin.model.requires_grad_(False)
+    a = collate([examples[0]])
+    first = plugin.generate_prompt(a, ctx)
+    ctx.step = 100  # far older than cache_every: still exact, still reused
+    assert torch.equal(plugin.generate_prompt(a, ctx), first)
+    assert plugin.post_step_update(None, ctx) == {"prompt_cached": 1.0, "prompt_staleness": 0.0}
+    plugin.model.load_state_dict({k: v + 0.01 for k, v in plugin.model.state_dict().items()})
+    again = plugin.generate_prompt(a, ctx)
+    assert plugin.post_step_update(None, ctx)["prompt_cached"] == 0.0 and not torch.equal(again, first)
 
-    old, ctx = make()
+
+def test_prompt_cache_goes_into_the_plugin_state(examples):
+    old, ctx = tiny_qwen(cache_every=3)
     a, b = collate([examples[0]]), collate([examples[2]])
     pa = old.generate_prompt(a, ctx).detach()
     ctx.step = 2
@@ -167,7 +177,7 @@ def test_prompt_cache_goes_into_the_plugin_state(examples):
     ctx.step = 3
     state = old.state_dict(ctx)
     assert set(state["prompt_cache"]) == {examples[2].key}  # a's prompt is too old to be reused
-    new, ctx2 = make()
+    new, ctx2 = tiny_qwen(cache_every=3)
     new.load_state_dict(state, ctx2)
     ctx2.step = 4
     with torch.no_grad():

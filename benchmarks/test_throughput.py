@@ -1,0 +1,47 @@
+"""Steps/s and pairs/s of the default pipeline on CPU: batch size, prompt cache, torch.compile.
+
+Each benchmark is one training step per round, on the batches a run of
+``configs/default.yaml`` sees; pairs/s (from the mean step time), the share of
+prompts taken from the cache and the peak RSS are in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import engine_for, repeated_order, run_order
+
+NO_CACHE = {"plugins.prompt.cache_every": 1}
+
+
+@pytest.mark.parametrize(
+    "batch_size,batching,rounds",
+    [(1, "auto", 100), (4, "auto", 30), (16, "auto", 10), (16, "padded", 6)],
+    ids=["b1", "b4", "b16", "b16-padded"],
+)
+def test_batch_size(steps_of, arc_examples, batch_size, batching, rounds):
+    """Uncached steps at batch size 1, 4, 16 (Qwen per example on CPU, and padded for comparison)."""
+    eng = engine_for(batch_size=batch_size, **NO_CACHE, **{"plugins.prompt.batching": batching})
+    steps_of(eng, run_order(arc_examples, batch_size), rounds=rounds, warmup=3)
+
+
+@pytest.mark.parametrize("cache_every", [1, 10], ids=["uncached", "cache10"])
+def test_cache_default_data(steps_of, arc_examples, cache_every):
+    """Batch size 1 in the default config's own order: each of the 3232 pairs once per epoch, so no hit."""
+    eng = engine_for(**{"plugins.prompt.cache_every": cache_every})
+    steps_of(eng, run_order(arc_examples, 1), rounds=100, warmup=5)
+
+
+@pytest.mark.parametrize("cache_every", [1, 10], ids=["uncached", "cache10"])
+def test_cache_repeated_pairs(steps_of, arc_examples, cache_every):
+    """Batch size 1, each pair 10 times in a row (20 pairs in run order): the cache's best case,
+    one refresh and nine reuses per pair, as when a few pairs are trained over and over."""
+    eng = engine_for(**{"plugins.prompt.cache_every": cache_every})
+    steps_of(eng, repeated_order(arc_examples, 10), rounds=200, warmup=0)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_compile(steps_of, arc_examples, compiled):
+    """``compile: true`` at batch size 1, uncached; the warm-up steps include compiling."""
+    eng = engine_for(compile=compiled, **NO_CACHE)
+    steps_of(eng, run_order(arc_examples, 1), rounds=60, warmup=30)
