@@ -39,6 +39,19 @@ def test_cache_repeated_pairs(steps_of, arc_examples, cache_every):
     steps_of(eng, repeated_order(arc_examples, 10), rounds=200, warmup=0)
 
 
+#: a task of 3 pairs whose prompts are 555 tokens long on average (the data set's mean is 553)
+ONE_TASK = "e681b708"
+
+
+@pytest.mark.parametrize("cache_every", [1, 10], ids=["uncached", "cache10"])
+def test_cache_one_task(steps_of, arc_examples, cache_every):
+    """Batch size 1 on one task's 3 pairs, epoch after epoch (test-time training on a task):
+    each pair comes back every few steps, so most prompts are reused two or three times."""
+    eng = engine_for(**{"plugins.prompt.cache_every": cache_every})
+    pairs = [e for e in arc_examples if e.task_id == ONE_TASK]
+    steps_of(eng, run_order(pairs, 1), rounds=120, warmup=3)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_compile(steps_of, arc_examples, compiled):
