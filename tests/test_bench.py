@@ -51,7 +51,9 @@ def test_bench_bad_config_key_is_one_line_exit_2():
 
 def test_compile_switch_compiles_the_group_modules(make_engine):
     plain, compiled = make_engine(), make_engine({"compile": True})
-    assert all(m._compiled_call_impl is None for _, m in plain.modules())
-    assert all(m._compiled_call_impl is not None for _, m in compiled.modules())
-    for (_, a), (_, b) in zip(plain.modules(), compiled.modules()):  # same weights: compiling changes no parameter
+    modules = [[m for g in e.groups for m in g.modules] for e in (plain, compiled)]
+    assert len(modules[1]) == 2  # Qwen and the agent
+    assert all(m._compiled_call_impl is None for m in modules[0])
+    assert all(m._compiled_call_impl is not None for m in modules[1])
+    for a, b in zip(*modules):  # same weights: compiling changes no parameter
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

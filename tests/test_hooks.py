@@ -23,6 +23,7 @@ ONE_STEP = [
     ("stage:backward", None),
     ("stage:optimizer_step", None),
     ("stage:post_step_update", None),
+    ("post_step_update", "qwen"),  # reports the prompt cache's use (prompt_cached, prompt_staleness)
     ("post_step_update", "rl_policy"),
     ("post_step_update", "agent"),  # the predictor's size head learns from detached values
     ("post_step_update", "faulty_plugins:Recorder"),
