@@ -59,4 +59,5 @@ def plain_step(engine: Engine, batch: Batch, step: int) -> float:
     )
     qwen.post_step_update(result, ctx)  # role order, as the engine calls them
     policy.post_step_update(result, ctx)
+    agent.post_step_update(result, ctx)  # the size head's own update
     return values[0]

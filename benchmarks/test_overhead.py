@@ -21,7 +21,7 @@ from plain_loop import plain_step
 
 @pytest.mark.parametrize("check_contracts", [True, False], ids=["contracts-on", "contracts-off"])
 def test_engine_vs_plain_loop(benchmark, arc_examples, check_contracts):
-    rounds, warmup = 100, 5
+    rounds, warmup = 200, 5
     overrides = {"health.check_contracts": check_contracts}
     eng, plain = engine_for(**overrides), engine_for(**overrides)
     batches = list(islice(run_order(arc_examples, 1), warmup + rounds))

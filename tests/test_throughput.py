@@ -201,6 +201,22 @@ def test_engine_step_equals_plain_loop_bitwise(make_engine, batches):
     for g, h in zip(eng.groups, plain.groups):
         for p, q in zip(g.params, h.params):
             assert torch.equal(p, q), g.name
-    pe, pp = eng.plugins["rl_policy"], plain.plugins["rl_policy"]
-    assert all(torch.equal(p, q) for p, q in zip(pe.mu.parameters(), pp.mu.parameters()))
-    assert pe.baseline == pp.baseline and pe.updates == pp.updates == len(order)
+    # every plugin's own state too (the policy, the size head, the prompt cache, their optimizers)
+    assert_same(dict(eng.call_all("state_dict")), dict(plain.call_all("state_dict")), "state")
+    assert eng.plugins["rl_policy"].updates == len(order)
+
+
+def assert_same(a, b, where: str) -> None:
+    """Bitwise equality of nested state (dicts, lists, tensors, plain values)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
