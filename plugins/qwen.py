@@ -38,7 +38,9 @@ original reused one prompt for the next batches, whatever their task).
   parameters' identities and version counters, so loading other weights
   invalidates it).
 - ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False)
-  never uses it.  ``post_step_update`` reports ``prompt_cached`` (share of the
+  never uses it, and neither does a run of several processes (a rank that
+  skipped Qwen's forward would leave the others waiting in DDP's or FSDP's
+  collectives).  ``post_step_update`` reports ``prompt_cached`` (share of the
   batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of
   a reused stale prompt, in steps).  Young entries go into checkpoints, so a
   resumed run reuses the same prompts as the uninterrupted one.
@@ -438,7 +440,7 @@ class QwenPrompt(Plugin):
     def generate_prompt(self, batch: Batch, ctx: Context) -> torch.Tensor:
         if self.model is None:
             raise RuntimeError("QwenPrompt.generate_prompt called before configure")
-        if self.cache_every == 1 or not ctx.training:
+        if self.cache_every == 1 or not ctx.training or ctx.world_size > 1:
             self._last_use = None
             return self._encode(batch.examples, ctx.device)
         return self._reuse_or_encode(batch.examples, ctx)

@@ -5,7 +5,7 @@ Speed is measured in ``benchmarks/``; these tests only check behaviour.
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 
 import numpy as np
 import pytest
@@ -18,8 +18,16 @@ from arcfw.plugins.qwen import GROUP, QwenPrompt
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from plain_loop import plain_step  # noqa: E402
+
+def _load_plain_step():
+    """benchmarks/plain_loop.py by file path (putting benchmarks/ on sys.path would shadow tests' conftest)."""
+    spec = importlib.util.spec_from_file_location("plain_loop", REPO / "benchmarks" / "plain_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.plain_step
+
+
+plain_step = _load_plain_step()
 
 #: examples of different sizes (query canvases 6x6, 9x9, 14x14, 6x6; different token counts)
 MIXED = (0, 2, 7, 16)
@@ -166,6 +174,17 @@ def test_frozen_qwen_reuses_exact_prompts_until_its_weights_are_loaded(examples)
     plugin.model.load_state_dict({k: v + 0.01 for k, v in plugin.model.state_dict().items()})
     again = plugin.generate_prompt(a, ctx)
     assert plugin.post_step_update(None, ctx)["prompt_cached"] == 0.0 and not torch.equal(again, first)
+
+
+def test_no_reuse_across_several_processes(examples):
+    """With DDP/FSDP every rank must run Qwen's forward, so the cache is off when world_size > 1."""
+    plugin, ctx = tiny_qwen(cache_every=5)
+    ctx.world_size = 2
+    a = collate([examples[0]])
+    plugin.generate_prompt(a, ctx)
+    ctx.step = 1
+    assert plugin.generate_prompt(a, ctx).requires_grad
+    assert plugin.post_step_update(None, ctx) is None and GROUP not in ctx.no_grad_groups
 
 
 def test_prompt_cache_goes_into_the_plugin_state(examples):
