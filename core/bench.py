@@ -4,7 +4,7 @@ Runs ``warmup`` untimed and ``steps`` timed training steps of the config on its
 own data (the batches a run would see, in the same order) and reports:
 
 - ms/step: median and spread (10th and 90th percentile) of ``Engine.train_step``;
-  building the batch is the loader's work and is not counted;
+  building the batch (and augmenting it) is the loader's work and is not counted;
 - pairs/s: demonstration pairs trained per second over all timed steps (from the
   total time, not the median: with a prompt cache, steps are fast or slow);
 - peak memory: the process's peak resident memory during the timed steps (CPU),
@@ -146,11 +146,14 @@ class StageTimer:
         self.totals = dict.fromkeys(self.totals, 0.0)
 
 
-def _batches(cfg: RunConfig) -> Iterator[Batch]:
-    """The config's batches in run order, epoch after epoch."""
+def _batches(cfg: RunConfig, engine: Engine) -> Iterator[Batch]:
+    """The config's batches in run order (augmented if a plugin augments), epoch after epoch."""
     d = cfg["data"]
     tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
-    loader = ExampleLoader(make_examples(tasks), batch_size=cfg["batch_size"], shuffle=d["shuffle"], seed=cfg["seed"])
+    augment = engine.augment_example if engine.implements("augment_example") else None
+    loader = ExampleLoader(
+        make_examples(tasks), batch_size=cfg["batch_size"], shuffle=d["shuffle"], seed=cfg["seed"], transform=augment
+    )
     epoch = 0
     while True:
         yield from loader.batches(epoch)
@@ -168,8 +171,8 @@ def run_bench(cfg: RunConfig, *, warmup: int = 5, steps: int = 20) -> BenchResul
     """Build the engine of ``cfg``, run ``warmup`` + ``steps`` steps, and measure the timed ones."""
     if warmup < 0 or steps < 1:
         raise ConfigError("bench", [("steps", f"need warmup >= 0 and steps >= 1, got warmup={warmup}, steps={steps}")])
-    batches = _batches(cfg)
     engine = Engine.from_config(cfg)
+    batches = _batches(cfg, engine)
     device = engine.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
