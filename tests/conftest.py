@@ -73,3 +73,18 @@ def batches():
         return out[:n]
 
     return make
+
+
+def train_tiny_run(root: Path, steps: int):
+    """Train the tiny config for ``steps`` in ``root/run`` and write ``root/tiny.yaml`` that rebuilds it.
+
+    Returns the trainer (its engine holds the trained weights; the run folder holds the checkpoint).
+    """
+    from arcfw.core.config import load_config
+    from arcfw.core.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": steps, "out": str(root / "run")})
+    trainer = Trainer(cfg, root / "run", quiet=True)
+    trainer.fit()
+    (root / "tiny.yaml").write_text(cfg.dump())
+    return trainer

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from arcfw.core.config import load_config
 from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.distributed import Dist, rank_seed, resolve_backend, setup
+from arcfw.core.distributed import rank_seed, resolve_backend, setup
 from arcfw.core.errors import ConfigError
 from arcfw.core.trainer import Trainer
 from conftest import REPO, TINY

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, TINY
+from conftest import train_tiny_run
 
 from arcfw.core.batch import Example, Pair, Task, collate
 from arcfw.core.cli import main
@@ -243,15 +243,8 @@ def test_overlap_is_found_by_content_under_another_name(tiny_config, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny run trained for 3 steps (its checkpoint holds the weights) and a config file that rebuilds it."""
-    from arcfw.core.config import load_config
-    from arcfw.core.trainer import Trainer
-
     root = tmp_path_factory.mktemp("trained")
-    cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": 3, "out": str(root / "run")})
-    trainer = Trainer(cfg, root / "run", quiet=True)
-    trainer.fit()
-    (root / "tiny.yaml").write_text(cfg.dump())
-    return root, trainer.engine
+    return root, train_tiny_run(root, 3).engine
 
 
 def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, TINY
+from conftest import train_tiny_run
 
 from arcfw.core.cli import main
 from arcfw.core.errors import DataError, MissingExtra
@@ -91,14 +91,8 @@ def test_curves_png_with_epochs_marked(tmp_path):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """A 2-step run, evaluated on 2 ARC-AGI-2 evaluation tasks through the CLI."""
-    from arcfw.core.config import load_config
-    from arcfw.core.trainer import Trainer
-
     root = tmp_path_factory.mktemp("evaluated")
-    cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": 2, "out": str(root / "run")})
-    trainer = Trainer(cfg, root / "run", quiet=True)
-    trainer.fit()
-    (root / "tiny.yaml").write_text(cfg.dump())
+    train_tiny_run(root, 2)
     result = CliRunner().invoke(main, ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--max-tasks", "2", "--out", str(root / "eval"), "-q"])
     assert result.exit_code == 0, result.output
     return root
