@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from arcfw.core.errors import ConfigError, DistributedError, PluginError
+from arcfw.core.errors import ConfigError, DistributedError, PluginError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -323,9 +323,8 @@ def setup(config: "RunConfig", device: torch.device) -> Dist:
         try:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
-                f"rank {rank} of {world} could not join the process group (backend {backend}): {first}. "
+                f"rank {rank} of {world} could not join the process group (backend {backend}): {first_line(exc)}. "
                 "Start arcfw with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
             ) from None
     return Dist(

@@ -9,6 +9,12 @@ The CLI turns any :class:`ArcfwError` into one line on stderr and exit code 2
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), without a final '.'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")
+
+
 class ArcfwError(Exception):
     """Base class. ``str(err)`` is the one line the user sees."""
 

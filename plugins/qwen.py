@@ -79,7 +79,7 @@ from torch import nn
 from arcfw.core.batch import NUM_COLOURS, Batch, Example
 from arcfw.core.context import Context, ParamGroup
 from arcfw.core.distributed import unwrap
-from arcfw.core.errors import PluginError
+from arcfw.core.errors import PluginError, first_line
 from arcfw.core.hookspecs import hookimpl
 from arcfw.core.plugin import Plugin
 
@@ -261,9 +261,8 @@ class QwenPrompt(Plugin):
                     attn_implementation=self.attn_implementation,
                 )
             except (OSError, ValueError) as exc:  # not found, no network, not a model folder
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
                 raise PluginError(
-                    f"qwen: cannot load pretrained model '{self.pretrained}' (plugins.prompt.pretrained): {first}. "
+                    f"qwen: cannot load pretrained model '{self.pretrained}' (plugins.prompt.pretrained): {first_line(exc)}. "
                     "arcfw never downloads at run time: point it to a local folder saved with save_pretrained"
                 ) from None
         else:
