@@ -193,9 +193,12 @@ class Trainer:
                 step = eng.global_step
                 norms = eng.last_norms
                 qwen_grad = self._qwen_grad(norms)
+                # a step that expected no gradient for the prompt model (every prompt from the cache)
+                # logs its 0 but stays out of the averages, which describe the steps Qwen learned from
+                counted = None if self._prompt_expected_no_grad(norms) else qwen_grad
                 warnings = eng.health.update(self._loss(metrics), norms, metrics, eng.ctx.no_grad_groups)
-                acc.add(metrics, qwen_grad)
-                self.window.add(metrics, qwen_grad)
+                acc.add(metrics, counted)
+                self.window.add(metrics, counted)
                 for w in warnings:
                     self._print(f"warning: {w}")
                 bar.update(1)
@@ -296,6 +299,11 @@ class Trainer:
         vals = [v for g, v in norms.items() if self.engine.group_plugin(g) == prompt]
         return math.sqrt(sum(v * v for v in vals)) if vals else 0.0
 
+    def _prompt_expected_no_grad(self, norms: dict[str, float]) -> bool:
+        prompt = self.engine.prompt_plugin
+        groups = {g for g in norms if self.engine.group_plugin(g) == prompt}
+        return bool(groups) and groups <= self.engine.ctx.no_grad_groups
+
     @staticmethod
     def _loss(metrics: dict[str, float]) -> float:
         return metrics.get("loss", float("nan"))
@@ -313,15 +321,17 @@ class _EpochStats:
         self.head: list[float] = []
         self.tail: list[float] = []
 
-    def add(self, metrics: dict[str, float], qwen_grad: float) -> None:
+    def add(self, metrics: dict[str, float], qwen_grad: float | None) -> None:
+        """``qwen_grad`` None: a step without gradient for the prompt model by design (prompt cache)."""
         self.n += 1
         for k in ("loss", "reward", "mask_ratio", "acc_improvement", "cell_acc"):
             v = metrics.get(k)
             if v is not None and math.isfinite(v):
                 self.sums[k] = self.sums.get(k, 0.0) + v
                 self.counts[k] = self.counts.get(k, 0) + 1
-        self.sums["qwen_grad"] = self.sums.get("qwen_grad", 0.0) + qwen_grad
-        self.counts["qwen_grad"] = self.counts.get("qwen_grad", 0) + 1
+        if qwen_grad is not None:
+            self.sums["qwen_grad"] = self.sums.get("qwen_grad", 0.0) + qwen_grad
+            self.counts["qwen_grad"] = self.counts.get("qwen_grad", 0) + 1
         ca = metrics.get("cell_acc")
         if ca is not None:
             if len(self.head) < self.EDGE:

@@ -142,3 +142,26 @@ def test_package_installs_under_one_name(tmp_path):
 def test_python_dash_m_arcfw():
     res = subprocess.run([sys.executable, "-m", "arcfw", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run" in res.stdout and "check" in res.stdout and "plugins" in res.stdout
+
+
+def test_epoch_summary_qwen_grad_leaves_out_steps_without_qwen_gradient_by_design(tmp_path):
+    """With the prompt cache, a step whose prompts all came from the cache gives Qwen no gradient on
+    purpose: it is logged (qwen_grad 0) but the epoch's avg_qwen_grad averages the other steps only."""
+    out = tmp_path / "run"
+    # one task (3 pairs), 4 epochs: from the second epoch on, prompts younger than 10 steps are reused
+    res = invoke("run", str(REPO / "configs/default.yaml"), "--out", str(out), *sets({**TINY, "data.max_tasks": 1}),
+                 "--set", "epochs=4", "--set", "plugins.prompt.cache_every=10", "--quiet")
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    batches = [r for r in records if r.get("kind") == "batch"]
+    assert len(batches) >= 8 and len(batches) % 4 == 0  # every pair of the task, 4 times
+    cached = [r for r in batches if r["prompt_cached"] == 1.0]
+    fresh = [r for r in batches if r["prompt_cached"] == 0.0]
+    assert cached and fresh and all(r["qwen_grad"] == 0 for r in cached) and all(r["qwen_grad"] > 0 for r in fresh)
+    summary = json.loads((out / "summary.json").read_text())
+    for s in summary:
+        mine = [r["qwen_grad"] for r in fresh if r["epoch"] == s["epoch"]]
+        if mine:
+            assert s["avg_qwen_grad"] == pytest.approx(sum(mine) / len(mine), rel=1e-9)
+        else:
+            assert str(s["avg_qwen_grad"]) == "nan"  # no step of this epoch gave Qwen gradient

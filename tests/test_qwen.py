@@ -177,7 +177,7 @@ def test_gradient_checkpointing_same_prompt_and_grads():
     exs = mixed_examples()
     out = []
     for gc in (False, True):
-        plugin, ctx = configured(seed=5, gradient_checkpointing=gc)
+        plugin, ctx = configured(seed=5, gradient_checkpointing=gc, last_layer_shortcut=False)  # both full forwards
         prompt = plugin.generate_prompt(collate(exs), ctx)
         prompt.square().sum().backward()
         out.append((prompt.detach(), plugin.model.get_input_embeddings().weight.grad.clone()))
@@ -227,3 +227,56 @@ def test_from_pretrained_round_trip(tmp_path):
     again = QwenPrompt(pretrained=str(out))
     again.configure(Context(device=CPU))
     torch.testing.assert_close(again.generate_prompt(collate(exs), ctx), prompt, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ last-layer shortcut
+
+
+@pytest.mark.parametrize("batching", ["padded", "per_example"])
+def test_last_layer_shortcut_same_prompt_and_grads_as_full_forward(batching):
+    """The shortcut (final layer at the pooled token only) against transformers' full forward,
+    on a padded batch of different lengths: same prompts, same gradients for every parameter."""
+    exs = mixed_examples()
+    out = []
+    for shortcut in (False, True):
+        plugin, ctx = configured(seed=3, num_layers=3, batching=batching, last_layer_shortcut=shortcut)
+        assert (plugin._shortcut_layer is not None) == shortcut
+        prompt = plugin.generate_prompt(collate(exs), ctx)
+        assert plugin._shortcut_ran == shortcut  # the shortcut really ran (or really did not)
+        (prompt * torch.linspace(-1, 1, prompt.shape[1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in plugin.model.named_parameters() if p.grad is not None}
+        out.append((prompt.detach(), grads))
+    (full, full_grads), (short, short_grads) = out
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-5)
+    assert short_grads.keys() == full_grads.keys()
+    for name, g in full_grads.items():
+        torch.testing.assert_close(short_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_last_layer_shortcut_leaves_the_model_itself_unchanged():
+    """Outside the plugin's own forward the model is transformers' model as it was: full output,
+    same state_dict keys."""
+    plugin, ctx = configured(num_layers=2)
+    plain, _ = configured(num_layers=2, last_layer_shortcut=False)
+    assert plugin._shortcut_layer is not None
+    assert plugin.model.state_dict().keys() == plain.model.state_dict().keys()
+    ids, mask = plugin.encode_batch(mixed_examples(), CPU)
+    with torch.no_grad():
+        a = plugin.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = plain.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert a.shape == b.shape == (*ids.shape, 32)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(pooling="mean"), dict(gradient_checkpointing=True), dict(last_layer_shortcut=False)])
+def test_last_layer_shortcut_off_where_it_does_not_apply(kw):
+    plugin, ctx = configured(**kw)
+    assert plugin._shortcut_layer is None
+    plugin.generate_prompt(collate(mixed_examples()), ctx)
+    assert not plugin._shortcut_ran
+
+
+def test_last_layer_shortcut_not_used_when_compiled():
+    plugin, ctx = configured()
+    plugin.model.compile()  # what compile: true does; nothing is compiled until a call
+    assert not plugin._shortcut_applies()
