@@ -7,6 +7,8 @@ prompts taken from the cache and the peak RSS are in ``extra_info``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import engine_for, repeated_order, run_order
 
@@ -37,6 +39,16 @@ def test_cache_repeated_pairs(steps_of, arc_examples, cache_every):
     one refresh and nine reuses per pair, as when a few pairs are trained over and over."""
     eng = engine_for(**{"plugins.prompt.cache_every": cache_every})
     steps_of(eng, repeated_order(arc_examples, 10), rounds=200, warmup=0)
+
+
+def test_cache_demos_free(steps_of, arc_examples):
+    """Ceiling of caching only the shared part, the demonstrations' encoding: batch size 1, uncached,
+    each pair's demonstrations removed, so that Qwen reads the query input alone (189 tokens on average
+    instead of 565).  A real demonstration cache can only be slower than this: its query still attends
+    to the cached demonstrations, and stale entries have to be recomputed."""
+    eng = engine_for(**NO_CACHE)
+    queries = [dataclasses.replace(e, demos=()) for e in arc_examples]
+    steps_of(eng, run_order(queries, 1), rounds=100, warmup=5)
 
 
 #: a task of 3 pairs whose prompts are 555 tokens long on average (the data set's mean is 553)
