@@ -95,20 +95,6 @@ class Batch:
             meta=dict(self.meta),
         )
 
-    def repeat(self, k: int) -> "Batch":
-        """The batch ``k`` times over (``[k*B, H, W]``, examples in the same order each time)."""
-        if k == 1:
-            return self
-        return Batch(
-            examples=self.examples * k,
-            inputs=self.inputs.repeat(k, 1, 1),
-            input_mask=self.input_mask.repeat(k, 1, 1),
-            targets=self.targets.repeat(k, 1, 1),
-            target_mask=self.target_mask.repeat(k, 1, 1),
-            canvas_mask=self.canvas_mask.repeat(k, 1, 1),
-            meta=dict(self.meta),
-        )
-
 
 def collate(examples: list[Example], shapes: "list[tuple[int, int]] | None" = None) -> Batch:
     """Pad B examples onto one canvas. Targets are int64 from here on.

@@ -84,9 +84,7 @@ class StepResult:
     Every tensor here is detached from the main graph: a post-step hook can't
     backpropagate into Qwen or the predictor by accident.  ``predict(prompt)``
     runs the predictor again under ``torch.no_grad()`` with the weights as they
-    are *after* the optimizer step.  ``prompt`` is ``[B, D]`` (logits ``[B, H, W, 10]``),
-    or several prompts of the batch stacked, ``torch.cat([p1, p2])`` ``[k*B, D]``,
-    predicted in one call on the batch repeated ``k`` times (logits ``[k*B, H, W, 10]``).
+    are *after* the optimizer step.
     """
 
     batch: Any

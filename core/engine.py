@@ -432,15 +432,8 @@ class Engine:
                 s.metrics.update(out)
 
     def predict_no_grad(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Run the predictor without gradient (post-step reward computation, evaluation).
-
-        ``prompt`` is ``[B, D]``, or ``k`` prompts of the batch stacked, ``[k*B, D]``: then the
-        predictor runs once on the batch repeated ``k`` times and returns ``[k*B, H, W, 10]``.
-        """
+        """Run the predictor without gradient (post-step reward computation, evaluation)."""
         impl = self._impls["predict"][0]
-        n, b = int(prompt.shape[0]), batch.size
-        if n != b and b and n % b == 0:
-            batch = batch.repeat(n // b)
         with torch.no_grad(), self.precision.autocast():
             out = impl(prompt=prompt, batch=batch, ctx=self.ctx)
         if self.check_contracts:

@@ -113,10 +113,8 @@ class GaussianRefinePolicy(Plugin):
         x, action = self._rollout
         self._rollout = None
         batch = result.batch
-        # both predictions in one predictor call: refined and plain prompts stacked on the batch twice
-        logits = result.predict(torch.cat([result.refined, result.prompt]))
-        acc = cell_accuracy(logits, batch.targets.repeat(2, 1, 1), batch.target_mask.repeat(2, 1, 1))
-        acc_refined, acc_plain = acc.chunk(2)
+        acc_refined = cell_accuracy(result.predict(result.refined), batch.targets, batch.target_mask)
+        acc_plain = cell_accuracy(result.predict(result.prompt), batch.targets, batch.target_mask)
         improvement = acc_refined - acc_plain
         reward = self.reward_scale * improvement
         with torch.enable_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-
 import torch
 
 from arcfw.core.batch import Batch
@@ -59,9 +58,8 @@ def test_post_step_update_rewards_improvement_and_updates_only_the_policy():
     # a predictor that is right everywhere on the refined prompt, wrong everywhere on the plain one
     refined_d, prompt_d = refined.detach(), prompt.detach()
 
-    def predict(p):  # one prompt [B, D] or several stacked [k*B, D], as StepResult.predict takes them
-        return torch.cat([onehot_logits(b.targets if torch.equal(q, refined_d) else (b.targets + 1) % 10)
-                          for q in p.split(b.size)])
+    def predict(p):
+        return onehot_logits(b.targets if torch.equal(p, refined_d) else (b.targets + 1) % 10)
 
     before = [q.detach().clone() for q in policy.mu.parameters()]
     result = StepResult(batch=b, prompt=prompt_d, refined=refined_d, logits=predict(refined_d), loss=1.0,
@@ -83,26 +81,3 @@ def test_state_round_trip():
     b.load_state_dict(a.state_dict(ctx), ctx)
     assert b.baseline == 0.7 and b.updates == 3
     assert all(torch.equal(x, y) for x, y in zip(a.mu.parameters(), b.mu.parameters()))
-
-
-def test_stacked_prompts_predict_like_separate_calls(make_engine, batches):
-    """StepResult.predict (the engine's predict_no_grad) on k prompts stacked runs one call on the batch
-    repeated k times: the same logits as k separate calls, block by block."""
-    eng = make_engine()
-    batch = batches(n=1, batch_size=3)[0]
-    p1, p2 = (torch.randn(batch.size, eng.ctx.prompt_dim, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
-    stacked = eng.predict_no_grad(torch.cat([p1, p2]), batch)
-    assert stacked.shape == (2 * batch.size, *batch.canvas, 10)
-    first, second = stacked.split(batch.size)
-    torch.testing.assert_close(first, eng.predict_no_grad(p1, batch), rtol=0, atol=1e-5)
-    torch.testing.assert_close(second, eng.predict_no_grad(p2, batch), rtol=0, atol=1e-5)
-    assert not torch.allclose(first, second)  # the two prompts really were different
-
-
-def test_batch_repeat():
-    b = tiny_batch()
-    r = b.repeat(3)
-    assert r.size == 6 and r.examples == b.examples * 3
-    for name in ("inputs", "input_mask", "targets", "target_mask", "canvas_mask"):
-        assert torch.equal(getattr(r, name), torch.cat([getattr(b, name)] * 3)), name
-    assert b.repeat(1) is b
