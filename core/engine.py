@@ -89,6 +89,8 @@ class Engine:
         self.device = device or (dist.device if dist else resolve_device(cfg["device"]))
         self.dist = dist or Dist(device=self.device)
         self.check_contracts = bool(cfg["health"]["check_contracts"])
+        if cfg["threads"] is not None:  # CPU threads of this process (torch's default: one per core)
+            torch.set_num_threads(cfg["threads"])
         self.precision = Precision(cfg["precision"], self.device)
         self.ctx = Context(
             device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir,

@@ -50,3 +50,17 @@ def test_gpu_config_trains_a_pretrained_qwen_in_bf16(tmp_path, batches):
         m = eng.train_step(b)
         assert math.isfinite(m["loss"])
     assert not torch.equal(before, qwen.embed_tokens.weight)  # the pretrained model is being trained
+
+
+def test_threads_sets_torch_cpu_threads(make_engine):
+    before = torch.get_num_threads()
+    try:
+        make_engine({"threads": 1})
+        assert torch.get_num_threads() == 1
+        make_engine({"threads": 2})
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(before)
+        make_engine()  # null: left as it is
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
