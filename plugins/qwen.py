@@ -73,9 +73,9 @@ gradients are the same as the full forward's (to float rounding; a test checks
 it, batched and padded), and the step does about 40% less Qwen work on the
 default sizes (2 layers; on a 24-layer model about 1/24 less).  It applies to a
 plain ``Qwen2Model`` whose last layer is a standard ``Qwen2DecoderLayer``
-without sliding-window attention or attention dropout, and not while the model
-is wrapped (DDP, FSDP), compiled (``compile: true``) or recomputing activations
-(``gradient_checkpointing``): those run the full forward.
+without sliding-window attention or attention dropout, also inside DDP and FSDP,
+and not while the model is compiled (``compile: true``) or recomputing
+activations (``gradient_checkpointing``): those run the full forward.
 """
 
 from __future__ import annotations
@@ -572,11 +572,10 @@ class QwenPrompt(Plugin):
         self._shortcut_layer = layer
 
     def _shortcut_applies(self) -> bool:
-        model = self.model
-        return (
-            self._shortcut_layer is not None
-            and model is unwrap(model)  # DDP / FSDP run the full forward
-            and getattr(model, "_compiled_call_impl", None) is None  # so does compile: true
+        # DDP and FSDP call the model's own forward, so the shortcut runs inside them (their
+        # gradient hooks see the same parameters); a compiled model (compile: true) runs the full forward
+        return self._shortcut_layer is not None and all(
+            getattr(m, "_compiled_call_impl", None) is None for m in (self.model, unwrap(self.model))
         )
 
     @staticmethod
