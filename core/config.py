@@ -210,6 +210,22 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _is_plugin_switch(dotted: str) -> bool:
+    parts = dotted.split(".")
+    return len(parts) == 3 and parts[0] == "plugins" and parts[2] == "name" and parts[1] != "extra"
+
+
+def _switch_plugin(data: dict[str, Any], dotted: str, name: Any) -> None:
+    """``plugins.ROLE.name=NAME``: a new section ``{name: NAME}`` when NAME is another plugin."""
+    role = dotted.split(".")[1]
+    plugins = data.get("plugins")
+    section = plugins.get(role) if isinstance(plugins, dict) else None
+    if isinstance(section, dict) and section.get("name") != name:
+        plugins[role] = {"name": name}
+    else:
+        apply_override(data, dotted, name)
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in update.items():
@@ -231,10 +247,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str,
     problems: list[tuple[str, str]] = []
     if user_plugins is not None and not isinstance(user_plugins, dict):
         problems.append(("plugins", f"expected a mapping of role -> plugin, got {type(user_plugins).__name__}"))
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
-    for key, value in items:
+    items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides))
+    # `--set plugins.ROLE.name=other` switches the role to another plugin: the old plugin's parameters
+    # go with it (they would be unknown to the new one); switches first, so that other --set options
+    # of that section, before or after the switch, apply to the new plugin
+    switches = [(k, v) for k, v in items if _is_plugin_switch(k)]
+    for key, value in switches + [(k, v) for k, v in items if not _is_plugin_switch(k)]:
         try:
-            apply_override(data, key, value)
+            if key in dict(switches):
+                _switch_plugin(data, key, value)
+            else:
+                apply_override(data, key, value)
         except ConfigError as exc:
             problems.extend(exc.problems)
     base_dir = Path(path).parent if path is not None else Path.cwd()

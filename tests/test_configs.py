@@ -64,3 +64,22 @@ def test_threads_sets_torch_cpu_threads(make_engine):
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_set_plugin_name_switches_plugin_and_drops_the_old_parameters(monkeypatch):
+    """--set plugins.ROLE.name=other starts a fresh section: the default config's rl_policy parameters
+    (reward_scale, init_std) do not follow the switch, where they would be unknown parameters of the
+    new plugin; --set options of that section, before or after the switch, go to the new plugin."""
+    monkeypatch.syspath_prepend(str(REPO / "examples/histogram_refine"))
+    cfg = load_config(REPO / "configs/default.yaml", [
+        "plugins.refine.hidden=16",  # before the switch: still applies to the new plugin
+        "plugins.refine.name=histogram_refine:HistogramRefine",
+        "plugins.refine.lr=0.01",
+    ])
+    assert cfg["plugins"]["refine"] == {"name": "histogram_refine:HistogramRefine", "hidden": 16, "lr": 0.01}
+
+
+def test_set_plugin_name_to_the_same_plugin_keeps_its_parameters():
+    cfg = load_config(REPO / "configs/default.yaml", ["plugins.prompt.name=qwen", "plugins.prompt.num_layers=1"])
+    prompt = cfg["plugins"]["prompt"]
+    assert prompt["name"] == "qwen" and prompt["num_layers"] == 1 and prompt["hidden_size"] == 64
