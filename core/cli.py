@@ -123,7 +123,7 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
     if out is not None:
         overrides.append(f"out={out}")
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume)
+    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides)
     summaries = trainer.fit()
     if not trainer.dist.is_main:  # rank 0 reports for the whole run
         return

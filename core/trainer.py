@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tqdm import tqdm
 
@@ -62,10 +63,13 @@ class Trainer:
         quiet: bool = False,
         overwrite: bool = False,
         resume: Path | str | None = None,
+        overrides: Sequence[str] = (),
     ):
         """``resume``: continue the run in ``out_dir`` from a checkpoint (``out_dir`` itself for its
-        latest checkpoint, or one of its checkpoint folders)."""
+        latest checkpoint, or one of its checkpoint folders).  ``overrides``: the command line's
+        ``key=value`` overrides, repeated in the command printed to resume a stopped run."""
         self.config = config
+        self.overrides = [o for o in overrides if not o.startswith("out=")]
         self.cfg = config.data
         self.out_dir = Path(out_dir)
         self.dist = setup_distributed(config, resolve_device(self.cfg["device"]))
@@ -290,9 +294,20 @@ class Trainer:
             raise Interrupted(
                 signum,
                 f"{signal.Signals(signum).name}: stopped after step {self.engine.global_step}, "
-                + (f"checkpoint saved in {self.last_checkpoint}. Resume with: arcfw run {self.config.source} "
-                   f"--resume {self.out_dir}" if self.last_checkpoint else "no checkpoint written (strategy fsdp)"),
+                + (f"checkpoint saved in {self.last_checkpoint}. Resume with: {self.resume_command()}"
+                   if self.last_checkpoint else "no checkpoint written (strategy fsdp)"),
             )
+
+    def resume_command(self) -> str:
+        """The command that continues this run: the same config and overrides, ``--resume OUT``, and
+        under torchrun the same number of processes."""
+        args = ["run", self.config.source, *(a for o in self.overrides for a in ("--set", o)), "--resume", str(self.out_dir)]
+        world = self.dist.world_size
+        if world == 1:
+            return shlex.join(["arcfw", *args])
+        local = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+        nodes = "" if local == str(world) else " [the run's --nnodes and rendezvous options]"
+        return f"torchrun --nproc-per-node {local}{nodes} -m arcfw {shlex.join(args)}"
 
     def _qwen_grad(self, norms: dict[str, float]) -> float:
         prompt = self.engine.prompt_plugin

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -177,9 +178,29 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGINT" in lines[0] and "step 3" in lines[0] and f"--resume {out}" in lines[0], lines
     assert checkpoint_dirs(out) == ["step-00000003"] and [r["step"] for r in records(out)] == [1, 2, 3]
-    res = CliRunner().invoke(main, ["run", str(out / "config.yaml"), "--resume", str(out), "--max-batches", "5", "-q"])
+    # the printed command resumes as it stands: same config, same overrides (max_batches=10 among them)
+    command = shlex.split(lines[0].split("Resume with: ", 1)[1])
+    assert command[:3] == ["arcfw", "run", str(REPO / "configs/default.yaml")] and "max_batches=10" in command
+    assert command[-2:] == ["--resume", str(out)] and "--out" not in command
+    res = CliRunner().invoke(main, [*command[1:], "-q"])
     assert res.exit_code == 0, res.output
-    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records(out)] == list(range(1, 11))
+
+
+def test_resume_command_under_torchrun_keeps_the_process_count(monkeypatch):
+    from types import SimpleNamespace
+
+    from arcfw.core.trainer import Trainer
+
+    fake = SimpleNamespace(config=SimpleNamespace(source="my config.yaml"), overrides=["seed=3", "plugins.refine=null"],
+                           out_dir=Path("runs/x"), dist=SimpleNamespace(world_size=4))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Trainer.resume_command(fake) == (
+        "torchrun --nproc-per-node 4 -m arcfw run 'my config.yaml' --set seed=3 --set plugins.refine=null --resume runs/x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes of two
+    assert Trainer.resume_command(fake).startswith("torchrun --nproc-per-node 2 [the run's --nnodes and rendezvous options] -m arcfw run")
+    fake.dist.world_size = 1
+    assert Trainer.resume_command(fake) == "arcfw run 'my config.yaml' --set seed=3 --set plugins.refine=null --resume runs/x"
 
 
 def test_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
