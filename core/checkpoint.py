@@ -439,17 +439,24 @@ def estimate_bytes(engine: "Engine") -> int:
     return weights + 2 * trainable
 
 
-def check_space(run_dir: Path, engine: "Engine") -> None:
-    """Refuse to start when the output's file system cannot hold one checkpoint."""
+def check_space(run_dir: Path, engine: "Engine", keep: int = 1) -> None:
+    """Refuse to start when the output's file system cannot hold the run's checkpoints: ``keep`` of
+    them plus the one being written before the oldest is pruned.  Checkpoints already in the run
+    folder count as room (a resumed run keeps them instead of writing new ones; a fresh run deletes
+    them)."""
     probe = Path(run_dir).absolute()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    need = estimate_bytes(engine)
+    one = estimate_bytes(engine)
+    folder = Path(run_dir) / DIR
+    present = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    need = max(one, (keep + 1) * one - present)
     if free < need:
         raise CheckpointError(
-            f"{run_dir}: not enough free disk space for a checkpoint: about {need / 2**20:.1f} MiB needed, "
-            f"{free / 2**20:.1f} MiB free on that file system"
+            f"{run_dir}: not enough free disk space for checkpoints: about {need / 2**20:.1f} MiB needed "
+            f"({keep} kept (checkpoint.keep) and one more while saving, {one / 2**20:.1f} MiB each), "
+            f"{free / 2**20:.1f} MiB free on that file system; free some space or lower checkpoint.keep"
         )
 
 

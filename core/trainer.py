@@ -93,7 +93,7 @@ class Trainer:
         c = self.cfg["checkpoint"]
         self.checkpoints = Checkpointer(self.out_dir, self.engine, self.loader, c["keep"], checkpoint.data_fingerprint(self.tasks))
         if self.dist.is_main:
-            checkpoint.check_space(self.out_dir, self.engine)
+            checkpoint.check_space(self.out_dir, self.engine, c["keep"])
         self.checkpoints.check_plugin_states()
         if not self.checkpoints.supported:
             if self.resumed is not None:

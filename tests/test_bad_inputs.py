@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import REPO, TINY
+from conftest import REPO, TINY, tiny_overrides
 
 from arcfw.core import checkpoint
 from arcfw.core.cli import main
+from arcfw.core.config import load_config
+from arcfw.core.engine import Engine
 
 DEFAULT = str(REPO / "configs" / "default.yaml")
 
@@ -206,8 +208,23 @@ def test_disk_too_full_for_a_checkpoint_is_refused_before_training(tmp_path, mon
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1024))
     assert_refused(arcfw("run", DEFAULT, "--out", str(out), *sets(TINY)),
-                   "arcfw: checkpoint error:", str(out), "not enough free disk space for a checkpoint", "0.0 MiB free")
+                   "arcfw: checkpoint error:", str(out), "not enough free disk space for checkpoints", "0.0 MiB free")
     assert not out.exists()
+
+
+def test_disk_with_room_for_one_checkpoint_but_not_keep_plus_one_is_refused(tmp_path, monkeypatch):
+    """The run keeps checkpoint.keep checkpoints and writes the next before pruning the oldest."""
+    out = tmp_path / "out"
+    probe = Engine.from_config(load_config(DEFAULT, tiny_overrides()))
+    one = checkpoint.estimate_bytes(probe)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=int(2.5 * one)))
+    assert_refused(arcfw("run", DEFAULT, "--out", str(out), *sets(TINY), "--set", "checkpoint.keep=3"),
+                   "not enough free disk space for checkpoints", "3 kept (checkpoint.keep) and one more while saving",
+                   "lower checkpoint.keep")
+    assert not out.exists()
+    res = arcfw("run", DEFAULT, "--out", str(out), *sets(TINY), "--set", "checkpoint.keep=1", "--max-batches", "1")
+    assert res.exit_code == 0, res.output  # room for 1 kept + 1 being written
 
 
 # ----------------------------------------------------------------------------- checkpoints and --resume
