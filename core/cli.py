@@ -22,6 +22,19 @@ def _who() -> str:
     return f"arcfw[rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "0", "1") else "arcfw"
 
 
+def _single_process(command: str) -> None:
+    """Only ``arcfw run`` is distributed; under torchrun every other command would run once per rank
+    and write the same files from each."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "0", "1"):
+        from arcfw.core.errors import DistributedError
+
+        raise DistributedError(
+            f"arcfw {command} runs in one process, but torchrun started {world} (WORLD_SIZE={world}): "
+            f"start it as plain `arcfw {command} ...`; only `arcfw run` uses several processes"
+        )
+
+
 class _Group(click.Group):
     """Turns ArcfwError into one line and exit code 2 (traceback only with --debug)."""
 
@@ -138,6 +151,7 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
 @click.option("--pairs", type=int, default=4, show_default=True, help="Demonstration pairs to run the checks on.")
 def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, pairs) -> None:
     """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
+    _single_process("check")
     from arcfw.core.check import run_check
     from arcfw.core.config import load_config
 
@@ -176,6 +190,7 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
     cell and shape accuracy too, beside the copy-the-input baseline.  Writes
     submission.json (ARC Prize format) and eval.json to the output folder.
     """
+    _single_process("eval")
     from arcfw.core.checkpoint import load_weights
     from arcfw.core.config import load_config
     from arcfw.core.data import load_tasks
@@ -203,6 +218,7 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: RUN_DIR/curves.png]")
 def plot(run_dir: Path, out: Path | None) -> None:
     """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG."""
+    _single_process("plot")
     from arcfw.core.plot import plot_curves
 
     click.echo(str(plot_curves(run_dir, out)))
@@ -214,6 +230,7 @@ def plot(run_dir: Path, out: Path | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: EVAL_DIR/TASK_ID.png]")
 def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
     """Draw TASK_ID of an evaluation (arcfw eval's output folder): demos, then each test input, answer and attempts."""
+    _single_process("show")
     from arcfw.core.evaluate import load_eval
     from arcfw.core.plot import render_task
 
@@ -232,6 +249,7 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
 def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path) -> None:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
+    _single_process("bench")
     from arcfw.core.bench import check_json_target, run_bench
     from arcfw.core.config import load_config
 

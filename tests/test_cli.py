@@ -165,3 +165,16 @@ def test_epoch_summary_qwen_grad_leaves_out_steps_without_qwen_gradient_by_desig
             assert s["avg_qwen_grad"] == pytest.approx(sum(mine) / len(mine), rel=1e-9)
         else:
             assert str(s["avg_qwen_grad"]) == "nan"  # no step of this epoch gave Qwen gradient
+
+
+@pytest.mark.parametrize("command", [["eval", "CONFIG", "--checkpoint", "nowhere"], ["bench", "CONFIG"], ["check", "CONFIG"]])
+def test_commands_other_than_run_refuse_torchrun(monkeypatch, tmp_path, command):
+    """Under torchrun every rank would run them and write the same files: one clear line instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = [str(REPO / "configs/default.yaml") if a == "CONFIG" else a for a in command]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"arcfw[rank 1/2]: distributed error: arcfw {command[0]} runs in one process, but torchrun started 2 "
+        f"(WORLD_SIZE=2): start it as plain `arcfw {command[0]} ...`; only `arcfw run` uses several processes"]
