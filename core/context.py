@@ -22,6 +22,9 @@ class Context:
     prompt_dim: int | None = None
     epoch: int = 0
     step: int = 0  # optimizer steps attempted so far (0 during the first step)
+    #: the step a resumed run continues from (None: a fresh run); a logger that keeps its own files
+    #: drops what it logged after this step (the killed run may have logged beyond its checkpoint)
+    resumed_step: int | None = None
     batch_index: int = 0  # index of the batch within the epoch
     threshold: float = 0.6
     training: bool = True

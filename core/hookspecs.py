@@ -254,6 +254,10 @@ def log_metrics(record: "dict[str, Any]", ctx: "Context") -> None:
     """Called with every logged record (``kind`` is ``"batch"`` or ``"epoch"``).
 
     For logger plugins (JSONL is built in; TensorBoard is a plugin).  Rank 0 only.
+    A resumed run logs again the steps after its checkpoint that the stopped run
+    may have logged already: ``ctx.resumed_step`` (None for a fresh run) says
+    from where, so that a logger keeping its own files can drop the old records
+    (the JSONL log is cut back to it; TensorBoard uses ``purge_step``).
     """
 
 

@@ -109,6 +109,7 @@ class Trainer:
         self._stop_signum: int | None = None  # the stop signal any rank received (agreed after every step)
         if self.resumed is not None:
             restored = self.checkpoints.restore(self.resumed)
+            self.engine.ctx.resumed_step = self.resumed.step
             self.start_epoch, self.start_batch = restored.position.epoch, restored.position.batch
             self.acc = _EpochStats.from_state(restored.loop["acc"])
             self.window = _EpochStats.from_state(restored.loop["window"])

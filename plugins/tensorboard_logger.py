@@ -9,7 +9,9 @@ plugin adds TensorBoard event files next to it::
 
 Batch records go under ``batch/<key>``, epoch summaries under ``epoch/<key>``,
 per-group gradient norms under ``batch/grad_norms/<group>``, all against the
-optimizer step.  Only rank 0 writes.
+optimizer step.  Only rank 0 writes.  A resumed run hides what the stopped
+run logged after its checkpoint (TensorBoard's ``purge_step``), and a fresh run
+in an overwritten folder hides the old run's events: every step shows once.
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ class TensorBoardLogger(Plugin):
         from torch.utils.tensorboard import SummaryWriter
 
         path = Path(self.log_dir) if self.log_dir is not None else Path(ctx.out_dir) / "tensorboard"
-        return SummaryWriter(log_dir=str(path), flush_secs=self.flush_secs)
+        # events of earlier writers in this folder from this step on are hidden: those a stopped run
+        # logged after the checkpoint this run resumed from, or all of an overwritten run's
+        purge = (ctx.resumed_step or 0) + 1
+        return SummaryWriter(log_dir=str(path), flush_secs=self.flush_secs, purge_step=purge)
 
     @hookimpl
     def log_metrics(self, record, ctx):
