@@ -93,6 +93,10 @@ def test_stopped_and_resumed_run_is_the_same_run(reference, tmp_path, split):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert resumed.engine.plugins["rl_policy"].baseline == ref.engine.plugins["rl_policy"].baseline
+    # the health checks' memory (recent losses, streaks, warnings raised) continues too
+    for part in ("health", "grad_watch", "guard"):
+        assert getattr(resumed.engine, part).state_dict() == getattr(ref.engine, part).state_dict(), part
+    assert len(resumed.engine.health.losses) == 40
 
 
 def test_fp16_gradscaler_state_resumes(tmp_path):
