@@ -154,6 +154,35 @@ def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
+
+
+def _full_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with every FSDP2 shard gathered into a full CPU tensor.
+
+    A collective under strategy fsdp: every rank calls it, in the same order.
+    """
+    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` with FSDP2-sharded moments gathered (a collective, like :func:`_full_module_state`)."""
+    sd = opt.state_dict()
+    state = {i: {k: (v.full_tensor().cpu() if _is_dtensor(v) else v) for k, v in s.items()} for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _shard_like(value: Any, like: Any) -> Any:
+    """``value`` (a full tensor from a checkpoint) as a DTensor placed like ``like`` (an FSDP2 parameter
+    or state tensor); anything else unchanged."""
+    if not _is_dtensor(like) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(like.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
+
+
 def _loose_params(engine: "Engine") -> dict[str, nn.Parameter]:
     """Group parameters that belong to none of the groups' modules (saved on their own)."""
     covered = {id(p) for _, m in _modules(engine) for p in m.parameters()}
@@ -195,13 +224,14 @@ def set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _engine_state(engine: "Engine", generators: list[Any]) -> dict[str, Any]:
-    """``generators``: every rank's ``ctx.generator`` state, in rank order (each rank draws its own noise)."""
+def _engine_state(engine: "Engine", generators: list[Any], optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``generators``: every rank's ``ctx.generator`` state, in rank order (each rank draws its own noise);
+    ``optimizer``: the optimizer's state gathered from FSDP2 shards (None: the optimizer's own state dict)."""
     gen = engine.ctx.generator
     return {
         "global_step": engine.global_step,
         "threshold": engine.ctx.threshold,
-        "optimizer": engine.optimizer.state_dict(),
+        "optimizer": optimizer if optimizer is not None else engine.optimizer.state_dict(),
         "precision": engine.precision.state_dict(),
         "grad_watch": engine.grad_watch.state_dict(),
         "guard": engine.guard.state_dict(),
@@ -233,6 +263,8 @@ def _load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
                 )
             state.update({new: saved["state"][o] for new, o in zip(ids, old["params"]) if o in saved["state"]})
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} for i, s in state.items()}  # FSDP2: shard the moments
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -473,8 +505,6 @@ class Checkpointer:
         self.keep = keep
         self.fingerprint = fingerprint
         self._last: int | None = None  # the step saved or restored last
-        #: FSDP shards parameters and optimizer state over the ranks; gathering them is not implemented yet
-        self.supported = engine.dist.strategy != "fsdp"
 
     # ------------------------------------------------------------------ folder bookkeeping
 
@@ -520,16 +550,16 @@ class Checkpointer:
         an error now and not at the first checkpoint hours later."""
         self._plugin_states()
 
-    def save(self, position: Position, loop: dict[str, Any]) -> Path | None:
+    def save(self, position: Position, loop: dict[str, Any]) -> Path:
         """Write a checkpoint for the current step; the data continues at ``position``.
 
         A step is saved once: a second save at the same step (a periodic save, then
         max_batches reached; the end of an epoch whose last step a signal saved) keeps
-        the first, which resumes to the same run.  Returns None where checkpoints
-        are not :attr:`supported`.
+        the first, which resumes to the same run.  Under strategy fsdp the shards of
+        the modules and of the optimizer state are gathered first (every rank takes
+        part), so the checkpoint holds full tensors like any other: it resumes on any
+        number of processes and with any strategy.
         """
-        if not self.supported:
-            return None
         eng = self.engine
         step = eng.global_step
         final = self.dir / step_dir_name(step)
@@ -537,12 +567,19 @@ class Checkpointer:
             return final
         # every rank saves at the same steps; the replicas are identical, so rank 0 alone writes
         generators = all_gather_object(None if eng.ctx.generator is None else eng.ctx.generator.get_state())
+        full_modules: dict[str, dict[str, torch.Tensor]] | None = None
+        optimizer: dict[str, Any] | None = None
+        if eng.dist.strategy == "fsdp":  # gathering the shards is a collective: every rank takes part
+            full_modules = {name: _full_module_state(m) for name, m in _modules(eng)}
+            optimizer = _full_optimizer_state(eng.optimizer)
+            if not eng.dist.is_main:
+                full_modules, optimizer = None, None  # rank 0 writes them
         if not eng.dist.is_main:
             barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final
         state = {
-            "engine": _engine_state(eng, generators),
+            "engine": _engine_state(eng, generators, optimizer),
             "rng": _rng_state(),
             "plugins": self._plugin_states(),
             "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
@@ -553,7 +590,7 @@ class Checkpointer:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-            self._write(tmp, state, step, position)
+            self._write(tmp, state, step, position, full_modules)
             if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -571,13 +608,18 @@ class Checkpointer:
         barrier()
         return final
 
-    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position) -> None:
+    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position,
+               full_modules: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """``full_modules``: the modules' state gathered from FSDP2 shards (None: the modules themselves)."""
         eng = self.engine
         (tmp / MODULES).mkdir(parents=True)
         modules: dict[str, str] = {}
         for i, (name, module) in enumerate(_modules(eng)):
             modules[name] = _module_file(i, name)
-            save_model(module, str(tmp / modules[name]))
+            if full_modules is not None:
+                save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
+            else:
+                save_model(module, str(tmp / modules[name]))
             _fsync(tmp / modules[name])
         loose = _loose_params(eng)
         if loose:
@@ -704,7 +746,12 @@ def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
     for name, module in _modules(engine):
         try:
-            load_model(module, str(ckpt.path / ckpt.meta["modules"][name]), strict=True, device=str(engine.device))
+            current = module.state_dict()
+            if any(_is_dtensor(v) for v in current.values()):  # FSDP2: every rank shards the full tensors
+                full = load_file(str(ckpt.path / ckpt.meta["modules"][name]), device="cpu")
+                module.load_state_dict({k: _shard_like(v, current.get(k)) for k, v in full.items()}, strict=True)
+            else:
+                load_model(module, str(ckpt.path / ckpt.meta["modules"][name]), strict=True, device=str(engine.device))
         except RuntimeError as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' does not fit the model the config builds: {_short(_one_line(exc))}") from None
     loose = _loose_params(engine)

@@ -95,12 +95,6 @@ class Trainer:
         if self.dist.is_main:
             checkpoint.check_space(self.out_dir, self.engine, c["keep"])
         self.checkpoints.check_plugin_states()
-        if not self.checkpoints.supported:
-            if self.resumed is not None:
-                raise ConfigError(config.source, [("distributed.strategy", "cannot resume into strategy fsdp: "
-                                                   "checkpoints of sharded models are not supported yet")])
-            self._print("warning: strategy fsdp writes no checkpoints (sharded state is not supported yet): "
-                        "a stopped run cannot be resumed")
         self.start_epoch = 0
         self.start_batch = 0
         self.acc, self.window, self.elapsed = _EpochStats(), _EpochStats(), 0.0  # the current epoch's statistics
@@ -296,7 +290,7 @@ class Trainer:
                 signum,
                 f"{signal.Signals(signum).name}: stopped after step {self.engine.global_step}, "
                 + (f"checkpoint saved in {self.last_checkpoint}. Resume with: {self.resume_command()}"
-                   if self.last_checkpoint else "no checkpoint written (strategy fsdp)"),
+                   if self.last_checkpoint else "no checkpoint written"),
             )
 
     def resume_command(self) -> str:

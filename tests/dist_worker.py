@@ -119,6 +119,29 @@ def equivalence(rank: int, out: Path, strategy: str) -> dict[str, Any]:
     return {"param_types": sharded, "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for g in trainer.engine.groups for m in g.modules[0].modules())}
 
 
+FSDP_CKPT = {"max_batches": 4, "checkpoint.every": 2, "distributed.strategy": "fsdp"}
+
+
+def fsdp_checkpoint(rank: int, out: Path) -> dict[str, Any]:
+    """FSDP on 2 ranks, 4 steps with a checkpoint every 2; the same run resumed from its step-2
+    checkpoint must end with the same weights.  Rank 0 keeps what the resumed ranks restored
+    (``fsdp-restored.pt``) for the parent to load the checkpoint on one process."""
+    run = out / "fsdp-ckpt"
+    trainer = Trainer(tiny_config(FSDP_CKPT), run, quiet=True)
+    trainer.fit()
+    straight = flat(trained_tensors(trainer.engine))
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    resumed = Trainer(tiny_config(FSDP_CKPT), run, quiet=True, resume=run / "checkpoints" / "step-00000002")
+    restored = flat(trained_tensors(resumed.engine))
+    resumed.fit()
+    again = flat(trained_tensors(resumed.engine))
+    if rank == 0:
+        torch.save(restored, out / "fsdp-restored.pt")
+    sharded = sorted({type(p).__name__ for g in resumed.engine.groups for p in g.params})
+    return {"diff": (again - straight).abs().max().item(), "moved": (again - restored).abs().max().item(),
+            "saved": saved, "steps": gather(resumed.engine.global_step), "param_types": sharded}
+
+
 def sigterm_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
     """Rank 1 alone gets SIGTERM during step 2: both ranks stop after it, rank 0 writes the checkpoint.
 
@@ -239,6 +262,7 @@ def run_scenarios(rank: int, port: int, out: str) -> None:
             "lockstep": lockstep(rank, root),
             "ddp": equivalence(rank, root, "ddp"),
             "fsdp": equivalence(rank, root, "fsdp"),
+            "fsdp_checkpoint": fsdp_checkpoint(rank, root),
             "sigterm": sigterm_on_one_rank(rank, root),
             "resume_on_two": resume_on_two(rank, root),
             "nonfinite": nonfinite_on_one_rank(rank, root),

@@ -259,3 +259,19 @@ def test_sharded_batches_together_are_the_double_batch():
             if b < len(one) - 1:  # the last batch of the ranks is padded with the start of the order
                 assert sorted(e.key for e in x.examples + y.examples) == sorted(e.key for e in whole.examples)
     assert ranks[0].rank_order(0) != ranks[0].rank_order(1)  # set_epoch reshuffles
+
+
+def test_fsdp_checkpoint_resumes_exactly_and_on_one_process(spawned):
+    """Strategy fsdp writes checkpoints: the shards are gathered into full tensors. The 2-rank run
+    resumed from its step-2 checkpoint ends bitwise where the uninterrupted one did, and one
+    process (no FSDP) resumes the same checkpoint with the same weights."""
+    results, out = spawned
+    r = results["fsdp_checkpoint"]
+    assert r["param_types"] == ["DTensor"]  # really sharded
+    assert r["saved"] == ["step-00000002", "step-00000004"]
+    assert r["steps"] == [4, 4] and r["moved"] > 0
+    assert r["diff"] == 0.0
+    one = Trainer(dist_worker.tiny_config({**dist_worker.FSDP_CKPT, "distributed.strategy": "auto"}), out / "fsdp-ckpt",
+                  quiet=True, resume=out / "fsdp-ckpt" / "checkpoints" / "step-00000002")
+    restored = dist_worker.flat(dist_worker.trained_tensors(one.engine))
+    assert torch.equal(restored, torch.load(out / "fsdp-restored.pt"))
