@@ -45,6 +45,11 @@ class GaussianRefinePolicy(Plugin):
     built here from detached tensors (the main graph is never touched).  The
     baseline is an exponential moving average of the batch mean reward.
 
+    **Metrics**: ``reward``, ``acc_improvement`` (batch means), ``policy_loss``,
+    ``reward_baseline``, ``policy_shift`` (the mean action's size relative to the
+    prompt, ``mean_b(|mu(x_b)| / |x_b|)``: how far the refinement moves the prompt)
+    and ``policy_std`` (mean ``sigma``).
+
     **Several processes**: the policy's gradients are averaged over ranks
     before its step and the baseline follows the reward averaged over ranks,
     so the policy and its baseline stay identical on every rank.  Each rank
@@ -126,11 +131,14 @@ class GaussianRefinePolicy(Plugin):
             loss.backward()
         average_gradients(self.params)
         self.optimizer.step()
-        means = all_reduce_mean_(torch.stack([reward.mean(), improvement.mean(), loss.detach()]))
-        mean_reward, mean_improvement, loss_value = means.tolist()
+        with torch.no_grad():  # the refinement's size relative to the prompt, and the exploration noise
+            shift = (dist.mean.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean()
+        means = all_reduce_mean_(torch.stack([reward.mean(), improvement.mean(), loss.detach(), shift, std.detach().mean()]))
+        mean_reward, mean_improvement, loss_value, mean_shift, mean_std = means.tolist()
         self.baseline = self.baseline_momentum * self.baseline + (1 - self.baseline_momentum) * mean_reward
         self.updates += 1
-        return {"reward": mean_reward, "acc_improvement": mean_improvement, "policy_loss": loss_value, "reward_baseline": self.baseline}
+        return {"reward": mean_reward, "acc_improvement": mean_improvement, "policy_loss": loss_value, "reward_baseline": self.baseline,
+                "policy_shift": mean_shift, "policy_std": mean_std}
 
     @hookimpl
     def state_dict(self, ctx):

@@ -81,3 +81,18 @@ def test_state_round_trip():
     b.load_state_dict(a.state_dict(ctx), ctx)
     assert b.baseline == 0.7 and b.updates == 3
     assert all(torch.equal(x, y) for x, y in zip(a.mu.parameters(), b.mu.parameters()))
+
+
+def test_policy_shift_and_std_are_reported():
+    """policy_shift = mean |mu(x)| / |x| over the batch (the refinement's size), policy_std = mean sigma."""
+    policy, ctx = make_policy(init_std=0.2)
+    with torch.no_grad():
+        policy.mu[2].bias.fill_(0.5)  # mu(x) = 0.5 everywhere: |mu(x)| = 0.5 * sqrt(8)
+    b = tiny_batch()
+    prompt = torch.full((2, 8), 2.0)  # |x| = 2 * sqrt(8): shift 0.25
+    refined = policy.refine(prompt, b, ctx)
+    result = StepResult(batch=b, prompt=prompt, refined=refined.detach(), logits=onehot_logits(b.targets), loss=1.0,
+                        metrics={}, applied=True, predict=lambda p: onehot_logits(b.targets))
+    out = policy.post_step_update(result, ctx)
+    assert math.isclose(out["policy_shift"], 0.25, rel_tol=1e-5)
+    assert math.isclose(out["policy_std"], 0.2, rel_tol=1e-5)
