@@ -572,9 +572,7 @@ class Checkpointer:
         if eng.dist.strategy == "fsdp":  # gathering the shards is a collective: every rank takes part
             full_modules = {name: _full_module_state(m) for name, m in _modules(eng)}
             optimizer = _full_optimizer_state(eng.optimizer)
-            if not eng.dist.is_main:
-                full_modules, optimizer = None, None  # rank 0 writes them
-        if not eng.dist.is_main:
+        if not eng.dist.is_main:  # rank 0 writes
             barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final

@@ -251,13 +251,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str,
     # `--set plugins.ROLE.name=other` switches the role to another plugin: the old plugin's parameters
     # go with it (they would be unknown to the new one); switches first, so that other --set options
     # of that section, before or after the switch, apply to the new plugin
-    switches = [(k, v) for k, v in items if _is_plugin_switch(k)]
-    for key, value in switches + [(k, v) for k, v in items if not _is_plugin_switch(k)]:
+    for key, value in sorted(items, key=lambda kv: not _is_plugin_switch(kv[0])):  # stable: switches first
         try:
-            if key in dict(switches):
-                _switch_plugin(data, key, value)
-            else:
-                apply_override(data, key, value)
+            (_switch_plugin if _is_plugin_switch(key) else apply_override)(data, key, value)
         except ConfigError as exc:
             problems.extend(exc.problems)
     base_dir = Path(path).parent if path is not None else Path.cwd()

@@ -37,6 +37,12 @@ class Context:
     shared: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def fused_optimizers(self) -> bool:
+        """Whether torch's fused Adam/AdamW kernels run on this device (CPU and CUDA): pass it as
+        ``fused=`` to a plugin's own optimizer; one kernel beats the per-tensor loop several times."""
+        return self.device.type in ("cpu", "cuda")
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
 

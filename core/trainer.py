@@ -191,10 +191,12 @@ class Trainer:
                 metrics, self._stop_signum = self.dist.exchange(metrics, self._signals.signum)
                 step = eng.global_step
                 norms = eng.last_norms
-                qwen_grad = self._qwen_grad(norms)
+                prompt_groups = self._prompt_groups(norms)
+                qwen_grad = math.sqrt(sum(norms[g] ** 2 for g in prompt_groups))
                 # a step that expected no gradient for the prompt model (every prompt from the cache)
                 # logs its 0 but stays out of the averages, which describe the steps Qwen learned from
-                counted = None if self._prompt_expected_no_grad(norms) else qwen_grad
+                expected_zero = bool(prompt_groups) and set(prompt_groups) <= eng.ctx.no_grad_groups
+                counted = None if expected_zero else qwen_grad
                 warnings = eng.health.update(self._loss(metrics), norms, metrics, eng.ctx.no_grad_groups)
                 acc.add(metrics, counted)
                 self.window.add(metrics, counted)
@@ -304,15 +306,10 @@ class Trainer:
         nodes = "" if local == str(world) else " [the run's --nnodes and rendezvous options]"
         return f"torchrun --nproc-per-node {local}{nodes} -m arcfw {shlex.join(args)}"
 
-    def _qwen_grad(self, norms: dict[str, float]) -> float:
+    def _prompt_groups(self, norms: dict[str, float]) -> list[str]:
+        """The prompt model's parameter groups among ``norms`` (its gradient norm is logged as qwen_grad)."""
         prompt = self.engine.prompt_plugin
-        vals = [v for g, v in norms.items() if self.engine.group_plugin(g) == prompt]
-        return math.sqrt(sum(v * v for v in vals)) if vals else 0.0
-
-    def _prompt_expected_no_grad(self, norms: dict[str, float]) -> bool:
-        prompt = self.engine.prompt_plugin
-        groups = {g for g in norms if self.engine.group_plugin(g) == prompt}
-        return bool(groups) and groups <= self.engine.ctx.no_grad_groups
+        return [g for g in norms if self.engine.group_plugin(g) == prompt]
 
     @staticmethod
     def _loss(metrics: dict[str, float]) -> float:

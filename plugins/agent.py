@@ -111,7 +111,7 @@ class GridAgent(Plugin):
         self.net = AgentNet(ctx.prompt_dim, self.channels, self.layers).to(ctx.device)
         self.size_head = SizeHead(ctx.prompt_dim, 2 * self.channels).to(ctx.device)
         broadcast_(self.size_head.parameters())  # same start on every rank (several processes)
-        self.size_optimizer = torch.optim.Adam(self.size_head.parameters(), lr=self.size_lr, fused=ctx.device.type in ("cpu", "cuda"))
+        self.size_optimizer = torch.optim.Adam(self.size_head.parameters(), lr=self.size_lr, fused=ctx.fused_optimizers)
 
     @hookimpl
     def parameter_groups(self, ctx):

@@ -98,8 +98,7 @@ class GaussianRefinePolicy(Plugin):
         self.log_std = nn.Parameter(torch.full((d,), math.log(self.init_std), device=ctx.device), requires_grad=self.learn_std)
         self.params = list(self.mu.parameters()) + ([self.log_std] if self.learn_std else [])
         broadcast_([*self.mu.parameters(), self.log_std])  # same start on every rank
-        # fused: one kernel for all its tensors (the per-tensor loop costs more than the update itself)
-        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, fused=ctx.device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, fused=ctx.fused_optimizers)
 
     @hookimpl
     def refine(self, prompt, batch, ctx):
