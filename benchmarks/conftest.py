@@ -14,11 +14,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from arcfw.core.batch import Batch, Example
-from arcfw.core.bench import PeakMemory
+from arcfw.core.data.batch import Batch, Example
+from arcfw.core.commands.bench import PeakMemory
 from arcfw.core.config import load_config
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.engine import Engine
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.engine import Engine
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

@@ -1,7 +1,7 @@
 """The default pipeline's training step written out by hand, for measuring the engine's overhead.
 
 :func:`plain_step` calls the same plugin code, in the same order, with the same
-random numbers as :meth:`arcfw.core.engine.Engine.train_step` does for the
+random numbers as :meth:`arcfw.core.engine.engine.Engine.train_step` does for the
 default plugins (qwen, rl_policy, agent, efe_loss, curriculum), and does the
 same backward / clip / optimizer step.  What it leaves out is the engine's own
 work: hook dispatch and listeners, contract checks, the first-step gradient-path
@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from arcfw.core.batch import Batch
-from arcfw.core.context import StepResult
-from arcfw.core.engine import Engine
+from arcfw.core.data.batch import Batch
+from arcfw.core.engine.context import StepResult
+from arcfw.core.engine.engine import Engine
 
 
 def plain_step(engine: Engine, batch: Batch, step: int) -> float:

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from arcfw.core.errors import ConfigError, PluginError
-from arcfw.core.plugin import EXTRA_ROLE, REQUIRED_ROLES, ROLES
-from arcfw.core.registry import resolve
+from arcfw.core.engine.plugin import EXTRA_ROLE, REQUIRED_ROLES, ROLES
+from arcfw.core.engine.registry import resolve
 
 
 class Choice:
@@ -116,7 +116,7 @@ DEFAULTS: dict[str, Any] = {
         "flat_window": 200,
         "flat_tolerance": 1e-4,
     },
-    # read only when torchrun starts more than one process (see arcfw.core.distributed)
+    # read only when torchrun starts more than one process (see arcfw.core.engine.distributed)
     "distributed": {"backend": "auto", "strategy": "auto", "find_unused_parameters": False},
     # every: also save every N batches (null: only at epoch ends and on SIGINT/SIGTERM); keep: last N kept
     "checkpoint": {"every": 500, "keep": 3},

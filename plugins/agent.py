@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import ParamGroup
-from arcfw.core.distributed import average_gradients, broadcast_
-from arcfw.core.data import MAX_SIDE
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
-from arcfw.core.shapes import mask_shapes, rule_shapes, top_shapes
+from arcfw.core.data.batch import NUM_COLOURS
+from arcfw.core.engine.context import ParamGroup
+from arcfw.core.engine.distributed import average_gradients, broadcast_
+from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
+from arcfw.core.data.shapes import mask_shapes, rule_shapes, top_shapes
 
 
 class _Block(nn.Module):
@@ -34,7 +34,7 @@ class SizeHead(nn.Module):
 
     ``logits = MLP(prompt) + w_rule * onehot(rule size) + w_input * onehot(input size)``.
     The MLP's last layer starts at zero, so an untrained head predicts the size the
-    demonstration pairs suggest (:func:`arcfw.core.shapes.rule_shape`), the input size
+    demonstration pairs suggest (:func:`arcfw.core.data.shapes.rule_shape`), the input size
     second; training learns the departures.  It reads the prompt and the input grid's
     size only, never the canvas, which in training would give the answer's size away.
     """

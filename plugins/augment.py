@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from arcfw.core.batch import NUM_COLOURS, Example, Pair
-from arcfw.core.context import View
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.data.batch import NUM_COLOURS, Example, Pair
+from arcfw.core.engine.context import View
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 #: names of the dihedral transforms, by index k: rotate k % 4 quarter turns counter-clockwise, then transpose if k >= 4
 DIHEDRAL = ("identity", "rot90", "rot180", "rot270", "transpose", "rot90+transpose", "rot180+transpose", "rot270+transpose")

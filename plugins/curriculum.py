@@ -6,10 +6,10 @@ import bisect
 from numbers import Real
 from typing import Any
 
-from arcfw.core.context import Context
+from arcfw.core.engine.context import Context
 from arcfw.core.errors import CheckpointError
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 __all__ = ["StepCurriculum"]
 

@@ -11,11 +11,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from arcfw.core.batch import NUM_COLOURS, Batch
-from arcfw.core.context import Context, LossOutput
+from arcfw.core.data.batch import NUM_COLOURS, Batch
+from arcfw.core.engine.context import Context, LossOutput
 from arcfw.core.errors import ContractError
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 __all__ = ["MaskedEFELoss", "efe_loss"]
 

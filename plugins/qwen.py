@@ -91,12 +91,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcfw.core.batch import NUM_COLOURS, Batch, Example
-from arcfw.core.context import Context, ParamGroup
-from arcfw.core.distributed import unwrap
+from arcfw.core.data.batch import NUM_COLOURS, Batch, Example
+from arcfw.core.engine.context import Context, ParamGroup
+from arcfw.core.engine.distributed import unwrap
 from arcfw.core.errors import PluginError, first_line
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 #: marker texts of the serialisation (tokens of the compact vocabulary; plain text for other tokenizers)
 IN_MARK = "<in>"

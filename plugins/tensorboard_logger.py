@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from arcfw.core.errors import MissingExtra, PluginError
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 SKIP_KEYS = ("kind", "step")
 

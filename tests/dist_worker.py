@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from arcfw.core.config import RunConfig, load_config
-from arcfw.core.distributed import average_gradients, full_tensor, setup
-from arcfw.core.engine import Engine
+from arcfw.core.engine.distributed import average_gradients, full_tensor, setup
+from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import Interrupted, PluginError
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.trainer import Trainer
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.training.trainer import Trainer
 from arcfw.plugins.agent import GridAgent
 from arcfw.plugins.efe_loss import MaskedEFELoss
 from conftest import REPO, TINY

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from arcfw.core.context import LossOutput
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.context import LossOutput
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 from arcfw.plugins.agent import GridAgent
 from arcfw.plugins.efe_loss import MaskedEFELoss
 from arcfw.plugins.qwen import QwenPrompt
@@ -248,7 +248,7 @@ class HalfTransformAugment(Plugin):
 
     @hookimpl
     def augment_example(self, example, rng, ctx):
-        from arcfw.core.batch import Example, Pair
+        from arcfw.core.data.batch import Example, Pair
 
         q = example.query
         return Example(example.task_id, example.pair_index, example.demos, Pair(q.input.T.copy(), q.output * 0 + 12))

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import LossOutput, ParamGroup
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
-from arcfw.core.shapes import mask_shapes
+from arcfw.core.data.batch import NUM_COLOURS
+from arcfw.core.engine.context import LossOutput, ParamGroup
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
+from arcfw.core.data.shapes import mask_shapes
 
 
 class CopyInputPredictor(Plugin):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from arcfw.core.batch import Example, Pair, collate
+from arcfw.core.data.batch import Example, Pair, collate
 from arcfw.plugins.agent import AgentNet
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arcfw.core.batch import Example, Pair
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
+from arcfw.core.data.batch import Example, Pair
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.errors import ConfigError, ContractError
-from arcfw.core.evaluate import predict
-from arcfw.core.trainer import Trainer
+from arcfw.core.commands.evaluate import predict
+from arcfw.core.training.trainer import Trainer
 from arcfw.plugins.augment import DIHEDRAL, Augment, Transform, random_colours
 
 AUGMENT = {"plugins.extra": [{"name": "augment"}]}

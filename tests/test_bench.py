@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from arcfw.core.cli import main
-from arcfw.core.steps import STEP_ORDER
+from arcfw.core.commands.cli import main
+from arcfw.core.engine.steps import STEP_ORDER
 
 from conftest import REPO, TINY
 

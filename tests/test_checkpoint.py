@@ -21,12 +21,12 @@ import torch
 from click.testing import CliRunner
 from conftest import REPO, TINY
 
-from arcfw.core import checkpoint
-from arcfw.core.cli import main
+from arcfw.core.training import checkpoint
+from arcfw.core.commands.cli import main
 from arcfw.core.config import load_config
-from arcfw.core.context import Context
+from arcfw.core.engine.context import Context
 from arcfw.core.errors import CheckpointError
-from arcfw.core.trainer import Trainer
+from arcfw.core.training.trainer import Trainer
 
 #: tiny data (3 tasks = 12 demonstration pairs, so an epoch is 12 batches), 4 epochs
 RESUME = {**TINY, "epochs": 4, "checkpoint.every": None}
@@ -194,7 +194,7 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resumes(tmp_path):
 def test_resume_command_under_torchrun_keeps_the_process_count(monkeypatch):
     from types import SimpleNamespace
 
-    from arcfw.core.trainer import Trainer
+    from arcfw.core.training.trainer import Trainer
 
     fake = SimpleNamespace(config=SimpleNamespace(source="my config.yaml"), overrides=["seed=3", "plugins.refine=null"],
                            out_dir=Path("runs/x"), dist=SimpleNamespace(world_size=4))
@@ -266,7 +266,7 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes(tmp_path):
 #: a marker file and waits, so the test can SIGKILL the process at that exact point of a save.
 BLOCKING_RUN = """
 import os, sys, time
-from arcfw.core import checkpoint
+from arcfw.core.training import checkpoint
 suffix, nth = os.environ["BLOCK_AT"].rsplit(":", 1)
 real, seen = checkpoint._fsync, [0]
 def fsync(path):
@@ -277,7 +277,7 @@ def fsync(path):
             time.sleep(600)
     real(path)
 checkpoint._fsync = fsync
-from arcfw.core.cli import main
+from arcfw.core.commands.cli import main
 sys.argv = ["arcfw", *sys.argv[1:]]
 main()
 """

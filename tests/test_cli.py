@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import REPO, TINY
 
-from arcfw.core.cli import main
+from arcfw.core.commands.cli import main
 
 
 def sets(overrides: dict) -> list[str]:
@@ -133,7 +133,7 @@ def test_check_fails_and_names_the_faulty_plugin(policy):
 
 
 def test_package_installs_under_one_name(tmp_path):
-    code = ("import importlib.util as u, arcfw.core.engine, arcfw.plugins.qwen; "
+    code = ("import importlib.util as u, arcfw.core.engine.engine, arcfw.plugins.qwen; "
             "print(u.find_spec('core'), u.find_spec('plugins'), arcfw.plugins.qwen.__name__)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.stdout.split() == ["None", "None", "arcfw.plugins.qwen"], res.stderr

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO
 
 from arcfw.core.config import load_config
-from arcfw.core.engine import Engine
+from arcfw.core.engine.engine import Engine
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

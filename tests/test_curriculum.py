@@ -6,8 +6,8 @@ import pluggy
 import pytest
 import torch
 
-from arcfw.core import hookspecs
-from arcfw.core.context import Context
+from arcfw.core.engine import hookspecs
+from arcfw.core.engine.context import Context
 from arcfw.core.errors import CheckpointError
 from arcfw.plugins.curriculum import StepCurriculum
 

@@ -1,4 +1,4 @@
-"""Loading, validation and batching of ARC tasks (arcfw.core.data)."""
+"""Loading, validation and batching of ARC tasks (arcfw.core.data.tasks)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from arcfw.core import data
-from arcfw.core.batch import PAD_CELL, Example, Pair, collate
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples, summarize
+from arcfw.core.data import tasks as data
+from arcfw.core.data.batch import PAD_CELL, Example, Pair, collate
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples, summarize
 from arcfw.core.errors import DataError
 
 GOOD = {

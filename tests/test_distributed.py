@@ -20,10 +20,10 @@ import torch
 import torch.multiprocessing as mp
 
 from arcfw.core.config import load_config
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.distributed import rank_seed, resolve_backend, setup
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.distributed import rank_seed, resolve_backend, setup
 from arcfw.core.errors import ConfigError
-from arcfw.core.trainer import Trainer
+from arcfw.core.training.trainer import Trainer
 from conftest import REPO, TINY
 
 import dist_worker
@@ -202,7 +202,7 @@ def test_torchrun_cli_two_processes(tmp_path):
 def test_errors_name_the_rank_under_torchrun(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    from arcfw.core.cli import main
+    from arcfw.core.commands.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

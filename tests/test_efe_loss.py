@@ -10,9 +10,9 @@ import pluggy
 import pytest
 import torch
 
-from arcfw.core import hookspecs
-from arcfw.core.batch import Example, Pair, collate
-from arcfw.core.context import Context, LossOutput
+from arcfw.core.engine import hookspecs
+from arcfw.core.data.batch import Example, Pair, collate
+from arcfw.core.engine.context import Context, LossOutput
 from arcfw.core.errors import ContractError
 from arcfw.plugins.efe_loss import MaskedEFELoss, efe_loss
 

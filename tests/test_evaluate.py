@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from conftest import train_tiny_run
 
-from arcfw.core.batch import Example, Pair, Task, collate
-from arcfw.core.cli import main
-from arcfw.core.data import load_tasks, test_examples
+from arcfw.core.data.batch import Example, Pair, Task, collate
+from arcfw.core.commands.cli import main
+from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.errors import CheckpointError, ConfigError, ContractError
-from arcfw.core.evaluate import (
+from arcfw.core.commands.evaluate import (
     Candidate,
     check_overlap,
     choose_attempts,
@@ -24,8 +24,8 @@ from arcfw.core.evaluate import (
     score,
     submission,
 )
-from arcfw.core.shapes import mask_shapes, rule_shape
-from arcfw.core.checkpoint import load_weights
+from arcfw.core.data.shapes import mask_shapes, rule_shape
+from arcfw.core.training.checkpoint import load_weights
 
 
 def g(rows) -> np.ndarray:

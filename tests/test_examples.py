@@ -20,8 +20,8 @@ import torch
 from conftest import REPO, TINY
 
 from arcfw.core.config import load_config
-from arcfw.core.registry import entry_points, resolve
-from arcfw.core.trainer import Trainer
+from arcfw.core.engine.registry import entry_points, resolve
+from arcfw.core.training.trainer import Trainer
 
 EXAMPLES = REPO / "examples"
 #: TINY, without the sizes the example configs set themselves for the default plugins they replace
@@ -105,7 +105,7 @@ def test_the_guides_first_plugin_runs_as_written(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from arcfw.core.cli import main
+    from arcfw.core.commands.cli import main
 
     guide = (REPO / "docs" / "plugins.md").read_text()
     blocks = {body.splitlines()[0]: body for body in re.findall(r"```(?:python|yaml)\n(.*?)```", guide, flags=re.S)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arcfw.core.errors import ContractError, GradientPathError, OrderError, PrecisionError, TrainingHalted
-from arcfw.core.engine import Engine
+from arcfw.core.engine.engine import Engine
 
 
 def run_steps(engine: Engine, batches, n: int):

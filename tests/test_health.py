@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from arcfw.core.health import HealthMonitor
-from arcfw.core.trainer import Trainer
+from arcfw.core.engine.health import HealthMonitor
+from arcfw.core.training.trainer import Trainer
 
 
 def test_flat_loss_and_stuck_mask_ratio_are_warned_once(tiny_config, tmp_path, capsys):

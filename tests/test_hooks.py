@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from arcfw.core.steps import STEP_ORDER, order_text
+from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 ONE_STEP = [
     ("stage:hard_cell_threshold", None),
@@ -55,7 +55,7 @@ def test_step_order_is_the_documented_one():
 def test_loop_hooks_around_the_steps(tiny_config, tmp_path):
     from faulty_plugins import Recorder
 
-    from arcfw.core.trainer import Trainer
+    from arcfw.core.training.trainer import Trainer
 
     cfg = tiny_config({"plugins.extra": [{"name": "faulty_plugins:Recorder"}], "max_batches": 2, "log_every": 1})
     Trainer(cfg, tmp_path / "run", quiet=True).fit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from arcfw.core.trainer import Trainer
+from arcfw.core.training.trainer import Trainer
 
 
 def mean(xs):

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from arcfw.core.errors import MissingExtra
-from arcfw.core.metrics import BATCH_KEYS
-from arcfw.core.trainer import Trainer
+from arcfw.core.training.metrics import BATCH_KEYS
+from arcfw.core.training.trainer import Trainer
 from arcfw.plugins.tensorboard_logger import scalars
 
 TENSORBOARD = {"plugins.extra": [{"name": "tensorboard"}], "max_batches": 3}

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import train_tiny_run
 
-from arcfw.core.cli import main
+from arcfw.core.commands.cli import main
 from arcfw.core.errors import DataError, MissingExtra
-from arcfw.core.plot import PALETTE_RGB, curves_figure, epoch_ends, grid_rgb, plot_curves, read_metrics, task_figure
+from arcfw.core.commands.plot import PALETTE_RGB, curves_figure, epoch_ends, grid_rgb, plot_curves, read_metrics, task_figure
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -118,7 +118,7 @@ def test_show_command_draws_the_task_with_its_attempts(evaluated):
 
 def test_show_marks_right_and_wrong_attempts():
     pytest.importorskip("matplotlib")
-    from arcfw.core.batch import Pair, Task
+    from arcfw.core.data.batch import Pair, Task
 
     answer = np.array([[1, 2], [3, 4]])
     task = Task("t", train=(Pair(answer, answer),), test=(Pair(answer, answer),))

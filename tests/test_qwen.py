@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from arcfw.core.batch import Example, Pair, collate
-from arcfw.core.context import Context
+from arcfw.core.data.batch import Example, Pair, collate
+from arcfw.core.engine.context import Context
 from arcfw.plugins.qwen import QwenPrompt, build_grid_tokenizer
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import re
 from click.testing import CliRunner
 from conftest import REPO
 
-from arcfw.core.cli import main
+from arcfw.core.commands.cli import main
 
 README = (REPO / "README.md").read_text()
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from arcfw.core.batch import Batch
-from arcfw.core.context import Context, StepResult
+from arcfw.core.data.batch import Batch
+from arcfw.core.engine.context import Context, StepResult
 from arcfw.plugins.rl_policy import GaussianRefinePolicy, cell_accuracy
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from arcfw.core.batch import collate
-from arcfw.core.context import Context
-from arcfw.core.data import load_tasks, make_examples
+from arcfw.core.data.batch import collate
+from arcfw.core.engine.context import Context
+from arcfw.core.data.tasks import load_tasks, make_examples
 from arcfw.plugins.qwen import GROUP, QwenPrompt
 
 from conftest import REPO

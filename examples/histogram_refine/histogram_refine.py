@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from arcfw.core.batch import NUM_COLOURS
-from arcfw.core.context import ParamGroup
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.data.batch import NUM_COLOURS
+from arcfw.core.engine.context import ParamGroup
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 
 def colour_shares(inputs: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from arcfw.core.context import LossOutput
-from arcfw.core.hookspecs import hookimpl
-from arcfw.core.plugin import Plugin
+from arcfw.core.engine.context import LossOutput
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:

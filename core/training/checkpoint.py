@@ -48,15 +48,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from arcfw import __version__
-from arcfw.core.batch import Task
-from arcfw.core.distributed import all_gather_object, barrier
+from arcfw.core.data.batch import Task
+from arcfw.core.engine.distributed import all_gather_object, barrier
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
-from arcfw.core.registry import resolve
+from arcfw.core.engine.registry import resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
-    from arcfw.core.data import ExampleLoader
-    from arcfw.core.engine import Engine
+    from arcfw.core.data.tasks import ExampleLoader
+    from arcfw.core.engine.engine import Engine
 
 FORMAT = "arcfw-checkpoint"
 FORMAT_VERSION = 1

@@ -56,7 +56,7 @@ class ParamGroup:
     ``distributed.strategy: ddp`` the engine replaces that attribute with a
     ``DistributedDataParallel`` wrapper of the module, so the plugin's own
     ``self.net(...)`` calls go through DDP; code that needs the bare module
-    (attributes, ``save_pretrained``) uses ``arcfw.core.distributed.unwrap``.
+    (attributes, ``save_pretrained``) uses ``arcfw.core.engine.distributed.unwrap``.
     ``modules`` keep the bare modules.  Without ``module_attr`` the engine
     averages the group's gradients itself after backward (same result, no
     overlap of communication with the backward pass).

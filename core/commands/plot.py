@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from arcfw.core.batch import Task
+from arcfw.core.data.batch import Task
 from arcfw.core.errors import DataError, MissingExtra
 
 #: the usual ARC colours, 0-9: black, blue, red, green, yellow, grey, magenta, orange, azure, maroon

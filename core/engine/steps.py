@@ -1,6 +1,6 @@
 """The step order, defined once.  The README lists the same order.
 
-One training step (:meth:`arcfw.core.engine.Engine.train_step`) is::
+One training step (:meth:`arcfw.core.engine.engine.Engine.train_step`) is::
 
     THRESHOLD         ctx.threshold = hard_cell_threshold(epoch, step)     # curriculum
     GENERATE_PROMPT   prompt  = generate_prompt(batch)                      # autocast

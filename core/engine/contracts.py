@@ -1,4 +1,4 @@
-"""Checks of hook results against the contracts in :mod:`arcfw.core.hookspecs`.
+"""Checks of hook results against the contracts in :mod:`arcfw.core.engine.hookspecs`.
 
 Each check raises :class:`ContractError` naming the plugin, the hook, what
 was expected and what came - where the wrong value is produced, not three
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from arcfw.core.batch import NUM_COLOURS, Example
-from arcfw.core.context import LossOutput, View
-from arcfw.core.data import MAX_SIDE
+from arcfw.core.data.batch import NUM_COLOURS, Example
+from arcfw.core.engine.context import LossOutput, View
+from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.errors import ContractError, GradientPathError
 
 

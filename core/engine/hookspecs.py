@@ -1,6 +1,6 @@
 """Every hook of arcfw, in one module: this page is the contract a plugin author needs.
 
-How a step runs (the order lives in :mod:`arcfw.core.steps` and nowhere else)::
+How a step runs (the order lives in :mod:`arcfw.core.engine.steps` and nowhere else)::
 
     # data stage, before the step, training only, per example, before collation:
     example   = augment_example(example, rng, ctx)  # chained; rng seeded by (seed, epoch, example)
@@ -13,7 +13,7 @@ How a step runs (the order lives in :mod:`arcfw.core.steps` and nowhere else)::
     engine: backward -> (unscale, clip) -> optimizer step -> scaler update
     post_step_update(result, ctx)                 # detached values only
 
-Evaluation (``arcfw eval``, :mod:`arcfw.core.evaluate`) runs, without gradient and
+Evaluation (``arcfw eval``, :mod:`arcfw.core.commands.evaluate`) runs, without gradient and
 with ``ctx.training`` False, for every test input and each of its views
 (the input itself plus :func:`test_time_views`)::
 
@@ -50,8 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy
     import torch
 
-    from arcfw.core.batch import Batch, Example
-    from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult, View
+    from arcfw.core.data.batch import Batch, Example
+    from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, View
 
 PROJECT = "arcfw"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -76,7 +76,7 @@ def configure(ctx: "Context") -> None:
 def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
     """Return this plugin's trainable parameters as named groups, each with its learning rate.
 
-    Called once, after :func:`configure`.  Each :class:`~arcfw.core.context.ParamGroup`
+    Called once, after :func:`configure`.  Each :class:`~arcfw.core.engine.context.ParamGroup`
     has a unique ``name`` (e.g. ``"qwen"``, ``"agent"``), the parameters, the
     modules they belong to (the engine puts them in train mode and watches
     them) and a default ``lr``; ``optimizer.lr.<name>`` in the config overrides
@@ -84,7 +84,7 @@ def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
     ``module_attr`` to the name of the attribute holding the group's module
     (``"net"`` for ``self.net``) and call the module through that attribute:
     in a multi-process run the engine puts a DistributedDataParallel wrapper
-    there (see :class:`~arcfw.core.context.ParamGroup`).
+    there (see :class:`~arcfw.core.engine.context.ParamGroup`).
     Parameters a plugin optimises itself (like the RL policy) are *not*
     returned here.  All implementations are called; the lists are concatenated;
     duplicate names or parameters shared between groups are an error.
@@ -163,13 +163,13 @@ def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "to
     :func:`compute_loss` (losses add up) or, as the default agent does, in
     :func:`post_step_update` with an optimizer of its own.  The first non-None result wins;
     with no implementation the engine uses the demo-pair rule of
-    :func:`arcfw.core.shapes.rule_shape`, then the input size.
+    :func:`arcfw.core.data.shapes.rule_shape`, then the input size.
     """
 
 
 @hookspec
 def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "LossOutput":
-    """Return the training loss for this batch as a :class:`~arcfw.core.context.LossOutput`.
+    """Return the training loss for this batch as a :class:`~arcfw.core.engine.context.LossOutput`.
 
     Called after :func:`predict`.  ``logits`` is ``[B, H, W, 10]``;
     ``batch.targets`` is int64 ``[B, H, W]`` and ``batch.target_mask`` bool.
@@ -207,7 +207,7 @@ def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Con
     batch, not at evaluation.  ``rng`` is a NumPy generator seeded by
     ``(seed, epoch, example index)`` only, so the same run (and a run resumed
     mid-epoch) draws the same augmentation; use it and no other randomness.
-    Return a new :class:`~arcfw.core.batch.Example` with the same ``task_id``,
+    Return a new :class:`~arcfw.core.data.batch.Example` with the same ``task_id``,
     ``pair_index`` and number of demonstration pairs, with *one* transformation
     applied consistently to every demonstration grid, the query input and the
     query output (the target), every grid int 0-9 with sides 1..30; or None to
@@ -220,7 +220,7 @@ def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
     """Extra views of an evaluation example to vote over (test-time augmentation).
 
     Called at evaluation for every test example (its query has no output).
-    Return :class:`~arcfw.core.context.View` objects: a transformed example
+    Return :class:`~arcfw.core.engine.context.View` objects: a transformed example
     and ``invert``, which maps a grid predicted for the view back to the
     original frame.  The evaluator always adds the untransformed example
     itself, predicts every view, inverts, and ranks the distinct grids by votes.

@@ -120,10 +120,10 @@ def _common_options(fn):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
 def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
-    from arcfw.core.checkpoint import run_folder
+    from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.config import load_config
     from arcfw.core.errors import ConfigError
-    from arcfw.core.trainer import Trainer
+    from arcfw.core.training.trainer import Trainer
 
     overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
     if resume is not None:
@@ -152,7 +152,7 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
 def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, pairs) -> None:
     """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
     _single_process("check")
-    from arcfw.core.check import run_check
+    from arcfw.core.commands.check import run_check
     from arcfw.core.config import load_config
 
     cfg = load_config(config, run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets))
@@ -191,12 +191,12 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
     submission.json (ARC Prize format) and eval.json to the output folder.
     """
     _single_process("eval")
-    from arcfw.core.checkpoint import load_weights
+    from arcfw.core.training.checkpoint import load_weights
     from arcfw.core.config import load_config
-    from arcfw.core.data import load_tasks
-    from arcfw.core.engine import Engine
-    from arcfw.core.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
-    from arcfw.core.trainer import check_out_dir
+    from arcfw.core.data.tasks import load_tasks
+    from arcfw.core.engine.engine import Engine
+    from arcfw.core.commands.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
+    from arcfw.core.training.trainer import check_out_dir
 
     cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))
     version = data_version or cfg["data"]["version"]
@@ -219,7 +219,7 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
 def plot(run_dir: Path, out: Path | None) -> None:
     """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG."""
     _single_process("plot")
-    from arcfw.core.plot import plot_curves
+    from arcfw.core.commands.plot import plot_curves
 
     click.echo(str(plot_curves(run_dir, out)))
 
@@ -231,8 +231,8 @@ def plot(run_dir: Path, out: Path | None) -> None:
 def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
     """Draw TASK_ID of an evaluation (arcfw eval's output folder): demos, then each test input, answer and attempts."""
     _single_process("show")
-    from arcfw.core.evaluate import load_eval
-    from arcfw.core.plot import render_task
+    from arcfw.core.commands.evaluate import load_eval
+    from arcfw.core.commands.plot import render_task
 
     task, attempts = load_eval(eval_dir, task_id)
     click.echo(str(render_task(task, attempts, out or eval_dir / f"{task_id}.png")))
@@ -250,7 +250,7 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path) -> None:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
     _single_process("bench")
-    from arcfw.core.bench import check_json_target, run_bench
+    from arcfw.core.commands.bench import check_json_target, run_bench
     from arcfw.core.config import load_config
 
     overrides = run_overrides(None, None, None, None, device, seed, sets)
@@ -267,8 +267,8 @@ def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path
 @main.command()
 def plugins() -> None:
     """List the plugins available by role (entry-point group 'arcfw.plugins')."""
-    from arcfw.core.plugin import EXTRA_ROLE, ROLES
-    from arcfw.core.registry import describe_all
+    from arcfw.core.engine.plugin import EXTRA_ROLE, ROLES
+    from arcfw.core.engine.registry import describe_all
 
     infos = describe_all()
     for role in (*ROLES, EXTRA_ROLE, "?"):

@@ -9,7 +9,7 @@ own data (the batches a run would see, in the same order) and reports:
   total time, not the median: with a prompt cache, steps are fast or slow);
 - peak memory: the process's peak resident memory during the timed steps (CPU),
   or the peak of ``torch.cuda.max_memory_allocated`` (CUDA);
-- the share of the step spent in each stage of :data:`arcfw.core.steps.STEP_ORDER`
+- the share of the step spent in each stage of :data:`arcfw.core.engine.steps.STEP_ORDER`
   (hooks and the engine's own backward / optimizer step), timed through the
   engine's ``stage:<name>`` listener events.
 
@@ -32,12 +32,12 @@ from typing import Iterator
 
 import torch
 
-from arcfw.core.batch import Batch
+from arcfw.core.data.batch import Batch
 from arcfw.core.config import RunConfig
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.engine import Engine
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError
-from arcfw.core.steps import STEP_ORDER
+from arcfw.core.engine.steps import STEP_ORDER
 
 STAGE_EVENT = "stage:"
 

@@ -24,8 +24,8 @@ from typing import NoReturn
 import numpy as np
 from torch.utils.data.distributed import DistributedSampler
 
-from .batch import Batch, Example, Pair, Task, collate
-from .errors import DataError
+from arcfw.core.data.batch import Batch, Example, Pair, Task, collate
+from arcfw.core.errors import DataError
 
 MAX_SIDE = 30
 SPLITS = ("training", "evaluation")

@@ -1,6 +1,6 @@
 """The engine: builds plugins from a config, owns the optimizer, and runs the step.
 
-The step order is :data:`arcfw.core.steps.STEP_ORDER`; :meth:`Engine.train_step`
+The step order is :data:`arcfw.core.engine.steps.STEP_ORDER`; :meth:`Engine.train_step`
 walks that list and nothing else decides the order.  Every hook result is
 checked against its contract where it is produced (``health.check_contracts``).
 """
@@ -18,11 +18,12 @@ import numpy as np
 import pluggy
 import torch
 
-from arcfw.core import contracts, hookspecs, shapes
-from arcfw.core.batch import Batch, Example
+from arcfw.core.engine import contracts, hookspecs
+from arcfw.core.data import shapes
+from arcfw.core.data.batch import Batch, Example
 from arcfw.core.config import RunConfig
-from arcfw.core.context import Context, LossOutput, ParamGroup, StepResult, View
-from arcfw.core.distributed import Dist, full_tensor, rank_seed
+from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, View
+from arcfw.core.engine.distributed import Dist, full_tensor, rank_seed
 from arcfw.core.errors import (
     ArcfwError,
     ConfigError,
@@ -30,9 +31,9 @@ from arcfw.core.errors import (
     OrderError,
     PluginError,
 )
-from arcfw.core.health import GradientWatch, HealthMonitor, NonFiniteGuard
-from arcfw.core.precision import Precision
-from arcfw.core.steps import STEP_ORDER, order_text
+from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
+from arcfw.core.engine.precision import Precision
+from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
 
@@ -83,7 +84,7 @@ class Engine:
     def __init__(
         self, config: RunConfig, *, device: torch.device | None = None, out_dir: Path | None = None, dist: Dist | None = None
     ):
-        """``dist`` (from :func:`arcfw.core.distributed.setup`) places the engine in a multi-process run."""
+        """``dist`` (from :func:`arcfw.core.engine.distributed.setup`) places the engine in a multi-process run."""
         self.config = config
         cfg = config.data
         self.device = device or (dist.device if dist else resolve_device(cfg["device"]))
@@ -144,7 +145,7 @@ class Engine:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"{exc} (hooks are listed in arcfw.core.hookspecs)") from None
+            raise PluginError(f"{exc} (hooks are listed in arcfw.core.engine.hookspecs)") from None
         order = list(self.plugins)  # role order, then extras in config order
         self._impls: dict[str, list[_Impl]] = {}
         for hook in (n for n in dir(hookspecs) if isinstance(getattr(self.pm.hook, n, None), pluggy.HookCaller)):
@@ -479,7 +480,7 @@ class Engine:
             example = out
         return example
 
-    # ------------------------------------------------------------------ evaluation (arcfw.core.evaluate)
+    # ------------------------------------------------------------------ evaluation (arcfw.core.commands.evaluate)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:

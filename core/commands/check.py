@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from arcfw.core.config import RunConfig
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.engine import Engine
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ArcfwError
-from arcfw.core.steps import Stage
+from arcfw.core.engine.steps import Stage
 
 
 @dataclass

@@ -34,7 +34,7 @@ from arcfw.core.errors import ConfigError, DistributedError, PluginError, first_
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
-    from arcfw.core.context import ParamGroup
+    from arcfw.core.engine.context import ParamGroup
 
 BACKENDS = ("auto", "gloo", "nccl")
 STRATEGIES = ("auto", "ddp", "fsdp")

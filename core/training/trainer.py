@@ -15,15 +15,15 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from arcfw.core import checkpoint
-from arcfw.core.checkpoint import Checkpointer, Position
+from arcfw.core.training import checkpoint
+from arcfw.core.training.checkpoint import Checkpointer, Position
 from arcfw.core.config import RunConfig
-from arcfw.core.data import ExampleLoader, load_tasks, make_examples
-from arcfw.core.distributed import setup as setup_distributed
-from arcfw.core.engine import Engine, resolve_device
+from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.distributed import setup as setup_distributed
+from arcfw.core.engine.engine import Engine, resolve_device
 from arcfw.core.errors import ConfigError, Interrupted
-from arcfw.core.interrupt import StopSignals
-from arcfw.core.metrics import MetricsLog, NullLog, batch_line, epoch_line
+from arcfw.core.training.interrupt import StopSignals
+from arcfw.core.training.metrics import MetricsLog, NullLog, batch_line, epoch_line
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 
@@ -50,7 +50,7 @@ class Trainer:
     """Loads the data, builds the :class:`Engine`, and runs epochs with logging.
 
     Under ``torchrun`` every process builds a Trainer; it joins the process
-    group (:func:`arcfw.core.distributed.setup`), takes its shard of the data,
+    group (:func:`arcfw.core.engine.distributed.setup`), takes its shard of the data,
     and averages each step's metrics over ranks.  Only rank 0 prints and writes
     the run files.
     """

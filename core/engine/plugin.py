@@ -4,7 +4,7 @@ A plugin is a class with a registry ``name``, a ``role`` and a one-line
 ``description``.  Its constructor's keyword arguments are its YAML
 parameters: the config loader binds them to the signature (unknown keys and
 wrong types are config errors).  It implements hooks from
-:mod:`arcfw.core.hookspecs` as methods decorated with ``@hookimpl``.
+:mod:`arcfw.core.engine.hookspecs` as methods decorated with ``@hookimpl``.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from fractions import Fraction
 
 import torch
 
-from arcfw.core.batch import Batch, Example
-from arcfw.core.data import MAX_SIDE
+from arcfw.core.data.batch import Batch, Example
+from arcfw.core.data.tasks import MAX_SIDE
 
 
 def mask_shapes(mask: torch.Tensor) -> torch.Tensor:

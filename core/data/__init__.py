@@ -1,0 +1,1 @@
+"""ARC data: tasks and grids, batches, loading, output-size rules."""
