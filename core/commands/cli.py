@@ -1,4 +1,4 @@
-"""Command line: ``arcfw run | check | bench | eval | plot | show | plugins``.
+"""Command line: ``arcfw run | check | bench | eval | plot | show | generate | plugins``.
 
 Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -262,6 +262,47 @@ def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path
     click.echo(result.table())
     if json_path is not None:
         result.write_json(json_path)
+
+
+@main.command()
+@click.argument("families", nargs=-1, metavar="FAMILY...")
+@click.option("--tasks", type=int, default=10, show_default=True, help="Tasks per family.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder to write the tasks to (one ARC JSON file per task).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed writes the same tasks.")
+@click.option("--train-pairs", type=int, default=3, show_default=True, help="Demonstration pairs per task.")
+@click.option("--test-pairs", type=int, default=1, show_default=True, help="Held-out test pairs per task.")
+@click.option("--min-side", type=int, default=3, show_default=True, help="Smallest input grid side.")
+@click.option("--max-side", type=int, default=10, show_default=True, help="Largest input grid side (scale/tile draw smaller inputs so outputs fit 30x30).")
+@click.option("--overwrite", is_flag=True, help="Replace the tasks of a folder that already holds files.")
+@click.option("--list", "list_", is_flag=True, help="List the families and exit.")
+def generate(families, tasks, out, seed, train_pairs, test_pairs, min_side, max_side, overwrite, list_) -> None:
+    """Write synthetic tasks of rule FAMILY... ('all': every family) to --out as ARC JSON.
+
+    Each task draws its rule's parameters once (a colour permutation, a shift...)
+    and applies them to its demonstration and test pairs.  Deterministic in
+    (--seed, family, task index).  Train on the folder with data.source: DIR.
+    """
+    _single_process("generate")
+    from arcfw.core.data import generate as gen
+
+    if list_:
+        for line in gen.describe():
+            click.echo(line)
+        pairs = ", ".join(f"{a}/{b}" for a, b in gen.PAIRS)
+        click.echo(f"\nSame inputs, different rules (task i of both has identical input grids): {pairs}")
+        return
+    names = gen.resolve_families(families)
+    if out is None:
+        raise click.UsageError("missing option '--out'")
+    result = gen.generate(names, tasks, seed=seed, train_pairs=train_pairs, test_pairs=test_pairs, min_side=min_side, max_side=max_side)
+    manifest = (
+        f"# written by: arcfw generate {' '.join(families)} --tasks {tasks} --seed {seed} --train-pairs {train_pairs} "
+        f"--test-pairs {test_pairs} --min-side {min_side} --max-side {max_side}\n"
+        f"families: [{', '.join(names)}]\ntasks_per_family: {tasks}\nseed: {seed}\ntrain_pairs: {train_pairs}\n"
+        f"test_pairs: {test_pairs}\nmin_side: {min_side}\nmax_side: {max_side}\n"
+    )
+    gen.write_tasks(out, result, overwrite=overwrite, manifest=manifest)
+    click.echo(f"arcfw: wrote {len(result)} tasks ({len(names)} families x {tasks}) to {out}", err=True)
 
 
 @main.command()
