@@ -23,13 +23,19 @@ _PLUGIN = "efe_loss"
 _HOOK = "compute_loss"
 
 
-def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: float) -> None:
+#: which cells are hard (see :func:`efe_loss`)
+HARD_CELLS = ("wrong_or_unsure", "threshold")
+
+
+def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: float, hard_cells: str = "wrong_or_unsure") -> None:
     if not 0.0 < label_smoothing < 1.0:  # with 0 the smoothed target has zeros and KL(p||q) is infinite
         raise ValueError(f"efe_loss: label_smoothing must be in (0, 1), got {label_smoothing!r}")
     if not ambiguity_weight >= 0.0:  # also rejects NaN
         raise ValueError(f"efe_loss: ambiguity_weight must be >= 0, got {ambiguity_weight!r}")
     if not 0.0 <= min_scale <= 1.0:
         raise ValueError(f"efe_loss: min_scale must be in [0, 1], got {min_scale!r}")
+    if hard_cells not in HARD_CELLS:
+        raise ValueError(f"efe_loss: hard_cells must be one of {', '.join(HARD_CELLS)}, got {hard_cells!r}")
 
 
 def _contract(expected: str, got: str) -> ContractError:
@@ -63,6 +69,7 @@ def efe_loss(
     label_smoothing: float = 0.1,
     ambiguity_weight: float = 0.1,
     min_scale: float = 0.5,
+    hard_cells: str = "wrong_or_unsure",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     r"""Masked EFE loss; returns ``(loss, per_example_loss, stats)``.
 
@@ -77,7 +84,18 @@ def efe_loss(
         ambiguity_c = w · H(p) = −w Σ_k p_k log p_k
         EFE_c      = risk_c + ambiguity_c
 
-    Hard cells: valid cells with p_{y_c} < threshold (decided without gradient).
+    Hard cells (decided without gradient), by ``hard_cells``:
+
+    - ``"wrong_or_unsure"`` (default): valid cells whose target is not the
+      single most likely colour (``p_{y_c} <= max_{k != y_c} p_k``: a wrong
+      argmax, or a tie such as a 50/50 split) *or* with ``p_{y_c} < threshold``.
+      A wrong cell is always hard, whatever the threshold, so the loss cannot
+      stall on cells the model gets wrong; the threshold adds the cells that
+      are right but unsure.  A step has no hard cell only when every valid
+      cell is right with ``p_{y_c} >= threshold``.
+    - ``"threshold"``: valid cells with ``p_{y_c} < threshold`` only (the
+      original rule).  Once the threshold is below 0.5 a cell split 50/50
+      between its target and another colour is not hard and gets no loss.
 
     Per example b:
 
@@ -97,7 +115,7 @@ def efe_loss(
     is float32 ``[B]`` (not detached); ``stats`` holds the metrics as Python
     floats, read with a single device sync.
     """
-    _check_params(label_smoothing, ambiguity_weight, min_scale)
+    _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells)
     _check_tensors(logits, targets, valid_mask)
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"efe_loss: threshold must be in (0, 1], got {threshold!r}")
@@ -131,6 +149,9 @@ def efe_loss(
         with torch.no_grad():
             p_y = p.detach().gather(-1, y.unsqueeze(-1)).squeeze(-1)
             hard = valid & (p_y < float(threshold))
+            if hard_cells == "wrong_or_unsure":
+                rival = p.detach().masked_fill(classes == y.unsqueeze(-1), -1.0).amax(dim=-1)  # best other colour
+                hard = hard | (valid & (p_y <= rival))
             n_valid = valid.sum(dim=(1, 2)).to(torch.float32)  # [B]
             n_hard = hard.sum(dim=(1, 2)).to(torch.float32)  # [B]
             mask_ratio = n_hard / n_valid.clamp_min(1.0)
@@ -171,7 +192,10 @@ class MaskedEFELoss(Plugin):
     """Loss plugin: expected free energy (KL risk + weighted entropy) over the hard cells.
 
     Parameters (YAML): ``label_smoothing`` ε in (0, 1), ``ambiguity_weight`` w >= 0,
-    ``min_scale`` s in [0, 1].  Reads the hard-cell threshold from ``ctx.threshold``.
+    ``min_scale`` s in [0, 1], ``hard_cells``: ``wrong_or_unsure`` (default: a cell whose
+    most likely colour is wrong is always hard, and the threshold adds the right but unsure
+    ones) or ``threshold`` (only ``p(target) < threshold``).  Reads the hard-cell threshold
+    from ``ctx.threshold``.
     ε must be > 0: with ε = 0, q has zeros and KL(p‖q) is +inf for any non-one-hot p.
     The formula is written out in :func:`efe_loss`.
     """
@@ -185,8 +209,10 @@ class MaskedEFELoss(Plugin):
         label_smoothing: float = 0.1,
         ambiguity_weight: float = 0.1,
         min_scale: float = 0.5,
+        hard_cells: str = "wrong_or_unsure",
     ) -> None:
-        _check_params(label_smoothing, ambiguity_weight, min_scale)
+        _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells)
+        self.hard_cells = hard_cells
         self.label_smoothing = float(label_smoothing)
         self.ambiguity_weight = float(ambiguity_weight)
         self.min_scale = float(min_scale)
@@ -202,6 +228,7 @@ class MaskedEFELoss(Plugin):
                 label_smoothing=self.label_smoothing,
                 ambiguity_weight=self.ambiguity_weight,
                 min_scale=self.min_scale,
+                hard_cells=self.hard_cells,
             )
         except ContractError as exc:  # name the plugin as registered (a subclass, a second instance)
             name = getattr(self, "instance_name", "") or self.name

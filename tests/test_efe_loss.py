@@ -34,7 +34,7 @@ def hand_cell(logits: list[float], y: int, eps: float = EPS, w: float = W) -> tu
     return p[y], risk, ambiguity
 
 
-def hand_example(cells, threshold, eps=EPS, w=W, s=S) -> tuple[float, dict]:
+def hand_example(cells, threshold, eps=EPS, w=W, s=S, mode="wrong_or_unsure") -> tuple[float, dict]:
     """L_b for one example given a list of (logits, y, valid) cells."""
     n_valid = n_hard = 0
     total = 0.0
@@ -43,7 +43,8 @@ def hand_example(cells, threshold, eps=EPS, w=W, s=S) -> tuple[float, dict]:
             continue
         n_valid += 1
         p_y, risk, amb = hand_cell(lg, y, eps, w)
-        if p_y < threshold:
+        wrong = any(lg[k] >= lg[y] for k in range(10) if k != y)  # the target is not the one most likely colour
+        if p_y < threshold or (mode == "wrong_or_unsure" and wrong):
             n_hard += 1
             total += risk + amb
     ratio = n_hard / n_valid
@@ -406,3 +407,73 @@ def test_plugin_hook_through_pluggy_and_single_sync(monkeypatch):
     ref, _, stats = efe_loss(logits, batch.targets, batch.target_mask, 0.4, 0.2, 0.05, 0.3)
     assert out.loss.item() == pytest.approx(ref.item(), abs=1e-7)
     assert out.metrics == stats
+
+
+# --------------------------------------------------------------------------- which cells are hard: wrong_or_unsure vs threshold
+
+
+def _cell(probs: dict[int, float]) -> list[float]:
+    """Logits of one cell with the given probabilities (the rest share what is left)."""
+    rest = (1.0 - sum(probs.values())) / (10 - len(probs))
+    return [math.log(probs.get(k, rest)) for k in range(10)]
+
+
+CASES = [  # (probs, target, threshold, hard under wrong_or_unsure, hard under threshold)
+    ({0: 0.35, 1: 0.6}, 0, 0.3, True, False),  # wrong (argmax 1) but p_y above the threshold
+    ({0: 0.48, 1: 0.48}, 0, 0.3, True, False),  # a 50/50 split: the target is not the single most likely colour
+    ({0: 0.48, 1: 0.48}, 1, 0.3, True, False),  # ... whichever of the two is the target (a tie is not right)
+    ({0: 0.35, 1: 0.6}, 0, 1e-6, True, False),  # wrong is hard whatever the threshold
+    ({0: 0.45, 1: 0.4}, 0, 0.6, True, True),  # right but unsure: the threshold adds it
+    ({0: 0.45, 1: 0.4}, 0, 0.3, False, False),  # right and p_y >= threshold
+    ({3: 0.97}, 3, 0.6, False, False),  # right and sure
+    ({3: 0.97}, 4, 0.6, True, True),  # wrong and sure of it
+]
+
+
+@pytest.mark.parametrize("probs, y, thr, hard_default, hard_threshold", CASES)
+def test_a_wrong_cell_is_always_hard_and_the_threshold_adds_unsure_ones(probs, y, thr, hard_default, hard_threshold):
+    logits = torch.tensor([[[_cell(probs)]]])
+    targets = torch.tensor([[[y]]])
+    mask = torch.ones(1, 1, 1, dtype=torch.bool)
+    for mode, hard in (("wrong_or_unsure", hard_default), ("threshold", hard_threshold)):
+        loss, _, stats = efe_loss(logits, targets, mask, thr, EPS, W, S, hard_cells=mode)
+        assert stats["hard_cells"] == float(hard), mode
+        assert (loss.item() > 0) == hard, mode
+        expected, _ = hand_example([(logits[0, 0, 0].tolist(), y, True)], thr, mode=mode)
+        assert loss.item() == pytest.approx(expected, abs=1e-6)
+    _, _, default = efe_loss(logits, targets, mask, thr, EPS, W, S)
+    assert default["hard_cells"] == float(hard_default)  # wrong_or_unsure is the default
+
+
+def test_default_loss_never_stalls_on_a_coin_flip_cell():
+    """Gradient descent on one cell split 50/50 between target and a rival at threshold 0.3: the strict
+    rule gives it no loss, so it stays a coin flip; the default rule trains it until the target wins."""
+    for mode, learns in (("wrong_or_unsure", True), ("threshold", False)):
+        logits = torch.tensor([[[_cell({0: 0.45, 1: 0.45})]]], requires_grad=True)
+        targets = torch.tensor([[[0]]])
+        mask = torch.ones(1, 1, 1, dtype=torch.bool)
+        opt = torch.optim.SGD([logits], lr=1.0)
+        for _ in range(20):
+            loss, _, _ = efe_loss(logits, targets, mask, 0.3, EPS, W, S, hard_cells=mode)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        p = torch.softmax(logits.detach()[0, 0, 0], -1)
+        assert (p.argmax().item() == 0 and p[0] > p[1] + 0.1) == learns, (mode, p[:2])
+
+
+def test_bad_hard_cells_value_names_the_choices():
+    with pytest.raises(ValueError, match="hard_cells must be one of wrong_or_unsure, threshold, got 'wrong'"):
+        MaskedEFELoss(hard_cells="wrong")
+    with pytest.raises(ValueError, match="hard_cells"):
+        efe_loss(torch.zeros(1, 1, 1, 10), torch.zeros(1, 1, 1, dtype=torch.int64), torch.ones(1, 1, 1, dtype=torch.bool), 0.6,
+                 hard_cells="sometimes")
+
+
+def test_plugin_passes_hard_cells_through():
+    logits = torch.tensor([[[_cell({0: 0.35, 1: 0.6})]]])
+    ex = Example(task_id="t", pair_index=0, demos=(), query=Pair(input=np.zeros((1, 1), dtype=np.int64), output=np.zeros((1, 1), dtype=np.int64)))
+    batch = collate([ex])
+    ctx = Context(device=torch.device("cpu"), threshold=0.3)
+    assert MaskedEFELoss().compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 1.0
+    assert MaskedEFELoss(hard_cells="threshold").compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 0.0

@@ -396,7 +396,7 @@ class Engine:
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, s.exempt)
+            self.grad_watch.update(s.norms, s.exempt, s.loss_value)
         s.metrics["grad_norm"] = total_norm
 
     def _stage_post_step_update(self, s: _Step) -> None:

@@ -2,11 +2,16 @@
 
 - :class:`GradientWatch` - every trainable parameter group's gradient norm is
   watched; a group with ``lr > 0`` whose gradient stays exactly zero for
-  ``patience`` steps stops the run with an error naming the group.
+  ``patience`` steps stops the run with an error naming the group.  A step
+  whose loss is exactly 0 (the masked loss found no hard cell: every cell right
+  and confident) gives every group a zero gradient by construction; it says
+  nothing about the gradient path and is not counted (nor does it reset a
+  streak), so a run that fits a small folder of tasks is not halted.
 - :class:`NonFiniteGuard` - a NaN/Inf loss or gradient is never applied.
 - :class:`HealthMonitor` - red flags printed once and recorded in the metrics:
-  Qwen gradient zero for 100+ batches, loss NaN/Inf, loss flat over a window,
-  mask ratio stuck at 1.0.
+  Qwen gradient zero for 100+ batches (steps with loss 0 not counted), loss
+  NaN/Inf, loss flat over a window (at 0: no hard cell in the window), mask
+  ratio stuck at 1.0.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ class GradientWatch:
         self.patience = patience
         self.zero_streak = {name: 0 for name in groups}
 
-    def update(self, norms: dict[str, float], exempt: frozenset[str] = frozenset()) -> None:
+    def update(self, norms: dict[str, float], exempt: frozenset[str] = frozenset(), loss: float | None = None) -> None:
         """Count consecutive zero-gradient steps. ``exempt`` groups (e.g. a Qwen whose prompt
-        came from the cache this step) are expected to have no gradient and don't count."""
+        came from the cache this step) are expected to have no gradient and don't count; nor does
+        any group at a step whose ``loss`` is exactly 0 (no hard cell: zero gradient everywhere)."""
+        if loss == 0.0:
+            return
         for name in self.groups:
             if name in exempt:
                 continue
@@ -103,7 +111,7 @@ class HealthMonitor:
         """Return the warnings raised *by this step* (each at most once per run)."""
         new: list[str] = []
         g = self.watched_group
-        if g is not None and g not in exempt:
+        if g is not None and g not in exempt and loss != 0.0:  # a loss of 0 has no gradient to give
             self.zero_grad_streak = self.zero_grad_streak + 1 if norms.get(g, 0.0) == 0.0 else 0
             if self.zero_grad_streak >= self.ZERO_GRAD_AFTER:
                 self._raise("zero_grad", f"gradient of group '{g}' has been zero for {self.zero_grad_streak} batches", new)
@@ -113,7 +121,10 @@ class HealthMonitor:
             self.losses.append(loss)
             if len(self.losses) == self.flat_window:
                 lo, hi = min(self.losses), max(self.losses)
-                if hi - lo <= self.flat_tolerance * max(1.0, abs(hi)):
+                if hi == 0.0:
+                    self._raise("flat_loss", f"loss 0 over the last {self.flat_window} batches: no hard cell in them (every "
+                                "cell right with p(target) >= threshold); the model fits its training data", new)
+                elif hi - lo <= self.flat_tolerance * max(1.0, abs(hi)):
                     self._raise("flat_loss", f"loss flat at {hi:.6g} over the last {self.flat_window} batches", new)
         ratio = metrics.get("mask_ratio")
         if ratio is not None:

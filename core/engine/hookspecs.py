@@ -100,7 +100,9 @@ def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None"
 
     Called at the start of every step, before :func:`generate_prompt`.  A cell
     is *hard* when the predicted probability of its right colour is below the
-    threshold.  The first non-None result wins (the curriculum role); with no
+    threshold; the default loss (``efe_loss``, ``hard_cells: wrong_or_unsure``)
+    also counts every cell whose most likely colour is wrong, whatever the
+    threshold (``hard_cells: threshold``: the threshold alone).  The first non-None result wins (the curriculum role); with no
     implementation the threshold stays at ``ctx.threshold``.  The value is
     stored in ``ctx.threshold`` for the loss to read.
     """

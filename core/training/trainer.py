@@ -193,9 +193,10 @@ class Trainer:
                 norms = eng.last_norms
                 prompt_groups = self._prompt_groups(norms)
                 qwen_grad = math.sqrt(sum(norms[g] ** 2 for g in prompt_groups))
-                # a step that expected no gradient for the prompt model (every prompt from the cache)
-                # logs its 0 but stays out of the averages, which describe the steps Qwen learned from
-                expected_zero = bool(prompt_groups) and set(prompt_groups) <= eng.ctx.no_grad_groups
+                # a step that expected no gradient for the prompt model (every prompt from the cache, or a
+                # loss of exactly 0: no hard cell) logs its 0 but stays out of the averages, which
+                # describe the steps Qwen learned from
+                expected_zero = bool(prompt_groups) and (set(prompt_groups) <= eng.ctx.no_grad_groups or self._loss(metrics) == 0.0)
                 counted = None if expected_zero else qwen_grad
                 warnings = eng.health.update(self._loss(metrics), norms, metrics, eng.ctx.no_grad_groups)
                 acc.add(metrics, counted)
