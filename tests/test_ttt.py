@@ -256,3 +256,31 @@ def test_prompt_ablation_scores_a_demonstration_reader_and_a_copier(make_engine,
         assert (report.model.pass_at_2, report.ablation.pass_at_2) == (model, ablated)
         saved = json.loads((tmp_path / predictor / "eval.json").read_text())
         assert saved["prompt_ablation"]["pass_at_2"] == ablated
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_torchrun_two_processes_split_the_tasks_and_answer_as_one_process(tmp_path):
+    """2 ranks (gloo on CPU) each train their own tasks; rank 0 merges; the answers are those of one
+    process (each task's training depends on the seed and the task only).  Without the ranks acting
+    independently while training, the RL policy's averaging would pair steps of different tasks
+    (or wait forever: rank 0 has two tasks, rank 1 one)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import TIMEOUT_S, free_port
+
+    data = write_tasks(tmp_path / "tasks")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "arcfw", *ttt_args(data, tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pass@2 (mean over tasks)") == 1 and "2 processes" in proc.stdout  # rank 0 reports
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert {v["rank"] for v in two["ttt"]["per_task"].values()} == {0, 1} and two["ttt"]["processes"] == 2
+    one = CliRunner().invoke(main, ttt_args(data, tmp_path / "one"))
+    assert one.exit_code == 0, one.output
+    assert json.loads((tmp_path / "two" / "submission.json").read_text()) == json.loads((tmp_path / "one" / "submission.json").read_text())
+    assert two["model"] == json.loads((tmp_path / "one" / "eval.json").read_text())["model"]

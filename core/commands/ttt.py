@@ -222,6 +222,7 @@ class TaskResult:
     loss_last: float
     cell_acc_last: float
     warnings: list[str] = field(default_factory=list)
+    rank: int = 0  # the process that trained it
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -496,6 +497,7 @@ def run_ttt(
             with distributed.independent():
                 for task in todo:
                     result = solve_task(engine, snapshot, task, settings, seed=cfg["seed"], predict_batch=predict_batch, stop=stop)
+                    result.rank = rank
                     write_result(out, result)
                     mine.append(result)
                     for w in result.warnings:
