@@ -117,8 +117,14 @@ def _common_options(fn):
     metavar="OUT",
     help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N).",
 )
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path),
+    metavar="CHECKPOINT",
+    help="A new run whose model starts from this checkpoint's weights (a run folder or a checkpoint folder); fresh optimizer.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
-def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
+def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, init_from, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
     from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.config import load_config
@@ -136,7 +142,9 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
     if out is not None:
         overrides.append(f"out={out}")
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides)
+    if init_from is not None and resume is not None:
+        raise ConfigError("--init-from", [("init_from", "cannot be combined with --resume (a resumed run has its own weights)")])
+    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides, init_from=init_from)
     summaries = trainer.fit()
     if not trainer.dist.is_main:  # rank 0 reports for the whole run
         return
