@@ -223,6 +223,7 @@ class TaskResult:
     cell_acc_last: float
     warnings: list[str] = field(default_factory=list)
     rank: int = 0  # the process that trained it
+    prompt_cached: float = 0.0  # share of the training prompts taken from the prompt cache
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -261,6 +262,7 @@ def solve_task(
     size = min(settings.batch_size, len(pool))
     queue: list[int] = []
     losses: list[float] = []
+    cached: list[float] = []
     cell_acc = float("nan")
     steps = 0
     while settings.steps is None or steps < settings.steps:
@@ -279,11 +281,13 @@ def solve_task(
         steps += 1
         losses.append(float(metrics.get("loss", float("nan"))))
         cell_acc = float(metrics.get("cell_acc", float("nan")))
+        cached.append(float(metrics.get("prompt_cached", 0.0)))
     train_seconds = time.perf_counter() - t0
     attempts = predict_task(engine, task, views, predict_batch)
     return TaskResult(
         task.task_id, attempts, round(time.perf_counter() - t0, 4), round(train_seconds, 4), steps, len(pool),
         losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), cell_acc, warnings,
+        prompt_cached=round(float(np.mean(cached)), 4) if cached else 0.0,
     )
 
 
