@@ -489,7 +489,7 @@ def run_ttt(
     finished = set(done or [])
     todo = [t for t in tasks if t.task_id not in finished][rank::world]
     snapshot = Snapshot(engine)
-    progress = Progress(out, tasks, quiet=quiet or not main)
+    progress = Progress(out, tasks if main else [], quiet=quiet or not main)
     if main and finished:
         progress.write(f"{who}: resuming: {len(finished)} of {len(tasks)} tasks already finished")
     predict_batch = predict_batch or settings.batch_size
@@ -506,7 +506,8 @@ def run_ttt(
                     mine.append(result)
                     for w in result.warnings:
                         say(f"{who}: warning: {w}")
-                    progress.poll()
+                    if main:
+                        progress.poll()
             while main and progress.poll() < len(tasks):  # the other ranks' tasks
                 if stop.signum is not None:
                     raise Stop
