@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, TINY
+from conftest import REPO, TINY, train_tiny_run
 
 from arcfw.core.commands.cli import main
 from arcfw.core.commands.evaluate import score, swap_demonstrations
@@ -161,6 +161,40 @@ def test_a_single_demonstration_trains_on_its_views_alone_and_says_so(tmp_path):
     r = solve(eng, Snapshot(eng), task)
     assert r.steps == 2 and r.examples == 2 and len(r.attempts) == 1
     assert len(r.warnings) == 1 and "single demonstration pair" in r.warnings[0] and "flip0" in r.warnings[0]
+
+
+def test_a_time_budget_ends_a_tasks_training(tasks):
+    eng = build_engine(config(**{"ttt.steps": None, "ttt.seconds": 0.3}))
+    r = solve(eng, Snapshot(eng), tasks[0])
+    assert 1 <= r.steps < 1000 and len(r.attempts) == 1
+    eng = build_engine(config(**{"ttt.steps": 3, "ttt.seconds": 1000.0}))
+    assert solve(eng, Snapshot(eng), tasks[0]).steps == 3  # whichever limit comes first
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    return root, train_tiny_run(root, 3).engine
+
+
+def test_every_task_starts_from_the_checkpoints_weights(pretrained, tasks, tmp_path):
+    from arcfw.core.training.checkpoint import load_weights
+
+    root, trained = pretrained
+    eng = build_engine(config())
+    load_weights(eng, root / "run")
+    snap = Snapshot(eng)
+    solve(eng, snap, tasks[0])
+    snap.restore(eng)
+    mods = lambda e: [p for g in e.groups for m in g.modules for p in m.parameters()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(mods(eng), mods(trained)))
+    assert torch.equal(eng.plugins["rl_policy"].mu[2].weight, trained.plugins["rl_policy"].mu[2].weight)
+    assert torch.equal(eng.plugins["agent"].size_head.mlp[0].weight, trained.plugins["agent"].size_head.mlp[0].weight)
+    # the command: from the checkpoint, recorded in eval.json
+    data = write_tasks(tmp_path / "tasks")
+    res = CliRunner().invoke(main, ttt_args(data, tmp_path / "out", "--checkpoint", str(root / "run")))
+    assert res.exit_code == 0, res.output
+    assert "step-00000003" in json.loads((tmp_path / "out" / "eval.json").read_text())["ttt"]["checkpoint"]
 
 
 # --------------------------------------------------------------------------- the command

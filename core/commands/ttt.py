@@ -80,9 +80,9 @@ from arcfw.core.config import RunConfig
 from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.engine import distributed
 from arcfw.core.engine.context import View
-from arcfw.core.engine.engine import Engine, seed_everything
+from arcfw.core.engine.engine import Engine, resolve_device, seed_everything
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
-from arcfw.core.errors import ConfigError, DataError, Interrupted, TrainingHalted
+from arcfw.core.errors import ConfigError, DataError, DistributedError, Interrupted, TrainingHalted
 from arcfw.core.training import checkpoint as ckpt
 from arcfw.core.training.interrupt import StopSignals
 from arcfw.plugins.augment import DIHEDRAL, Transform, random_colours
@@ -113,14 +113,14 @@ class Settings:
         return cls(t["steps"], t["seconds"], dict(t["lr"]), t["views"], t["batch_size"], t["augment"])
 
 
-def build_engine(cfg: RunConfig, out_dir: Path | None = None) -> Engine:
+def build_engine(cfg: RunConfig, out_dir: Path | None = None, device: torch.device | None = None) -> Engine:
     """A one-process engine whose learning rates are ``ttt.lr`` over ``optimizer.lr``; an unknown
     group in ``ttt.lr`` is a config error naming ``ttt.lr.<group>``."""
     data = copy.deepcopy(cfg.data)
     data["optimizer"]["lr"] = {**data["optimizer"]["lr"], **data["ttt"]["lr"]}
     own = set(data["ttt"]["lr"]) - set(cfg["optimizer"]["lr"])
     try:
-        return Engine(RunConfig(data=data, source=cfg.source, plugins=cfg.plugins), out_dir=out_dir)
+        return Engine(RunConfig(data=data, source=cfg.source, plugins=cfg.plugins), out_dir=out_dir, device=device)
     except ConfigError as exc:
         renamed = [(f"ttt.lr.{k.split('.', 2)[2]}" if k.startswith("optimizer.lr.") and k.split(".", 2)[2] in own else k, m)
                    for k, m in exc.problems]
@@ -433,6 +433,19 @@ def peak_memory_mib(device: torch.device) -> dict[str, float]:
     return out
 
 
+def rank_device(cfg: RunConfig, world: int) -> torch.device:
+    """The config's device; on CUDA with several processes, GPU ``LOCAL_RANK`` (one per process)."""
+    device = resolve_device(cfg["device"])
+    if device.type == "cuda" and world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise DistributedError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                                   "start at most one process per GPU (torchrun --nproc-per-node)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device
+
+
 def _world() -> tuple[int, int]:
     try:
         return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -474,7 +487,8 @@ def run_ttt(
     who = "arcfw" if world == 1 else f"arcfw[rank {rank}/{world}]"
     main = rank == 0
     record = settings_record(cfg, checkpoint, data)
-    engine = build_engine(cfg, out_dir=out)  # bad config, plugins or checkpoint fail before anything is written
+    # bad config, plugins or checkpoint fail before anything is written
+    engine = build_engine(cfg, out_dir=out, device=rank_device(cfg, world))
     loaded = ckpt.load_weights(engine, checkpoint) if checkpoint is not None else None
     if world > 1:
         if not torch.distributed.is_initialized():
