@@ -84,6 +84,7 @@ def test_leave_one_out_examples_of_every_view_come_from_the_demonstrations_only(
     assert all(v.colours[0] == 0 for v in views)
     pool = training_examples(t, views)
     assert len(pool) == 3 * len(t.train) and len({e.key for e in pool}) == len(pool)  # the prompt cache tells views apart
+    assert all(e.pair_index >= len(t.train) for e in pool)  # and never takes a prompt cached by a training run
     first = pool[: len(t.train)]  # view 0: the task itself
     for i, ex in enumerate(first):
         assert np.array_equal(ex.query.output, t.train[i].output)

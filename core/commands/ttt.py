@@ -198,15 +198,17 @@ def task_views(task: Task, settings: Settings, seed: int) -> list[Transform]:
 def training_examples(task: Task, views: list[Transform]) -> list[Example]:
     """Leave-one-out examples of every view: demonstration ``i`` is the query, the others its context.
 
-    Built from ``task.train`` only.  Keys differ per view (``pair_index = view * pairs + i``), so
-    the prompt cache tells the views apart.  One demonstration: the context is empty.
+    Built from ``task.train`` only.  Keys differ per view (``pair_index = (view + 1) * pairs + i``),
+    so the prompt cache tells the views apart, and never equal a training run's keys (``i``), so a
+    prompt cached by the run that made the checkpoint is never reused.  One demonstration: the
+    context is empty.
     """
     n = len(task.train)
     out = []
     for v, t in enumerate(views):
         pairs = [Pair(t.apply(p.input), t.apply(p.output)) for p in task.train]
         for i in range(n):
-            out.append(Example(task.task_id, v * n + i, tuple(pairs[:i] + pairs[i + 1 :]), pairs[i]))
+            out.append(Example(task.task_id, (v + 1) * n + i, tuple(pairs[:i] + pairs[i + 1 :]), pairs[i]))
     return out
 
 
