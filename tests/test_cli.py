@@ -177,4 +177,4 @@ def test_commands_other_than_run_refuse_torchrun(monkeypatch, tmp_path, command)
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [
         f"arcfw[rank 1/2]: distributed error: arcfw {command[0]} runs in one process, but torchrun started 2 "
-        f"(WORLD_SIZE=2): start it as plain `arcfw {command[0]} ...`; only `arcfw run` uses several processes"]
+        f"(WORLD_SIZE=2): start it as plain `arcfw {command[0]} ...`; only `arcfw run` and `arcfw eval --ttt` use several processes"]

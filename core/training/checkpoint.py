@@ -792,3 +792,57 @@ def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
         _load_modules(engine, ckpt)
         _load_plugin_states(engine, ckpt, state["plugins"])
     return ckpt
+
+
+def _saved_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def init_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
+    """Start a new run from a checkpoint's weights (``arcfw run --init-from``).
+
+    Loaded: the modules of every parameter group (and group parameters outside
+    them), nothing else - the optimizer, the plugins' own state (RL policy, size
+    head, prompt cache), RNG states and step counters start fresh.  A model that
+    differs from the checkpoint's (modules, parameter names or shapes) is refused
+    with every difference named, before anything is loaded.
+    """
+    ckpt = read(locate(path))
+    saved_modules = ckpt.meta["modules"]
+    problems: list[str] = []
+    current = dict(_modules(engine))
+    for name in sorted(set(saved_modules) - set(current)):
+        problems.append(f"module '{name}' is in the checkpoint, not in the model the config builds")
+    for name in sorted(set(current) - set(saved_modules)):
+        problems.append(f"module '{name}' of the model is not in the checkpoint")
+    for name, module in current.items():
+        if name not in saved_modules:
+            continue
+        try:
+            saved = _saved_shapes(ckpt.path / saved_modules[name])
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{ckpt.path}: module '{name}' cannot be read: {_short(_one_line(exc))}") from None
+        now = {k: tuple((v.full_tensor() if _is_dtensor(v) else v).shape) for k, v in module.state_dict().items()}
+        for key in sorted(set(saved) | set(now)):
+            if key not in now:
+                problems.append(f"{name}.{key} (checkpoint: {list(saved[key])}, now: absent)")
+            elif key not in saved:
+                problems.append(f"{name}.{key} (checkpoint: absent, now: {list(now[key])})")
+            elif saved[key] != now[key]:
+                problems.append(f"{name}.{key} (checkpoint: {list(saved[key])}, now: {list(now[key])})")
+    loose = _loose_params(engine)
+    if loose:
+        file = ckpt.path / MODULES / LOOSE
+        saved = _saved_shapes(file) if file.is_file() else {}
+        for key, p in loose.items():
+            if tuple(p.shape) != saved.get(key):
+                problems.append(f"{key} (checkpoint: {list(saved[key]) if key in saved else 'absent'}, now: {list(p.shape)})")
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointError(f"{ckpt.path}: cannot initialise from it: the model the config builds differs from the checkpoint's: {shown}")
+    with _fitting(ckpt):
+        _load_modules(engine, ckpt)
+    return ckpt

@@ -64,10 +64,13 @@ class Trainer:
         overwrite: bool = False,
         resume: Path | str | None = None,
         overrides: Sequence[str] = (),
+        init_from: Path | str | None = None,
     ):
         """``resume``: continue the run in ``out_dir`` from a checkpoint (``out_dir`` itself for its
         latest checkpoint, or one of its checkpoint folders).  ``overrides``: the command line's
-        ``key=value`` overrides, repeated in the command printed to resume a stopped run."""
+        ``key=value`` overrides, repeated in the command printed to resume a stopped run.
+        ``init_from``: a new run whose model starts from that checkpoint's module weights
+        (:func:`arcfw.core.training.checkpoint.init_weights`; optimizer and plugin states fresh)."""
         self.config = config
         self.overrides = [o for o in overrides if not o.startswith("out=")]
         self.cfg = config.data
@@ -85,6 +88,11 @@ class Trainer:
         self.tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
         self.examples = make_examples(self.tasks)
         self.engine = Engine.from_config(config, out_dir=self.out_dir, dist=self.dist)
+        self.init_from = None
+        if init_from is not None:
+            if resume is not None:
+                raise ConfigError("--init-from", [("init_from", "cannot be combined with --resume (a resumed run has its own weights)")])
+            self.init_from = checkpoint.init_weights(self.engine, init_from)
         augment = self.engine.augment_example if self.engine.implements("augment_example") else None
         self.loader = ExampleLoader(
             self.examples, batch_size=self.cfg["batch_size"], shuffle=d["shuffle"], seed=self.cfg["seed"],
@@ -113,6 +121,9 @@ class Trainer:
                         f"epoch {self.start_epoch}, batch {self.start_batch})")
             for note in restored.notes:
                 self._print(f"warning: {note}")
+        if self.init_from is not None:
+            self._print(f"arcfw: model initialised from {self.init_from.path} (step {self.init_from.step}); "
+                        "optimizer and plugin states start fresh")
 
     # ------------------------------------------------------------------ output
 
