@@ -76,19 +76,31 @@ def query_cells(inp: np.ndarray, out_shape: tuple[int, int]) -> tuple[np.ndarray
 
 
 class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+    """Multi-head attention; with ``match`` (cross-attention), each head adds ``sum_k beta[h, k] *
+    [view k of the cell == view k of the token]`` to its scores: a learned, per-view weight on
+    "same colour here as there", which makes a lookup such as a colour map one parameter away."""
+
+    def __init__(self, dim: int, heads: int, match: bool = False):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        self.beta = nn.Parameter(torch.zeros(heads, NUM_VIEWS)) if match else None
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, key_mask: torch.Tensor,
+                match: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, N, D = x.shape
         h = self.heads
         q = self.q(x).view(B, N, h, D // h).transpose(1, 2)
         k, v = self.kv(mem).view(B, mem.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        mask = key_mask[:, None, None, :]
+        if self.beta is not None and match is not None:
+            cells, tokens = match  # one-hot view colours [B, N, K, 10] and [B, T, K, 10]
+            weighted = tokens[:, None] * self.beta[None, :, None, :, None].to(tokens.dtype)  # [B, h, T, K, 10]
+            bias = torch.einsum("bnkc,bhtkc->bhnt", cells, weighted)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 
 
@@ -96,15 +108,15 @@ class _Block(nn.Module):
     def __init__(self, dim: int, heads: int, mem_dim: int):
         super().__init__()
         self.norm_cross = nn.LayerNorm(dim)
-        self.cross = _Attention(dim, heads)
+        self.cross = _Attention(dim, heads, match=True)
         self.norm_self = nn.LayerNorm(dim)
         self.self_attn = _Attention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, mem, mem_mask, cell_mask, gamma, beta):
+    def forward(self, x, mem, mem_mask, cell_mask, gamma, beta, match=None):
         if mem is not None:
-            x = x + self.cross(self.norm_cross(x), mem, mem_mask)
+            x = x + self.cross(self.norm_cross(x), mem, mem_mask, match)
         h = self.norm_self(x)
         x = x + self.self_attn(h, h, cell_mask)
         h = self.norm_mlp(x) * (1 + gamma[:, None]) + beta[:, None]  # FiLM from the prompt
@@ -132,15 +144,18 @@ class GridTransformerNet(nn.Module):
         nn.init.normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
 
-    def forward(self, prompt, features, views, cell_mask, mem=None, mem_mask=None):
+    def forward(self, prompt, features, views, cell_mask, mem=None, mem_mask=None, mem_views=None):
         B, N, Fn = features.shape
         x = self.embed(features.reshape(B * N, Fn)).view(B, N, -1) + self.prompt_in(prompt)[:, None]
         m = self.mem_norm(self.mem_in(mem.to(x.dtype))) if mem is not None else None
         film = self.film(prompt).view(B, len(self.blocks), 2, -1)
-        for i, block in enumerate(self.blocks):
-            x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1])
-        x = self.norm(x)
         onehot = F.one_hot(views, NO_CELL + 1)[..., :NUM_COLOURS].to(x.dtype)  # [B, N, K, 10]; no cell -> 0
+        match = None
+        if mem_views is not None:
+            match = (onehot, F.one_hot(mem_views, NO_CELL + 1)[..., :NUM_COLOURS].to(x.dtype))
+        for i, block in enumerate(self.blocks):
+            x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1], match)
+        x = self.norm(x)
         pointed = torch.einsum("bnk,bnkc->bnc", self.pointer(x), onehot)
         return self.head(x) + pointed
 
@@ -177,7 +192,7 @@ class GridTransformer(Plugin):
 
     @hookimpl
     def parameter_groups(self, ctx):
-        return [ParamGroup(name="predictor", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
+        return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
 
     def _cells(self, batch):
         """Canvas-wide features, views and the output-cell mask of a batch (the output size from
@@ -204,14 +219,15 @@ class GridTransformer(Plugin):
     @hookimpl
     def predict(self, prompt, batch, ctx, encoding):
         feats, views, cell_mask = self._cells(batch)
-        mem = mem_mask = None
+        mem = mem_mask = mem_views = None
         if encoding is not None:
             if encoding.tokens.shape[-1] != self._mem_dim:
                 raise ValueError(
                     f"the prompt plugin's token states have width {encoding.tokens.shape[-1]}, expected {self._mem_dim} (ctx.prompt_dim)"
                 )
             mem, mem_mask = encoding.tokens, encoding.token_mask
-        logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask)
+            mem_views = encoding.meta.get("views")
+        logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views)
         H, W = batch.canvas
         return logits.view(batch.size, H, W, NUM_COLOURS)
 

@@ -229,6 +229,7 @@ class _CellSequence:
 
     features: np.ndarray
     dropped: int
+    views: np.ndarray | None = None  # [T, NUM_VIEWS] the view colours of every token (NO_CELL for none)
 
 
 @dataclass
@@ -587,6 +588,9 @@ class QwenPrompt(Plugin):
             total -= len(parts[start])
             start += 1
         seq = _CellSequence(np.concatenate([*parts[start:], query, summary_features(len(demos))]), start)
+        views = seq.features[:, :NUM_VIEWS] - _OFF_VIEW - np.arange(NUM_VIEWS) * (NO_CELL + 1)
+        views[-1] = NO_CELL  # the summary token has no cell
+        seq.views = views
         self._cache[example.key] = (fp, seq)
         return seq
 
@@ -610,7 +614,7 @@ class QwenPrompt(Plugin):
         self._note_dropped(batch.examples, ctx)
         if self.cache_every == 1 or not ctx.training or ctx.world_size > 1:
             self._last_use = None
-            return self._assemble(*self._encode(batch.examples, ctx.device))
+            return self._assemble(*self._encode(batch.examples, ctx.device), batch.examples)
         return self._reuse_or_encode(batch.examples, ctx)
 
     def _note_dropped(self, examples: Sequence[Example], ctx: Context) -> None:
@@ -633,7 +637,8 @@ class QwenPrompt(Plugin):
                 "demos_dropped counts them; raise plugins.prompt.max_tokens to keep them (said once)", file=sys.stderr,
             )
 
-    def _assemble(self, prompts: torch.Tensor, tokens: list[torch.Tensor] | None) -> torch.Tensor | TaskEncoding:
+    def _assemble(self, prompts: torch.Tensor, tokens: list[torch.Tensor] | None,
+                  examples: Sequence[Example] = ()) -> torch.Tensor | TaskEncoding:
         """The hook's result: the prompt alone (encoding "text"), or a TaskEncoding with the token states padded."""
         if tokens is None:
             return prompts
@@ -643,9 +648,13 @@ class QwenPrompt(Plugin):
         else:
             states = torch.stack([F.pad(x, (0, 0, 0, T - len(x))) for x in tokens])
         mask = torch.zeros(len(tokens), T, dtype=torch.bool, device=prompts.device)
-        for b, x in enumerate(tokens):
+        views = np.full((len(tokens), T, NUM_VIEWS), NO_CELL, dtype=np.int64)
+        for b, (x, ex) in enumerate(zip(tokens, examples)):
             mask[b, : len(x)] = True
-        return TaskEncoding(prompt=prompts, tokens=states, token_mask=mask)
+            views[b, : len(x)] = self.cell_sequence(ex).views
+        # meta["views"]: the colour of every view at every token, for a predictor that matches cells by colour
+        return TaskEncoding(prompt=prompts, tokens=states, token_mask=mask,
+                            meta={"views": torch.from_numpy(views).to(prompts.device)})
 
     def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor | TaskEncoding:
         """Prompts (and token states): cached ones where still usable, the others from Qwen (with gradient)."""
@@ -669,7 +678,7 @@ class QwenPrompt(Plugin):
             if trainable:
                 ctx.no_grad_groups.add(GROUP)  # expected: no gradient for Qwen this step
             return self._assemble(torch.stack([r.prompt for r in rows]),
-                                  None if self.encoder is None else [r.tokens for r in rows])
+                                  None if self.encoder is None else [r.tokens for r in rows], examples)
         fresh, fresh_tokens = self._encode([examples[b] for b in misses], ctx.device)
         prompts: list[torch.Tensor] = [r.prompt if r is not None else fresh[0] for r in rows]
         tokens: list[torch.Tensor] | None = None if fresh_tokens is None else [
@@ -682,8 +691,8 @@ class QwenPrompt(Plugin):
                 fingerprints[b], ctx.step, weights, fresh[i].detach(),
                 None if fresh_tokens is None else fresh_tokens[i].detach())
         if len(misses) == len(examples):
-            return self._assemble(fresh, fresh_tokens)
-        return self._assemble(torch.stack(prompts), tokens)
+            return self._assemble(fresh, fresh_tokens, examples)
+        return self._assemble(torch.stack(prompts), tokens, examples)
 
     def _weights_stamp(self) -> int:
         """Changes when a parameter of a frozen Qwen is replaced or changed in place (a checkpoint load).
