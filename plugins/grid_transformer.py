@@ -190,6 +190,10 @@ class GridTransformer(Plugin):
         self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads).to(ctx.device)
         self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.dim, self.size_lr, ctx.device, ctx.fused_optimizers)
 
+    @property
+    def size_head(self):
+        return self.sizes.head
+
     @hookimpl
     def parameter_groups(self, ctx):
         return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
@@ -230,6 +234,10 @@ class GridTransformer(Plugin):
         logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views)
         H, W = batch.canvas
         return logits.view(batch.size, H, W, NUM_COLOURS)
+
+    def size_logits(self, prompt, batch) -> torch.Tensor:
+        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
+        return self.sizes.logits(prompt, batch)
 
     @hookimpl
     def predict_shape(self, prompt, batch, ctx):
