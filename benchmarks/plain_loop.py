@@ -18,20 +18,23 @@ import math
 import torch
 
 from arcfw.core.data.batch import Batch
-from arcfw.core.engine.context import StepResult
+from arcfw.core.engine.context import StepResult, TaskEncoding
 from arcfw.core.engine.engine import Engine
 
 
 def plain_step(engine: Engine, batch: Batch, step: int) -> float:
     """One training step of ``engine``'s default plugins without the engine. Returns the loss."""
     ctx, p = engine.ctx, engine.plugins
-    qwen, policy, agent, loss_fn, curriculum = p["qwen"], p["rl_policy"], p["agent"], p["efe_loss"], p["curriculum"]
+    by_role = {role: p[name] for name, role in engine.roles.items()}
+    qwen, policy, agent, loss_fn, curriculum = (by_role[r] for r in ("prompt", "refine", "predictor", "loss", "curriculum"))
     ctx.training, ctx.step, ctx.no_grad_groups = True, step, set()
 
     ctx.threshold = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
-    prompt = qwen.generate_prompt(batch, ctx)
+    encoding = qwen.generate_prompt(batch, ctx)
+    prompt = encoding.prompt if isinstance(encoding, TaskEncoding) else encoding
+    encoding = encoding if isinstance(encoding, TaskEncoding) else None
     refined = policy.refine(prompt, batch, ctx)
-    logits = agent.predict(refined, batch, ctx)
+    logits = agent.predict(refined, batch, ctx, encoding)
     out = loss_fn.compute_loss(logits, batch, ctx)
     loss = out.loss.float()
     loss.backward()
@@ -49,13 +52,15 @@ def plain_step(engine: Engine, batch: Batch, step: int) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
+    detached = encoding.detach() if encoding is not None else None
+
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return agent.predict(x, batch, ctx).float()
+            return agent.predict(x, batch, ctx, detached).float()
 
     result = StepResult(
         batch=batch, prompt=prompt.detach(), refined=refined.detach(), logits=logits.detach(), loss=values[0],
-        metrics=dict(out.metrics), applied=True, predict=predict, epoch=ctx.epoch, step=step + 1,
+        metrics=dict(out.metrics), applied=True, predict=predict, epoch=ctx.epoch, step=step + 1, encoding=detached,
     )
     qwen.post_step_update(result, ctx)  # role order, as the engine calls them
     policy.post_step_update(result, ctx)

@@ -135,7 +135,7 @@ DEFAULTS: dict[str, Any] = {
     "plugins": {
         "prompt": {"name": "qwen"},
         "refine": {"name": "rl_policy"},
-        "predictor": {"name": "agent"},
+        "predictor": {"name": "grid_transformer"},
         "loss": {"name": "efe_loss"},
         "curriculum": {"name": "curriculum"},
         "extra": [],

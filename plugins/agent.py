@@ -4,16 +4,13 @@ and the output grid's size (a size head with its own optimizer, used at evaluati
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from arcfw.core.data.batch import NUM_COLOURS
 from arcfw.core.engine.context import ParamGroup
-from arcfw.core.engine.distributed import average_gradients, broadcast_
-from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.data.shapes import mask_shapes, rule_shapes, top_shapes
+from arcfw.core.nn import SizeHead, SizeLearner
 
 
 class _Block(nn.Module):
@@ -27,29 +24,6 @@ class _Block(nn.Module):
         h = h * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]  # FiLM from the prompt
         h = self.mix(torch.nn.functional.gelu(h))
         return (x + h) * mask  # cells outside the example's canvas stay exactly 0
-
-
-class SizeHead(nn.Module):
-    """Output size from the refined prompt: logits over sides 1..30 for rows and for columns, ``[B, 2, 30]``.
-
-    ``logits = MLP(prompt) + w_rule * onehot(rule size) + w_input * onehot(input size)``.
-    The MLP's last layer starts at zero, so an untrained head predicts the size the
-    demonstration pairs suggest (:func:`arcfw.core.data.shapes.rule_shape`), the input size
-    second; training learns the departures.  It reads the prompt and the input grid's
-    size only, never the canvas, which in training would give the answer's size away.
-    """
-
-    def __init__(self, prompt_dim: int, hidden: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(prompt_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * MAX_SIDE))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-        self.prior = nn.Parameter(torch.tensor([4.0, 2.0]))  # weights of the rule size and the input size
-
-    def forward(self, prompt: torch.Tensor, rule: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        logits = self.mlp(prompt).view(prompt.shape[0], 2, MAX_SIDE).float()
-        sides = torch.arange(1, MAX_SIDE + 1, device=prompt.device)
-        return logits + self.prior[0] * (rule[..., None] == sides) + self.prior[1] * (inp[..., None] == sides)
 
 
 class AgentNet(nn.Module):
@@ -104,14 +78,16 @@ class GridAgent(Plugin):
         self.layers = layers
         self.size_lr = float(size_lr)
         self.net: AgentNet | None = None
-        self.size_head: SizeHead | None = None
+        self.sizes: SizeLearner | None = None  # the size head and its optimizer (configure)
 
     @hookimpl
     def configure(self, ctx):
         self.net = AgentNet(ctx.prompt_dim, self.channels, self.layers).to(ctx.device)
-        self.size_head = SizeHead(ctx.prompt_dim, 2 * self.channels).to(ctx.device)
-        broadcast_(self.size_head.parameters())  # same start on every rank (several processes)
-        self.size_optimizer = torch.optim.Adam(self.size_head.parameters(), lr=self.size_lr, fused=ctx.fused_optimizers)
+        self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.channels, self.size_lr, ctx.device, ctx.fused_optimizers)
+
+    @property
+    def size_head(self) -> SizeHead:
+        return self.sizes.head
 
     @hookimpl
     def parameter_groups(self, ctx):
@@ -123,33 +99,20 @@ class GridAgent(Plugin):
 
     def size_logits(self, prompt, batch) -> torch.Tensor:
         """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
-        return self.size_head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
+        return self.sizes.logits(prompt, batch)
 
     @hookimpl
     def predict_shape(self, prompt, batch, ctx):
-        return top_shapes(self.size_logits(prompt, batch), k=2)
+        return self.sizes.shapes(prompt, batch)
 
     @hookimpl
     def post_step_update(self, result, ctx):
-        if not result.applied:  # a skipped step may carry non-finite values
-            return None
-        target = mask_shapes(result.batch.target_mask).clamp_min(1)  # [B, 2] the answer's size
-        with torch.enable_grad():
-            logits = self.size_logits(result.refined, result.batch)
-            loss = F.cross_entropy(logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1)) * 2  # rows + columns
-            self.size_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        average_gradients(self.size_head.parameters())  # the size head stays the same on every rank
-        self.size_optimizer.step()
-        right = (top_shapes(logits.detach(), k=1)[:, 0] == target).all(1).float().mean()
-        size_loss, size_acc = torch.stack([loss.detach(), right]).tolist()
-        return {"size_loss": size_loss, "size_acc": size_acc}
+        return self.sizes.update(result)
 
     @hookimpl
     def state_dict(self, ctx):
-        return {"size_head": self.size_head.state_dict(), "size_optimizer": self.size_optimizer.state_dict()}
+        return self.sizes.state_dict()
 
     @hookimpl
     def load_state_dict(self, state, ctx):
-        self.size_head.load_state_dict(state["size_head"])
-        self.size_optimizer.load_state_dict(state["size_optimizer"])
+        self.sizes.load_state_dict(state)

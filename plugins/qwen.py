@@ -92,7 +92,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfw.core.data.batch import NUM_COLOURS, Batch, Example
-from arcfw.core.engine.context import Context, ParamGroup
+from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.data.views import NO_CELL, NUM_VIEWS, grid_views
+from arcfw.core.engine.context import Context, ParamGroup, TaskEncoding
 from arcfw.core.engine.distributed import unwrap
 from arcfw.core.errors import PluginError, first_line
 from arcfw.core.engine.hookspecs import hookimpl
@@ -107,6 +109,7 @@ PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 
 POOLINGS = ("last", "mean")
+ENCODINGS = ("cells", "text")
 BATCHINGS = ("auto", "padded", "per_example")
 #: name of this plugin's parameter group (the one put in ``ctx.no_grad_groups`` on fully cached steps)
 GROUP = "qwen"
@@ -146,6 +149,88 @@ def build_grid_tokenizer():
         extra_special_tokens=[IN_MARK, OUT_MARK, QUERY_MARK],
     )
 
+# --------------------------------------------------------------------------- the cell encoding
+#
+# One token per cell.  A token's embedding is the sum of the embeddings of its features (one
+# table, an EmbeddingBag): the colour of every view of the pair's input at this cell
+# (arcfw.core.data.views), the output colour, whether each view's colour equals the output colour,
+# the position counted from each edge, the segment (demonstration, query, summary) and the pair.
+#: output colour of a query token: not known (never shown)
+UNKNOWN_OUT = NUM_COLOURS + 1
+SEG_DEMO, SEG_QUERY, SEG_SUMMARY = 0, 1, 2
+MAX_PAIRS = 16
+_OFF_VIEW = 1  # index 0 is the EmbeddingBag's padding (an absent feature)
+_OFF_OUT = _OFF_VIEW + NUM_VIEWS * (NO_CELL + 1)
+_OFF_EQ = _OFF_OUT + NUM_COLOURS + 2
+_OFF_POS = _OFF_EQ + NUM_VIEWS * 3
+_OFF_SEG = _OFF_POS + 4 * MAX_SIDE
+_OFF_PAIR = _OFF_SEG + 3
+CELL_VOCAB = _OFF_PAIR + MAX_PAIRS
+#: features per token: views, output colour, view == output, 4 positions, segment, pair
+CELL_FEATURES = NUM_VIEWS + 1 + NUM_VIEWS + 4 + 1 + 1
+
+
+def cell_features(inp: np.ndarray, out: np.ndarray | None, pair: int, segment: int) -> np.ndarray:
+    """Feature indices ``[h*w, CELL_FEATURES]`` of the tokens of one grid pair, row-major.
+
+    A demonstration pair (``out`` given) has one token per *output* cell, carrying every
+    view of its input at that cell, the output colour and which views agree with it.  A
+    query (``out`` None) has one token per *input* cell: its views onto itself, output unknown.
+    """
+    shape = out.shape if out is not None else inp.shape
+    h, w = int(shape[0]), int(shape[1])
+    views = grid_views(inp, (h, w)).reshape(NUM_VIEWS, -1).T  # [n, K]
+    n = h * w
+    k = np.arange(NUM_VIEWS)
+    f = np.empty((n, CELL_FEATURES), dtype=np.int64)
+    f[:, :NUM_VIEWS] = _OFF_VIEW + k * (NO_CELL + 1) + views
+    if out is not None:
+        o = np.asarray(out, dtype=np.int64).reshape(-1)
+        f[:, NUM_VIEWS] = _OFF_OUT + o
+        eq = (views == o[:, None]).astype(np.int64)
+    else:
+        f[:, NUM_VIEWS] = _OFF_OUT + UNKNOWN_OUT
+        eq = np.full((n, NUM_VIEWS), 2, dtype=np.int64)
+    f[:, NUM_VIEWS + 1: 2 * NUM_VIEWS + 1] = _OFF_EQ + k * 3 + eq
+    r, c = np.divmod(np.arange(n), w)
+    base = 2 * NUM_VIEWS + 1
+    for j, pos in enumerate((r, c, h - 1 - r, w - 1 - c)):
+        f[:, base + j] = _OFF_POS + j * MAX_SIDE + pos
+    f[:, base + 4] = _OFF_SEG + segment
+    f[:, base + 5] = _OFF_PAIR + min(pair, MAX_PAIRS - 1)
+    return f
+
+
+def summary_features(pair: int) -> np.ndarray:
+    """The last token of an example (its state is the pooled prompt): segment and pair only."""
+    f = np.zeros((1, CELL_FEATURES), dtype=np.int64)
+    f[0, 0] = _OFF_SEG + SEG_SUMMARY
+    f[0, 1] = _OFF_PAIR + min(pair, MAX_PAIRS - 1)
+    return f
+
+
+class CellEmbedding(nn.Module):
+    """Token embeddings of the cell encoding: the sum of its features' embeddings, ``[n, D]``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(CELL_VOCAB, dim, mode="sum", padding_idx=0)
+        nn.init.normal_(self.bag.weight, std=0.02)
+        with torch.no_grad():
+            self.bag.weight[0].zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.bag(features)
+
+
+@dataclass
+class _CellSequence:
+    """An example's cell tokens: feature indices ``[T, F]`` and how many demonstration pairs were dropped."""
+
+    features: np.ndarray
+    dropped: int
+    views: np.ndarray | None = None  # [T, NUM_VIEWS] the view colours of every token (NO_CELL for none)
+
 
 @dataclass
 class _CachedPrompt:
@@ -155,6 +240,24 @@ class _CachedPrompt:
     step: int  # ctx.step when it was computed
     weights: int | None  # stamp of a frozen Qwen's parameters when it was computed (None: Qwen trained, or restored)
     prompt: torch.Tensor  # [D], detached
+    tokens: torch.Tensor | None = None  # [T, D], detached (cell encoding)
+
+
+class _CellEncoder(nn.Module):
+    """The cell embedding and the Qwen2 model as one module (one parameter group, one DDP wrapper).
+
+    ``forward(features [B, T, F], attention_mask [B, T] or None)`` -> last hidden states ``[B, T, D]``.
+    """
+
+    def __init__(self, model: nn.Module, embed: CellEmbedding):
+        super().__init__()
+        self.model = model
+        self.embed = embed
+
+    def forward(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, F_ = features.shape
+        x = self.embed(features.reshape(B * T, F_)).view(B, T, -1)
+        return self.model(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 class QwenPrompt(Plugin):
@@ -195,7 +298,8 @@ class QwenPrompt(Plugin):
         num_heads: int = 4,
         num_kv_heads: int = 2,
         intermediate_size: int = 128,
-        max_tokens: int = 2048,
+        max_tokens: int = 4608,
+        encoding: str = "cells",
         pooling: str = "last",
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
@@ -203,6 +307,13 @@ class QwenPrompt(Plugin):
         batching: str = "auto",
         last_layer_shortcut: bool = True,
     ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(repr(e) for e in ENCODINGS)}, got {encoding!r}")
+        if encoding == "cells" and max_tokens < MAX_SIDE * MAX_SIDE + 1:
+            raise ValueError(
+                f"max_tokens must be at least {MAX_SIDE * MAX_SIDE + 1} with encoding 'cells' (a 30x30 query input "
+                f"and the summary token), got {max_tokens}"
+            )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(repr(p) for p in POOLINGS)}, got {pooling!r}")
         if batching not in BATCHINGS:
@@ -239,6 +350,7 @@ class QwenPrompt(Plugin):
         self.num_kv_heads = num_kv_heads
         self.intermediate_size = intermediate_size
         self.max_tokens = max_tokens
+        self.encoding = encoding
         self.pooling = pooling
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
@@ -251,6 +363,9 @@ class QwenPrompt(Plugin):
         self._shortcut_ran = False
 
         self.model: nn.Module | None = None
+        self.encoder: _CellEncoder | None = None  # encoding "cells": the cell embedding and the model, one module
+        self._dropped_warned = False
+        self._last_dropped: int | None = None  # demonstration pairs the token budget dropped, last step
         self.tokenizer: Any = None
         self.pad_id: int = 0
         self._colour_ids: list[list[int]] = []
@@ -290,7 +405,7 @@ class QwenPrompt(Plugin):
         else:
             self.tokenizer = build_grid_tokenizer()
             config = Qwen2Config(
-                vocab_size=len(self.tokenizer),
+                vocab_size=len(self.tokenizer) if self.encoding == "text" else 1,  # cells: embeddings are ours
                 hidden_size=self.hidden_size,
                 intermediate_size=self.intermediate_size,
                 num_hidden_layers=self.num_layers,
@@ -312,8 +427,16 @@ class QwenPrompt(Plugin):
         self.model = model
         if self.batching == "auto":
             self._per_example = ctx.device.type == "cpu"
-        self._build_symbol_ids()
-        self._install_shortcut(model)
+        if self.encoding == "cells":
+            # the model reads our cell embeddings (inputs_embeds); its token table is never used
+            model.get_input_embeddings().weight.requires_grad_(False)
+            self.encoder = _CellEncoder(model, CellEmbedding(int(model.config.hidden_size))).to(ctx.device)
+            self.encoder.train()
+            self._cache.clear()
+            self._prompts.clear()
+        else:
+            self._build_symbol_ids()
+            self._install_shortcut(model)
         ctx.prompt_dim = int(model.config.hidden_size)
 
     def _load_tokenizer(self) -> Any:
@@ -375,7 +498,10 @@ class QwenPrompt(Plugin):
 
     @hookimpl
     def parameter_groups(self, ctx: Context) -> list[ParamGroup]:
-        return [ParamGroup(name=GROUP, params=list(self.model.parameters()), lr=1e-4, modules=[self.model], module_attr="model")]
+        if self.encoder is not None:
+            params = [p for p in self.encoder.parameters() if p.requires_grad]
+            return [ParamGroup(name=GROUP, params=params, lr=3e-4, modules=[self.encoder], module_attr="encoder")]
+        return [ParamGroup(name=GROUP, params=list(self.model.parameters()), lr=3e-4, modules=[self.model], module_attr="model")]
 
     # ------------------------------------------------------------------ serialisation
 
@@ -445,6 +571,29 @@ class QwenPrompt(Plugin):
         self._cache[example.key] = (fp, ids)
         return ids
 
+    def cell_sequence(self, example: Example) -> _CellSequence:
+        """The example's cell tokens (encoding ``"cells"``): every demonstration pair that fits in
+        ``max_tokens`` (whole pairs dropped from the front otherwise), the query input, the summary
+        token; cached per ``example.key`` and checked against a fingerprint of the grids."""
+        fp = self._fingerprint(example)
+        hit = self._cache.get(example.key)
+        if hit is not None and hit[0] == fp:
+            return hit[1]
+        demos = [p for p in example.demos if p.output is not None]
+        parts = [cell_features(p.input, p.output, i, SEG_DEMO) for i, p in enumerate(demos)]
+        query = cell_features(example.query.input, None, len(demos), SEG_QUERY)
+        total = len(query) + 1 + sum(len(f) for f in parts)
+        start = 0
+        while total > self.max_tokens:  # whole demonstration pairs, from the front; never the query
+            total -= len(parts[start])
+            start += 1
+        seq = _CellSequence(np.concatenate([*parts[start:], query, summary_features(len(demos))]), start)
+        views = seq.features[:, :NUM_VIEWS] - _OFF_VIEW - np.arange(NUM_VIEWS) * (NO_CELL + 1)
+        views[-1] = NO_CELL  # the summary token has no cell
+        seq.views = views
+        self._cache[example.key] = (fp, seq)
+        return seq
+
     def encode_batch(self, examples: Sequence[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids`` and ``attention_mask`` ``[B, L]`` (int64) on ``device``."""
         seqs = [self.token_ids(ex) for ex in examples]
@@ -459,26 +608,66 @@ class QwenPrompt(Plugin):
     # ------------------------------------------------------------------ the step
 
     @hookimpl
-    def generate_prompt(self, batch: Batch, ctx: Context) -> torch.Tensor:
+    def generate_prompt(self, batch: Batch, ctx: Context) -> torch.Tensor | TaskEncoding:
         if self.model is None:
             raise RuntimeError("QwenPrompt.generate_prompt called before configure")
+        self._note_dropped(batch.examples, ctx)
         if self.cache_every == 1 or not ctx.training or ctx.world_size > 1:
             self._last_use = None
-            return self._encode(batch.examples, ctx.device)
+            return self._assemble(*self._encode(batch.examples, ctx.device), batch.examples)
         return self._reuse_or_encode(batch.examples, ctx)
 
-    def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor:
-        """Prompts ``[B, D]``: cached ones where still usable, the others from Qwen (with gradient)."""
+    def _note_dropped(self, examples: Sequence[Example], ctx: Context) -> None:
+        """Count the demonstration pairs the token budget dropped (metric ``demos_dropped``); warn once."""
+        if self.encoding != "cells":
+            self._last_dropped = None
+            return
+        dropped = [(ex, self.cell_sequence(ex).dropped) for ex in examples]
+        self._last_dropped = sum(d for _, d in dropped)
+        if self._last_dropped and not self._dropped_warned and ctx.rank == 0:
+            self._dropped_warned = True
+            ex, n = next((ex, d) for ex, d in dropped if d)
+            import sys
+
+            from tqdm import tqdm
+
+            tqdm.write(
+                f"warning: qwen: task {ex.task_id} needs more than max_tokens={self.max_tokens} tokens; {n} of its "
+                f"demonstration pairs were left out of the prompt (whole pairs, never the query). The metric "
+                "demos_dropped counts them; raise plugins.prompt.max_tokens to keep them (said once)", file=sys.stderr,
+            )
+
+    def _assemble(self, prompts: torch.Tensor, tokens: list[torch.Tensor] | None,
+                  examples: Sequence[Example] = ()) -> torch.Tensor | TaskEncoding:
+        """The hook's result: the prompt alone (encoding "text"), or a TaskEncoding with the token states padded."""
+        if tokens is None:
+            return prompts
+        T = max(len(x) for x in tokens)
+        if all(len(x) == T for x in tokens):
+            states = torch.stack(tokens)
+        else:
+            states = torch.stack([F.pad(x, (0, 0, 0, T - len(x))) for x in tokens])
+        mask = torch.zeros(len(tokens), T, dtype=torch.bool, device=prompts.device)
+        views = np.full((len(tokens), T, NUM_VIEWS), NO_CELL, dtype=np.int64)
+        for b, (x, ex) in enumerate(zip(tokens, examples)):
+            mask[b, : len(x)] = True
+            views[b, : len(x)] = self.cell_sequence(ex).views
+        # meta["views"]: the colour of every view at every token, for a predictor that matches cells by colour
+        return TaskEncoding(prompt=prompts, tokens=states, token_mask=mask,
+                            meta={"views": torch.from_numpy(views).to(prompts.device)})
+
+    def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor | TaskEncoding:
+        """Prompts (and token states): cached ones where still usable, the others from Qwen (with gradient)."""
         trainable = any(p.requires_grad for p in self.model.parameters())
         weights = None if trainable else self._weights_stamp()
         self._evict(ctx.step, weights, trainable)
         fingerprints = [self._fingerprint(ex) for ex in examples]
-        rows: list[torch.Tensor | None] = []
+        rows: list[_CachedPrompt | None] = []
         staleness = 0
         for ex, fp in zip(examples, fingerprints):
             hit = self._prompts.get(ex.key)
             if hit is not None and hit.fingerprint == fp:
-                rows.append(hit.prompt)
+                rows.append(hit)
                 if trainable:
                     staleness = max(staleness, ctx.step - hit.step)
             else:
@@ -488,12 +677,22 @@ class QwenPrompt(Plugin):
         if not misses:
             if trainable:
                 ctx.no_grad_groups.add(GROUP)  # expected: no gradient for Qwen this step
-            return torch.stack(rows)
-        fresh = self._encode([examples[b] for b in misses], ctx.device)
+            return self._assemble(torch.stack([r.prompt for r in rows]),
+                                  None if self.encoder is None else [r.tokens for r in rows], examples)
+        fresh, fresh_tokens = self._encode([examples[b] for b in misses], ctx.device)
+        prompts: list[torch.Tensor] = [r.prompt if r is not None else fresh[0] for r in rows]
+        tokens: list[torch.Tensor] | None = None if fresh_tokens is None else [
+            r.tokens if r is not None else fresh_tokens[0] for r in rows]
         for i, b in enumerate(misses):
-            rows[b] = fresh[i]
-            self._prompts[examples[b].key] = _CachedPrompt(fingerprints[b], ctx.step, weights, fresh[i].detach())
-        return fresh if len(misses) == len(examples) else torch.stack(rows)
+            prompts[b] = fresh[i]
+            if tokens is not None:
+                tokens[b] = fresh_tokens[i]
+            self._prompts[examples[b].key] = _CachedPrompt(
+                fingerprints[b], ctx.step, weights, fresh[i].detach(),
+                None if fresh_tokens is None else fresh_tokens[i].detach())
+        if len(misses) == len(examples):
+            return self._assemble(fresh, fresh_tokens, examples)
+        return self._assemble(torch.stack(prompts), tokens, examples)
 
     def _weights_stamp(self) -> int:
         """Changes when a parameter of a frozen Qwen is replaced or changed in place (a checkpoint load).
@@ -501,7 +700,8 @@ class QwenPrompt(Plugin):
         Only used while Qwen is frozen: fused optimizer kernels update parameters without
         bumping their version counters, so a training Qwen is judged by age alone.
         """
-        return hash(tuple((id(p), p._version) for p in self.model.parameters()))
+        params = self.encoder.parameters() if self.encoder is not None else self.model.parameters()
+        return hash(tuple((id(p), p._version) for p in params))
 
     def _evict(self, step: int, weights: int | None, trainable: bool) -> None:
         """Drop the prompts that may not be reused at ``step``: if Qwen trains, those computed
@@ -514,11 +714,28 @@ class QwenPrompt(Plugin):
             if (step - c.step < self.cache_every if trainable else c.weights == weights)
         }
 
-    def _encode(self, examples: Sequence[Example], device: torch.device) -> torch.Tensor:
-        """Prompts ``[n, D]`` of ``examples`` from Qwen, with gradient to its parameters."""
+    def _encode(self, examples: Sequence[Example], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Prompts ``[n, D]`` of ``examples`` from Qwen, with gradient to its parameters, and (encoding
+        "cells") each example's token states ``[T_i, D]``."""
+        if self.encoder is not None:
+            seqs = [torch.from_numpy(self.cell_sequence(ex).features).to(device) for ex in examples]
+            if self._per_example:
+                states = [self.encoder(s[None])[0] for s in seqs]
+            else:
+                T = max(len(s) for s in seqs)
+                feats = torch.zeros(len(seqs), T, CELL_FEATURES, dtype=torch.long, device=device)
+                mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+                for b, s in enumerate(seqs):
+                    feats[b, : len(s)] = s
+                    mask[b, : len(s)] = 1
+                padded = self.encoder(feats, mask)
+                states = [padded[b, : len(s)] for b, s in enumerate(seqs)]
+            states = [s.float() for s in states]
+            pooled = torch.stack([s[-1] if self.pooling == "last" else s.mean(0) for s in states])
+            return pooled, states
         if self._per_example:
-            return torch.cat([self._forward(*self.encode_batch([ex], device)) for ex in examples])
-        return self._forward(*self.encode_batch(examples, device))
+            return torch.cat([self._forward(*self.encode_batch([ex], device)) for ex in examples]), None
+        return self._forward(*self.encode_batch(examples, device)), None
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
@@ -610,11 +827,14 @@ class QwenPrompt(Plugin):
 
     @hookimpl
     def post_step_update(self, result: Any, ctx: Context) -> dict[str, float] | None:
-        """Report this step's use of the prompt cache (nothing when the cache is off)."""
-        if self._last_use is None:
-            return None
-        reused, n, staleness = self._last_use
-        return {"prompt_cached": reused / n, "prompt_staleness": float(staleness)}
+        """Report this step's use of the prompt cache and the demonstration pairs the budget dropped."""
+        out: dict[str, float] = {}
+        if self._last_use is not None:
+            reused, n, staleness = self._last_use
+            out.update(prompt_cached=reused / n, prompt_staleness=float(staleness))
+        if getattr(self, "_last_dropped", None) is not None:
+            out["demos_dropped"] = float(self._last_dropped)
+        return out or None
 
     # ------------------------------------------------------------------ state
 
@@ -622,12 +842,14 @@ class QwenPrompt(Plugin):
     def state_dict(self, ctx: Context) -> dict[str, Any]:
         """The prompts a resumed run may still reuse (younger than ``cache_every`` steps)."""
         young = {k: c for k, c in self._prompts.items() if ctx.step - c.step < self.cache_every}
-        return {"prompt_cache": {k: {"fingerprint": c.fingerprint, "step": c.step, "prompt": c.prompt} for k, c in young.items()}}
+        return {"prompt_cache": {k: {"fingerprint": c.fingerprint, "step": c.step, "prompt": c.prompt, "tokens": c.tokens}
+                                 for k, c in young.items()}}
 
     @hookimpl
     def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
         self._prompts = {
-            k: _CachedPrompt(int(e["fingerprint"]), int(e["step"]), None, e["prompt"].to(ctx.device))
+            k: _CachedPrompt(int(e["fingerprint"]), int(e["step"]), None, e["prompt"].to(ctx.device),
+                             e["tokens"].to(ctx.device) if e.get("tokens") is not None else None)
             for k, e in state.get("prompt_cache", {}).items()
         }
         self._prompts_weights = None

@@ -23,9 +23,10 @@ TINY = {
     "plugins.prompt.num_heads": 2,
     "plugins.prompt.num_kv_heads": 1,
     "plugins.prompt.intermediate_size": 64,
-    "plugins.prompt.max_tokens": 256,
-    "plugins.predictor.channels": 16,
-    "plugins.predictor.layers": 2,
+    "plugins.prompt.max_tokens": 1024,
+    "plugins.predictor.dim": 16,
+    "plugins.predictor.heads": 2,
+    "plugins.predictor.layers": 1,
 }
 
 

@@ -24,7 +24,7 @@ from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import Interrupted, PluginError
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.training.trainer import Trainer
-from arcfw.plugins.agent import GridAgent
+from arcfw.plugins.grid_transformer import GridTransformer
 from arcfw.plugins.efe_loss import MaskedEFELoss
 from conftest import REPO, TINY
 
@@ -103,7 +103,7 @@ def lockstep(rank: int, out: Path) -> dict[str, Any]:
     return {
         "steps": steps,
         "policy_moved": (flat([p.detach() for p in eng.plugins["rl_policy"].params]) - policy_start).abs().max().item(),
-        "wrappers": {name: type(getattr(eng.plugins[p], a)).__name__ for name, p, a in (("qwen", "qwen", "model"), ("agent", "agent", "net"))},
+        "wrappers": {name: type(getattr(eng.plugins[p], a)).__name__ for name, p, a in (("qwen", "qwen", "encoder"), ("agent", "grid_transformer", "net"))},
     }
 
 
@@ -218,13 +218,13 @@ def nonfinite_on_one_rank(rank: int, out: Path) -> dict[str, Any]:
     return {"skipped": gather(trainer.engine.guard.skipped), "rank_diff": (both[0] - both[1]).abs().max().item()}
 
 
-class WrongAttrAgent(GridAgent):
+class WrongAttrAgent(GridTransformer):
     """Names an attribute that does not hold its module."""
 
     @hookimpl
     def parameter_groups(self, ctx):
         groups = super().parameter_groups(ctx)
-        groups[0].module_attr = "channels"
+        groups[0].module_attr = "heads"
         return groups
 
 

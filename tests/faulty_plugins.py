@@ -11,20 +11,21 @@ import torch
 from arcfw.core.engine.context import LossOutput
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.plugins.agent import GridAgent
+from arcfw.core.engine.context import TaskEncoding
+from arcfw.plugins.grid_transformer import GridTransformer
 from arcfw.plugins.efe_loss import MaskedEFELoss
 from arcfw.plugins.qwen import QwenPrompt
 from arcfw.plugins.rl_policy import GaussianRefinePolicy
 
 
-class SevenColourPredictor(GridAgent):
+class SevenColourPredictor(GridTransformer):
     """Bug 1 (shape): logits over 7 colours -> 'size of tensor a (7) must match ... (10)' downstream."""
 
     name = "seven_colour_predictor"
 
     @hookimpl
-    def predict(self, prompt, batch, ctx):
-        return self.net(prompt, batch.inputs, batch.canvas_mask)[..., :7]
+    def predict(self, prompt, batch, ctx, encoding):
+        return super().predict(prompt, batch, ctx, encoding)[..., :7]
 
 
 class FloatTargetLoss(MaskedEFELoss):
@@ -67,7 +68,10 @@ class ZeroGradPrompt(QwenPrompt):
 
     @hookimpl
     def generate_prompt(self, batch, ctx):
-        return super().generate_prompt(batch, ctx) * 0.0
+        out = super().generate_prompt(batch, ctx)
+        if isinstance(out, TaskEncoding):  # the cell encoding: prompt and token states, both zeroed
+            return TaskEncoding(out.prompt * 0.0, out.tokens * 0.0, out.token_mask, out.meta)
+        return out * 0.0
 
 
 class BackwardAgainPolicy(GaussianRefinePolicy):
@@ -207,7 +211,7 @@ class EagerBackwardLoss(MaskedEFELoss):
         return out
 
 
-class FloatShapeAgent(GridAgent):
+class FloatShapeAgent(GridTransformer):
     """predict_shape returns float sizes (a regression head's raw output)."""
 
     name = "float_shape_agent"
@@ -217,7 +221,7 @@ class FloatShapeAgent(GridAgent):
         return super().predict_shape(prompt, batch, ctx).float()
 
 
-class ZeroShapeAgent(GridAgent):
+class ZeroShapeAgent(GridTransformer):
     """predict_shape returns a 0x0 size."""
 
     name = "zero_shape_agent"

@@ -346,7 +346,7 @@ def test_bad_checkpoint_is_refused_and_nothing_is_written(finished_run, tmp_path
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--set", "plugins.predictor.channels=8"], ["plugins.predictor.channels (checkpoint: 16, now: 8)", "may change"]),
+        (["--set", "plugins.predictor.dim=8"], ["plugins.predictor.dim (checkpoint: 16, now: 8)", "may change"]),
         (["--set", "plugins.refine=null"], ["plugins.refine.name (checkpoint: \"rl_policy\", now: \"<not set>\")"]),
         (["--set", "batch_size=2"], ["batch_size (checkpoint: 1, now: 2)"]),
         (["--set", "data.max_tasks=2"], ["the training data differs from the checkpoint's"]),

@@ -119,7 +119,7 @@ def test_keep_the_last_n_checkpoints(reference):
     assert (out / checkpoint.DIR / checkpoint.LATEST).read_text().strip() == "step-00000040"
     ckpt = checkpoint.read(out / checkpoint.DIR / "step-00000040")
     assert (ckpt.meta["step"], ckpt.meta["epoch"], ckpt.meta["batch"]) == (40, 3, 4)
-    assert ckpt.meta["plugins"] == {"qwen": "prompt", "rl_policy": "refine", "agent": "predictor", "efe_loss": "loss",
+    assert ckpt.meta["plugins"] == {"qwen": "prompt", "rl_policy": "refine", "grid_transformer": "predictor", "efe_loss": "loss",
                                     "curriculum": "curriculum", "helper_plugins:RandomDraws": "extra"}
 
 

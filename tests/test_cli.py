@@ -109,9 +109,9 @@ def test_plugins_lists_builtins_by_role():
     res = invoke("plugins")
     assert res.exit_code == 0
     text = res.output
-    for role, name in (("prompt", "qwen"), ("refine", "rl_policy"), ("predictor", "agent"), ("loss", "efe_loss"), ("curriculum", "curriculum")):
-        block = text.split(f"{role}:")[1]
-        assert name in block.splitlines()[1], (role, name)
+    for role, name in (("prompt", "qwen"), ("refine", "rl_policy"), ("predictor", "grid_transformer"), ("loss", "efe_loss"), ("curriculum", "curriculum")):
+        block = text.split(f"{role}:")[1].split(":\n")[0]  # the role's lines, up to the next role
+        assert f"  {name} " in block, (role, name)
 
 
 def test_check_passes_on_the_default_pipeline():

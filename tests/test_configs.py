@@ -37,19 +37,19 @@ def save_tiny_qwen(folder: Path) -> None:
 def test_gpu_config_trains_a_pretrained_qwen_in_bf16(tmp_path, batches):
     save_tiny_qwen(tmp_path / "qwen")
     cfg = load_config(REPO / "configs/qwen2.5-0.5b-gpu.yaml", {
-        "device": "cpu", "plugins.prompt.pretrained": str(tmp_path / "qwen"), "plugins.prompt.max_tokens": 256,
-        "plugins.predictor.channels": 8, "plugins.predictor.layers": 2, "plugins.refine.hidden": 16,
+        "device": "cpu", "plugins.prompt.pretrained": str(tmp_path / "qwen"), "plugins.prompt.max_tokens": 1024,
+        "plugins.predictor.dim": 8, "plugins.predictor.layers": 2, "plugins.refine.hidden": 16,
         "optimizer.lr.qwen": 1e-3,
     })
     eng = Engine.from_config(cfg)
     assert eng.precision.mode == "bf16-mixed" and eng.precision.scaler is None
     qwen = eng.plugins["qwen"].model
     assert all(p.dtype == torch.float32 for p in qwen.parameters())  # fp32 master weights
-    before = qwen.embed_tokens.weight.detach().clone()
+    before = qwen.layers[0].mlp.gate_proj.weight.detach().clone()
     for b in batches(2):
         m = eng.train_step(b)
         assert math.isfinite(m["loss"])
-    assert not torch.equal(before, qwen.embed_tokens.weight)  # the pretrained model is being trained
+    assert not torch.equal(before, qwen.layers[0].mlp.gate_proj.weight)  # the pretrained model is being trained
 
 
 def test_threads_sets_torch_cpu_threads(make_engine):

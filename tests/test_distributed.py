@@ -165,7 +165,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(spawned):
 
 def test_module_attr_that_does_not_hold_the_module_is_a_plugin_error(spawned):
     msg = spawned[0]["wrong_module_attr"]
-    assert "module_attr 'channels'" in msg and "dist_worker:WrongAttrAgent" in msg
+    assert "module_attr 'heads'" in msg and "dist_worker:WrongAttrAgent" in msg
 
 
 def test_gradient_and_metric_averaging(spawned):

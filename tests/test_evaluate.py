@@ -180,7 +180,7 @@ def test_size_head_does_not_see_the_canvas(make_engine):
     eng = make_engine()
     examples, small = _test_batch(eval_tasks(2))
     _, large = _test_batch(eval_tasks(2), shapes=[(30, 30)] * len(examples))
-    agent = eng.plugins["agent"]
+    agent = eng.plugins["grid_transformer"]
     with eng.evaluating():
         prompt = eng.eval_prompt(small)
         assert torch.equal(agent.size_logits(prompt, small), agent.size_logits(prompt, large))
@@ -188,7 +188,7 @@ def test_size_head_does_not_see_the_canvas(make_engine):
 
 def test_size_head_learns_after_the_step_and_leaves_the_main_loss_alone(make_engine, batches):
     eng = make_engine()
-    agent = eng.plugins["agent"]
+    agent = eng.plugins["grid_transformer"]
     before = agent.size_head.mlp[2].weight.detach().clone()
     seen = []
     eng.add_listener(lambda event, plugin: seen.append((event, plugin)) if event == "compute_loss" else None)
@@ -255,7 +255,7 @@ def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
     modules = [(m1, m2) for g1, g2 in zip(engine.groups, fresh.groups) for m1, m2 in zip(g1.modules, g2.modules)]
     assert all(torch.equal(a, b) for m1, m2 in modules for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert torch.equal(engine.plugins["rl_policy"].mu[0].weight, fresh.plugins["rl_policy"].mu[0].weight)
-    assert torch.equal(engine.plugins["agent"].size_head.mlp[0].weight, fresh.plugins["agent"].size_head.mlp[0].weight)
+    assert torch.equal(engine.plugins["grid_transformer"].size_head.mlp[0].weight, fresh.plugins["grid_transformer"].size_head.mlp[0].weight)
     p1, p2 = predict(engine, tasks), predict(fresh, tasks)
     assert all(np.array_equal(x, y) for k in p1 for a, b in zip(p1[k], p2[k]) for x, y in zip(a, b))
 
@@ -263,7 +263,7 @@ def test_weights_round_trip_gives_the_same_predictions(trained, make_engine):
 def test_weights_of_another_config_are_refused(trained, make_engine, tmp_path):
     root, _ = trained
     with pytest.raises(CheckpointError, match="module 'agent' does not fit the model the config builds"):
-        load_weights(make_engine({"plugins.predictor.channels": 8}), root / "run")
+        load_weights(make_engine({"plugins.predictor.dim": 8}), root / "run")
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         load_weights(make_engine(), tmp_path)
 

@@ -112,7 +112,7 @@ def test_the_guides_first_plugin_runs_as_written(tmp_path, monkeypatch):
     (tmp_path / "my_refine.py").write_text(blocks["# my_refine.py"])
     (tmp_path / "config.yaml").write_text(blocks["# config.yaml"])
     monkeypatch.chdir(tmp_path)
-    small = ["--set", "data.max_tasks=2", "--set", "plugins.prompt.num_layers=1", "--set", "plugins.prompt.max_tokens=256"]
+    small = ["--set", "data.max_tasks=2", "--set", "plugins.prompt.num_layers=1", "--set", "plugins.prompt.max_tokens=1024"]
     result = CliRunner().invoke(main, ["check", "config.yaml", *small])
     assert result.exit_code == 0, result.output
     assert "PASS  gradient reaches group 'scaled_refine'" in result.output

@@ -114,7 +114,7 @@ def test_precision_modes_train_with_finite_decreasing_loss(make_engine, batches,
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
 def test_grad_clip_applies_in_every_mode_on_unscaled_gradients(make_engine, batches, precision):
-    eng = make_engine({"precision": precision, "grad_clip": 1e-3})
+    eng = make_engine({"precision": precision, "grad_clip": 1e-3, "plugins.prompt.cache_every": 1})
     seen = []
     opt_step = eng.optimizer.step
 
@@ -124,10 +124,16 @@ def test_grad_clip_applies_in_every_mode_on_unscaled_gradients(make_engine, batc
         return opt_step(*a, **k)
 
     eng.optimizer.step = spy
-    run_steps(eng, batches(3), 3)
-    assert seen, "the optimizer never stepped"
-    assert all(n <= 1e-3 * 1.01 for n in seen), seen  # clipped, in real (unscaled) units
-    assert all(v > 1e-3 for v in eng.last_norms.values())  # the raw norms were above the clip
+    raw = []
+    for b in batches(3) * 2:
+        eng.train_step(b)
+        raw.append(dict(eng.last_norms))
+    # fp16-mixed: the first steps may overflow at GradScaler's initial scale; a fused optimizer is still
+    # called then (with found_inf, so it skips the update), with non-finite gradients
+    applied = [n for n in seen if math.isfinite(n)]
+    assert applied, ("the optimizer never stepped", seen)
+    assert all(n <= 1e-3 * 1.01 for n in applied), seen  # clipped, in real (unscaled) units
+    assert any(all(1e-3 < v < math.inf for v in r.values()) for r in raw), raw  # the raw norms were above the clip
 
 
 def test_fp16_overflow_steps_are_skipped_and_counted(make_engine, batches):

@@ -16,7 +16,7 @@ ONE_STEP = [
     ("refine", "rl_policy"),  # refine implementations are chained in role order
     ("refine", "faulty_plugins:Recorder"),
     ("stage:predict", None),
-    ("predict", "agent"),
+    ("predict", "grid_transformer"),
     ("stage:compute_loss", None),
     ("compute_loss", "efe_loss"),  # all loss implementations are called and summed
     ("compute_loss", "faulty_plugins:Recorder"),
@@ -25,7 +25,7 @@ ONE_STEP = [
     ("stage:post_step_update", None),
     ("post_step_update", "qwen"),  # reports the prompt cache's use (prompt_cached, prompt_staleness)
     ("post_step_update", "rl_policy"),
-    ("post_step_update", "agent"),  # the predictor's size head learns from detached values
+    ("post_step_update", "grid_transformer"),  # the predictor's size head learns from detached values
     ("post_step_update", "faulty_plugins:Recorder"),
 ]
 

@@ -11,7 +11,7 @@ from arcfw.core.engine.context import Context
 from arcfw.plugins.qwen import QwenPrompt, build_grid_tokenizer
 
 CPU = torch.device("cpu")
-TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, cache_every=1)
+TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, cache_every=1, encoding="text")
 
 
 def grid(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_train_mode_prompt_dim_and_param_group():
     assert plugin.model.config.max_position_embeddings >= plugin.max_tokens
     assert plugin.model.config.vocab_size == len(build_grid_tokenizer())
     (group,) = plugin.parameter_groups(ctx)
-    assert group.name == "qwen" and group.lr == 1e-4 and group.modules == [plugin.model]
+    assert group.name == "qwen" and group.lr == 3e-4 and group.modules == [plugin.model]
     assert len(group.params) == len(list(plugin.model.parameters())) > 0
 
 
@@ -200,7 +200,7 @@ def test_from_pretrained_round_trip(tmp_path):
     tok.save_pretrained(tmp_path)
 
     torch.manual_seed(0)  # different from the saved weights' seed: loading must not re-initialise
-    plugin = QwenPrompt(pretrained=str(tmp_path), hidden_size=8, num_layers=5)  # sizes ignored
+    plugin = QwenPrompt(pretrained=str(tmp_path), hidden_size=8, num_layers=5, encoding="text")  # sizes ignored
     ctx = Context(device=CPU)
     plugin.configure(ctx)
     assert ctx.prompt_dim == 32 and len(plugin.model.layers) == 2
@@ -224,7 +224,7 @@ def test_from_pretrained_round_trip(tmp_path):
     # and the plugin's own save_pretrained round-trips too
     out = tmp_path / "again"
     plugin.save_pretrained(str(out))
-    again = QwenPrompt(pretrained=str(out))
+    again = QwenPrompt(pretrained=str(out), encoding="text")
     again.configure(Context(device=CPU))
     torch.testing.assert_close(again.generate_prompt(collate(exs), ctx), prompt, rtol=0, atol=1e-6)
 

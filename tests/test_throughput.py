@@ -48,7 +48,7 @@ def grads_of(engine) -> dict[str, torch.Tensor]:
 
 def tiny_qwen(cache_every: int) -> tuple[QwenPrompt, Context]:
     plugin = QwenPrompt(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                        max_tokens=256, cache_every=cache_every)
+                        max_tokens=256, cache_every=cache_every, encoding="text")
     ctx = Context(device=torch.device("cpu"))
     torch.manual_seed(0)
     plugin.configure(ctx)
@@ -80,7 +80,7 @@ def test_batch_loss_and_gradients_equal_mean_of_single_pairs(make_engine, exampl
     exs = [examples[i] for i in MIXED]
     batch = collate(exs)
     qwen = eng.plugins["qwen"]
-    assert len({len(qwen.token_ids(e)) for e in exs}) == len(exs)  # Qwen sees padding
+    assert len({len(qwen.cell_sequence(e).features) for e in exs}) == len(exs)  # Qwen sees padding
     assert len({(e.query.output.shape) for e in exs}) == 3  # the grids are padded too
 
     eng.train_step(collate([examples[1]]))  # one real step: the agent's FiLM starts at zero, passing no gradient to Qwen

@@ -163,12 +163,12 @@ def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
     """Candidates for a batch of views: prompt, ranked sizes, one argmax grid per size (top two)."""
     examples = [v.example for v in views]
     batch = collate(examples).to(engine.device)
-    prompt = engine.eval_prompt(batch)
-    sizes = engine.predict_shape(prompt, batch)[:, :ATTEMPTS].tolist()  # [B, k, 2]
+    prompt, encoding = engine.eval_encode(batch)
+    sizes = engine.predict_shape(prompt, batch, encoding)[:, :ATTEMPTS].tolist()  # [B, k, 2]
     out: list[list[Candidate]] = [[] for _ in views]
     for k in range(len(sizes[0])):
         shapes = [s[k] for s in sizes]
-        logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device))
+        logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device), encoding)
         logp, grids = torch.log_softmax(logits, dim=-1).max(dim=-1)
         logp, grids = logp.cpu().numpy(), grids.cpu().numpy()
         for b, (h, w) in enumerate(shapes):

@@ -75,6 +75,32 @@ class ParamGroup:
 
 
 @dataclass
+class TaskEncoding:
+    """What a prompt plugin may return from :func:`generate_prompt` instead of a bare prompt tensor.
+
+    - ``prompt``: ``[B, D]`` floating, the pooled prompt that :func:`refine` works on
+      (``D == ctx.prompt_dim``), with gradient when the prompt plugin trains.
+    - ``tokens``: ``[B, T, Dt]`` floating, the encoder's state at every token of
+      every example (demonstration cells, query input cells, ...), at full
+      resolution, with gradient when the prompt plugin trains; the predictor reads
+      them in :func:`predict` (its ``encoding`` argument).
+    - ``token_mask``: ``[B, T]`` bool, True on real tokens (the rest is padding).
+    - ``meta``: anything else the prompt plugin wants the predictor to see (plain values).
+
+    The engine keeps the encoding of the step and hands it, detached, to
+    :class:`StepResult` (``result.encoding``) and to ``result.predict``.
+    """
+
+    prompt: torch.Tensor
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def detach(self) -> "TaskEncoding":
+        return TaskEncoding(self.prompt.detach(), self.tokens.detach(), self.token_mask, dict(self.meta))
+
+
+@dataclass
 class LossOutput:
     """What :func:`compute_loss` returns: a scalar loss with gradient and float metrics.
 
@@ -106,6 +132,8 @@ class StepResult:
     predict: Callable[[torch.Tensor], torch.Tensor]
     epoch: int = 0
     step: int = 0
+    #: the step's :class:`TaskEncoding`, detached (None when the prompt plugin returned a bare tensor)
+    encoding: TaskEncoding | None = None
 
 
 @dataclass

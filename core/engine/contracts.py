@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from arcfw.core.data.batch import NUM_COLOURS, Example
-from arcfw.core.engine.context import LossOutput, View
+from arcfw.core.engine.context import LossOutput, TaskEncoding, View
 from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.errors import ContractError, GradientPathError
 
@@ -43,6 +43,18 @@ def _tensor(plugin: str, hook: str, value: Any, shape: tuple, what: str, device:
 def check_prompt(plugin: str, hook: str, value: Any, batch_size: int, dim: int | None, device: torch.device) -> None:
     d = dim if dim is not None else (value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim == 2 else -1)
     _tensor(plugin, hook, value, (batch_size, d), "[B, prompt_dim]", device)
+
+
+def check_encoding(plugin: str, value: TaskEncoding, batch_size: int, device: torch.device) -> None:
+    """The token part of a :class:`TaskEncoding` (its ``prompt`` is checked by :func:`check_prompt`)."""
+    tokens, mask = value.tokens, value.token_mask
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[0] != batch_size:
+        raise ContractError(plugin, "generate_prompt", f"TaskEncoding.tokens as a floating tensor [B={batch_size}, T, Dt]", describe(tokens))
+    _tensor(plugin, "generate_prompt", tokens, tuple(tokens.shape), "TaskEncoding.tokens [B, T, Dt]", device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ContractError(
+            plugin, "generate_prompt", f"TaskEncoding.token_mask as a bool tensor {tuple(tokens.shape[:2])} [B, T]", describe(mask)
+        )
 
 
 def check_logits(plugin: str, value: Any, batch_size: int, canvas: tuple[int, int], device: torch.device) -> None:

@@ -22,7 +22,7 @@ from arcfw.core.engine import contracts, hookspecs
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
 from arcfw.core.config import RunConfig
-from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, View
+from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, TaskEncoding, View
 from arcfw.core.engine.distributed import Dist, full_tensor, rank_seed
 from arcfw.core.errors import (
     ArcfwError,
@@ -58,6 +58,7 @@ class _Step:
 
     batch: Batch
     prompt: torch.Tensor | None = None
+    encoding: TaskEncoding | None = None  # when the prompt plugin returned one (token states for the predictor)
     refined: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
@@ -287,13 +288,25 @@ class Engine:
         impl = self._impls["generate_prompt"][0]
         with self.precision.autocast():
             out = self._call("generate_prompt", impl, batch=s.batch, ctx=self.ctx)
+        s.prompt, s.encoding = self._split_encoding(impl.plugin, out, s.batch, training=True)
+
+    def _split_encoding(self, plugin: str, out: Any, batch: Batch, training: bool) -> tuple[torch.Tensor, TaskEncoding | None]:
+        """``generate_prompt``'s result as (prompt, encoding or None), contract-checked."""
+        encoding = out if isinstance(out, TaskEncoding) else None
+        prompt = encoding.prompt if encoding is not None else out
         if self.check_contracts:
-            contracts.check_prompt(impl.plugin, "generate_prompt", out, s.batch.size, self.ctx.prompt_dim, self.device)
-            trainable = [g for g in self.groups if g.plugin == impl.plugin and g.lr > 0 and g.name not in self.ctx.no_grad_groups]
-            if trainable and not out.requires_grad:
-                names = ", ".join(f"'{g.name}'" for g in trainable)
-                raise GradientPathError(contracts.cut_path_message(impl.plugin, "generate_prompt", f"its trainable parameter group {names}"))
-        s.prompt = out
+            contracts.check_prompt(plugin, "generate_prompt", prompt, batch.size, self.ctx.prompt_dim, self.device)
+            if encoding is not None:
+                contracts.check_encoding(plugin, encoding, batch.size, self.device)
+            trainable = [g for g in self.groups if g.plugin == plugin and g.lr > 0 and g.name not in self.ctx.no_grad_groups]
+            if training and trainable:
+                cut = [what for what, t in (("prompt", prompt), ("tokens", encoding.tokens if encoding else None))
+                       if t is not None and not t.requires_grad]
+                if cut:
+                    names = ", ".join(f"'{g.name}'" for g in trainable)
+                    raise GradientPathError(contracts.cut_path_message(
+                        plugin, "generate_prompt", f"its trainable parameter group {names} (no gradient on {' and '.join(cut)})"))
+        return prompt, encoding
 
     def _stage_refine(self, s: _Step) -> None:
         x = s.prompt
@@ -309,7 +322,7 @@ class Engine:
     def _stage_predict(self, s: _Step) -> None:
         impl = self._impls["predict"][0]
         with self.precision.autocast():
-            out = self._call("predict", impl, prompt=s.refined, batch=s.batch, ctx=self.ctx)
+            out = self._call("predict", impl, prompt=s.refined, batch=s.batch, ctx=self.ctx, encoding=s.encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, s.batch.size, s.batch.canvas, self.device)
             self._check_path(impl.plugin, "predict", out, s.refined, "the refined prompt (so the prompt model would never learn)")
@@ -401,6 +414,7 @@ class Engine:
 
     def _stage_post_step_update(self, s: _Step) -> None:
         batch = s.batch
+        encoding = s.encoding.detach() if s.encoding is not None else None
         result = StepResult(
             batch=batch,
             prompt=s.prompt.detach(),
@@ -409,9 +423,10 @@ class Engine:
             loss=s.loss_value,
             metrics=dict(s.metrics),
             applied=s.applied,
-            predict=lambda prompt: self.predict_no_grad(prompt, batch),
+            predict=lambda prompt: self.predict_no_grad(prompt, batch, encoding),
             epoch=self.ctx.epoch,
             step=self.global_step,
+            encoding=encoding,
         )
         s.loss = None  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
@@ -433,11 +448,14 @@ class Engine:
             if out:
                 s.metrics.update(out)
 
-    def predict_no_grad(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Run the predictor without gradient (post-step reward computation, evaluation)."""
+    def predict_no_grad(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
+        """Run the predictor without gradient (post-step reward computation, evaluation).
+
+        ``encoding``: the :class:`TaskEncoding` of ``batch``'s examples (from :meth:`eval_encode`),
+        when the prompt plugin makes one; the batch's canvas may differ from the one it was made on."""
         impl = self._impls["predict"][0]
         with torch.no_grad(), self.precision.autocast():
-            out = impl(prompt=prompt, batch=batch, ctx=self.ctx)
+            out = impl(prompt=prompt, batch=batch, ctx=self.ctx, encoding=encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
         return out.float()
@@ -501,21 +519,25 @@ class Engine:
 
     def eval_prompt(self, batch: Batch) -> torch.Tensor:
         """``generate_prompt`` then the ``refine`` chain, contract-checked (use inside :meth:`evaluating`)."""
+        return self.eval_encode(batch)[0]
+
+    def eval_encode(self, batch: Batch) -> tuple[torch.Tensor, TaskEncoding | None]:
+        """The refined prompt and the prompt plugin's :class:`TaskEncoding` (None if it returns a bare
+        tensor), contract-checked; use inside :meth:`evaluating` and pass both to :meth:`predict_no_grad`."""
         impl = self._impls["generate_prompt"][0]
         with self.precision.autocast():
-            x = self._call("generate_prompt", impl, batch=batch, ctx=self.ctx)
-            if self.check_contracts:
-                contracts.check_prompt(impl.plugin, "generate_prompt", x, batch.size, self.ctx.prompt_dim, self.device)
+            out = self._call("generate_prompt", impl, batch=batch, ctx=self.ctx)
+            x, encoding = self._split_encoding(impl.plugin, out, batch, training=False)
             for impl in self._impls.get("refine", []):
                 x = self._call("refine", impl, prompt=x, batch=batch, ctx=self.ctx)
                 if self.check_contracts:
                     contracts.check_prompt(impl.plugin, "refine", x, batch.size, self.ctx.prompt_dim, self.device)
-        return x.float()
+        return x.float(), encoding
 
-    def predict_shape(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def predict_shape(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
         """Ranked output sizes ``[B, K, 2]`` from the ``predict_shape`` hook, else the demo rule then the input size."""
         for impl in self._impls.get("predict_shape", []):
-            out = self._call("predict_shape", impl, prompt=prompt, batch=batch, ctx=self.ctx)
+            out = self._call("predict_shape", impl, prompt=prompt, batch=batch, ctx=self.ctx, encoding=encoding)
             if out is not None:
                 if self.check_contracts:
                     contracts.check_shapes(impl.plugin, out, batch.size)

@@ -7,8 +7,9 @@ How a step runs (the order lives in :mod:`arcfw.core.engine.steps` and nowhere e
     # the step:
     threshold = hard_cell_threshold(...)          # curriculum
     prompt    = generate_prompt(batch, ctx)       # [B, D] float, carries gradient
+                                                  #   (or a TaskEncoding: prompt + token states)
     refined   = refine(prompt, batch, ctx)        # [B, D] float, keeps the gradient path
-    logits    = predict(refined, batch, ctx)      # [B, H, W, 10] float
+    logits    = predict(refined, batch, ctx, encoding)  # [B, H, W, 10] float
     loss      = compute_loss(logits, batch, ctx)  # LossOutput, scalar loss
     engine: backward -> (unscale, clip) -> optimizer step -> scaler update
     post_step_update(result, ctx)                 # detached values only
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from arcfw.core.data.batch import Batch, Example
-    from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, View
+    from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, TaskEncoding, View
 
 PROJECT = "arcfw"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -109,15 +110,22 @@ def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None"
 
 
 @hookspec(firstresult=True)
-def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor | TaskEncoding":
     """Encode each example's demonstration pairs and query input into a prompt embedding.
 
     Called once per step, first.  Must not see the query's output
-    (``batch.targets``).  Returns a floating tensor of shape
-    ``[B, ctx.prompt_dim]`` on ``ctx.device``.  If the plugin has trainable
-    parameters (a group with ``lr > 0``) the result must carry gradient to them:
-    no ``torch.no_grad()``, no ``.detach()``.  Exactly one implementation (the
-    prompt role); the first non-None result wins.
+    (``batch.targets``; the size of the output grid, ``batch.target_mask``, is
+    known in training and predicted at evaluation, and a prompt must not depend
+    on it either, since evaluation encodes before it predicts the size).
+    Returns a floating tensor of shape ``[B, ctx.prompt_dim]`` on ``ctx.device``,
+    or a :class:`~arcfw.core.engine.context.TaskEncoding`: that prompt plus the
+    encoder's token states at full resolution (``tokens`` ``[B, T, Dt]`` with
+    ``token_mask`` ``[B, T]``), which the engine passes to :func:`predict` as
+    ``encoding`` so that the predictor can read every demonstration cell.  If
+    the plugin has trainable parameters (a group with ``lr > 0``) the prompt and
+    the tokens must carry gradient to them: no ``torch.no_grad()``, no
+    ``.detach()``.  Exactly one implementation (the prompt role); the first
+    non-None result wins.
     """
 
 
@@ -138,10 +146,14 @@ def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Ten
 
 
 @hookspec(firstresult=True)
-def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context", encoding: "TaskEncoding | None") -> "torch.Tensor":
     """Predict the query's output grid from the refined prompt and the query input grid.
 
-    Called after :func:`refine`.  Returns logits over the 10 colours, floating,
+    Called after :func:`refine`.  ``encoding`` is the prompt plugin's
+    :class:`~arcfw.core.engine.context.TaskEncoding` (token states of the
+    demonstrations and the query input, with gradient in training) or None when
+    the prompt plugin returns a bare tensor; the refined ``prompt`` replaces
+    ``encoding.prompt``.  Returns logits over the 10 colours, floating,
     shape ``[B, H, W, 10]`` where ``(H, W) == batch.canvas``; the cells where
     ``batch.target_mask`` is True are scored.  Must carry gradient to
     ``prompt``.  Exactly one implementation (the predictor role).
@@ -153,7 +165,9 @@ def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Te
 
 
 @hookspec(firstresult=True)
-def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor | None":
+def predict_shape(
+    prompt: "torch.Tensor", batch: "Batch", ctx: "Context", encoding: "TaskEncoding | None"
+) -> "torch.Tensor | None":
     """Predict the size of each query's output grid (evaluation only; the answer is never shown).
 
     Called at evaluation after :func:`refine`, on a batch whose queries carry

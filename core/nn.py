@@ -1,0 +1,83 @@
+"""Building blocks that predictor plugins share: the output-size head and the learner that trains it.
+
+A predictor answers ``predict_shape`` at evaluation (the output grid's size is
+predicted, never read from the answer).  :class:`SizeLearner` gives any
+predictor plugin a :class:`SizeHead` that learns after every step, in
+``post_step_update``, from the detached refined prompt and the answer's size,
+with an optimizer of its own (so the main loss and its gradients stay those of
+the grid), and that goes into checkpoints through the plugin's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arcfw.core.data.shapes import mask_shapes, rule_shapes, top_shapes
+from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.engine.distributed import average_gradients, broadcast_
+
+
+class SizeHead(nn.Module):
+    """Output size from the refined prompt: logits over sides 1..30 for rows and for columns, ``[B, 2, 30]``.
+
+    ``logits = MLP(prompt) + w_rule * onehot(rule size) + w_input * onehot(input size)``.
+    The MLP's last layer starts at zero, so an untrained head predicts the size the
+    demonstration pairs suggest (:func:`arcfw.core.data.shapes.rule_shape`), the input size
+    second; training learns the departures.  It reads the prompt and the input grid's
+    size only, never the canvas, which in training would give the answer's size away.
+    """
+
+    def __init__(self, prompt_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(prompt_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * MAX_SIDE))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        self.prior = nn.Parameter(torch.tensor([4.0, 2.0]))  # weights of the rule size and the input size
+
+    def forward(self, prompt: torch.Tensor, rule: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        logits = self.mlp(prompt).view(prompt.shape[0], 2, MAX_SIDE).float()
+        sides = torch.arange(1, MAX_SIDE + 1, device=prompt.device)
+        return logits + self.prior[0] * (rule[..., None] == sides) + self.prior[1] * (inp[..., None] == sides)
+
+
+class SizeLearner:
+    """A :class:`SizeHead` with its own Adam: ``shapes`` for ``predict_shape``, ``update`` for
+    ``post_step_update`` (logs ``size_loss`` and ``size_acc``, measured before the update)."""
+
+    def __init__(self, prompt_dim: int, hidden: int, lr: float, device: torch.device, fused: bool):
+        self.head = SizeHead(prompt_dim, hidden).to(device)
+        broadcast_(self.head.parameters())  # same start on every rank (several processes)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr, fused=fused)
+
+    def logits(self, prompt: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
+        return self.head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
+
+    def shapes(self, prompt: torch.Tensor, batch: Any, k: int = 2) -> torch.Tensor:
+        return top_shapes(self.logits(prompt, batch), k=k)
+
+    def update(self, result: Any) -> dict[str, float] | None:
+        if not result.applied:  # a skipped step may carry non-finite values
+            return None
+        target = mask_shapes(result.batch.target_mask).clamp_min(1)  # [B, 2] the answer's size
+        with torch.enable_grad():
+            logits = self.logits(result.refined, result.batch)
+            loss = F.cross_entropy(logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1)) * 2  # rows + columns
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        average_gradients(self.head.parameters())  # the size head stays the same on every rank
+        self.optimizer.step()
+        right = (top_shapes(logits.detach(), k=1)[:, 0] == target).all(1).float().mean()
+        size_loss, size_acc = torch.stack([loss.detach(), right]).tolist()
+        return {"size_loss": size_loss, "size_acc": size_acc}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size_head": self.head.state_dict(), "size_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["size_head"])
+        self.optimizer.load_state_dict(state["size_optimizer"])

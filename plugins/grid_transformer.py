@@ -1,0 +1,256 @@
+"""Grid transformer: the predictor that reads every demonstration cell and every query input cell.
+
+The predictor role.  For every cell ``(r, c)`` of the output grid (its size is
+the answer's in training and the predicted one at evaluation) it builds a
+token from:
+
+- every *view* of the query input at that cell (:mod:`arcfw.core.data.views`:
+  the 8 symmetries of the square, scaling, tiling, cropping, gravity), so that
+  flips, rotations and resampling are a lookup, not a coordinate the net has to
+  compute;
+- the cell's position counted from each edge of the output grid;
+- the refined prompt (added, and FiLM on every block's MLP), which keeps the
+  gradient path from the loss back through ``refine`` to the prompt model.
+
+Each block then lets the output cells
+
+1. *cross-attend* to the prompt plugin's token states (the
+   :class:`~arcfw.core.engine.context.TaskEncoding`: with the ``qwen`` plugin's
+   ``cells`` encoding, one state per demonstration output cell, carrying its
+   output colour and the views of its input there, and one per query input
+   cell): this is where the demonstrations decide the answer - a cell whose
+   views read "colour 1" finds the demonstration cells whose views read
+   "colour 1" and what they became;
+2. *self-attend* to every other output cell (global reach over the grid);
+3. run an MLP.
+
+The logits are a colour classifier plus a *pointer* over views: per cell,
+learned scores ``s_k`` add ``s_k`` to the logit of the colour that view ``k``
+shows there, so "copy view k" (a flip, a rotation, an upscale) is one direction
+in the last layer.  Padding is exact: cells outside an example's output grid
+are never attended to, and an example gives the same logits alone or batched
+(tested).  Without a :class:`TaskEncoding` (a prompt plugin that returns a bare
+tensor) the cross-attention is skipped and the prompt alone conditions the grid.
+
+Its :class:`~arcfw.core.nn.SizeHead` predicts the output size at evaluation
+(``predict_shape``) and learns in ``post_step_update`` with its own optimizer
+(``size_lr``), as the ``agent`` predictor's does.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arcfw.core.data.batch import NUM_COLOURS
+from arcfw.core.data.shapes import mask_shapes
+from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.data.views import NO_CELL, NUM_VIEWS, grid_views
+from arcfw.core.engine.context import ParamGroup
+from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.engine.plugin import Plugin
+from arcfw.core.nn import SizeLearner
+
+_OFF_VIEW = 1  # 0: padding (a feature that is absent)
+_OFF_POS = _OFF_VIEW + NUM_VIEWS * (NO_CELL + 1)
+_OFF_FLAG = _OFF_POS + 4 * MAX_SIDE
+VOCAB = _OFF_FLAG + 2
+FEATURES = NUM_VIEWS + 4 + 1
+
+
+def query_cells(inp: np.ndarray, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``[ho*wo, FEATURES]`` and view colours ``[ho*wo, NUM_VIEWS]`` of the output cells, row-major."""
+    ho, wo = int(out_shape[0]), int(out_shape[1])
+    views = grid_views(inp, (ho, wo)).reshape(NUM_VIEWS, -1).T  # [n, K]
+    n = ho * wo
+    f = np.empty((n, FEATURES), dtype=np.int64)
+    f[:, :NUM_VIEWS] = _OFF_VIEW + np.arange(NUM_VIEWS) * (NO_CELL + 1) + views
+    r, c = np.divmod(np.arange(n), wo)
+    for j, pos in enumerate((r, c, ho - 1 - r, wo - 1 - c)):
+        f[:, NUM_VIEWS + j] = _OFF_POS + j * MAX_SIDE + pos
+    f[:, NUM_VIEWS + 4] = _OFF_FLAG + 1
+    return f, views
+
+
+class _Attention(nn.Module):
+    """Multi-head attention; with ``match`` (cross-attention), each head adds ``sum_k beta[h, k] *
+    [view k of the cell == view k of the token]`` to its scores: a learned, per-view weight on
+    "same colour here as there", which makes a lookup such as a colour map one parameter away."""
+
+    def __init__(self, dim: int, heads: int, match: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.beta = nn.Parameter(torch.zeros(heads, NUM_VIEWS)) if match else None
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, key_mask: torch.Tensor,
+                match: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.heads
+        q = self.q(x).view(B, N, h, D // h).transpose(1, 2)
+        k, v = self.kv(mem).view(B, mem.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
+        mask = key_mask[:, None, None, :]
+        if self.beta is not None and match is not None:
+            cells, tokens = match  # one-hot view colours [B, N, K, 10] and [B, T, K, 10]
+            weighted = tokens[:, None] * self.beta[None, :, None, :, None].to(tokens.dtype)  # [B, h, T, K, 10]
+            bias = torch.einsum("bnkc,bhtkc->bhnt", cells, weighted)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(B, N, D))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mem_dim: int):
+        super().__init__()
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross = _Attention(dim, heads, match=True)
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, mem, mem_mask, cell_mask, gamma, beta, match=None):
+        if mem is not None:
+            x = x + self.cross(self.norm_cross(x), mem, mem_mask, match)
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, cell_mask)
+        h = self.norm_mlp(x) * (1 + gamma[:, None]) + beta[:, None]  # FiLM from the prompt
+        return x + self.mlp(h)
+
+
+class GridTransformerNet(nn.Module):
+    """``forward(prompt [B, P], features [B, N, F], views [B, N, K], cell_mask [B, N], mem, mem_mask)`` -> ``[B, N, 10]``."""
+
+    def __init__(self, prompt_dim: int, mem_dim: int, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(VOCAB, dim, mode="sum", padding_idx=0)
+        self.prompt_in = nn.Linear(prompt_dim, dim)
+        self.mem_in = nn.Linear(mem_dim, dim)
+        self.mem_norm = nn.LayerNorm(dim)
+        self.film = nn.Linear(prompt_dim, 2 * dim * layers)
+        self.blocks = nn.ModuleList(_Block(dim, heads, dim) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, NUM_COLOURS)
+        self.pointer = nn.Linear(dim, NUM_VIEWS)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        # small, not zero: with a zero FiLM the prompt (and so Qwen) would get exactly no gradient at step 1
+        nn.init.normal_(self.film.weight, std=0.02)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, prompt, features, views, cell_mask, mem=None, mem_mask=None, mem_views=None):
+        B, N, Fn = features.shape
+        x = self.embed(features.reshape(B * N, Fn)).view(B, N, -1) + self.prompt_in(prompt)[:, None]
+        m = self.mem_norm(self.mem_in(mem.to(x.dtype))) if mem is not None else None
+        film = self.film(prompt).view(B, len(self.blocks), 2, -1)
+        onehot = F.one_hot(views, NO_CELL + 1)[..., :NUM_COLOURS].to(x.dtype)  # [B, N, K, 10]; no cell -> 0
+        match = None
+        if mem_views is not None:
+            match = (onehot, F.one_hot(mem_views, NO_CELL + 1)[..., :NUM_COLOURS].to(x.dtype))
+        for i, block in enumerate(self.blocks):
+            x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1], match)
+        x = self.norm(x)
+        pointed = torch.einsum("bnk,bnkc->bnc", self.pointer(x), onehot)
+        return self.head(x) + pointed
+
+
+class GridTransformer(Plugin):
+    """Predicts the output grid by attending from its cells to the demonstrations' token states.
+
+    Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
+    learning rate).  Parameter group ``predictor``.  Logs ``size_loss`` and ``size_acc``.
+    """
+
+    name = "grid_transformer"
+    role = "predictor"
+    description = "Output cells attend to the demonstrations' token states and to each other; views of the input as a pointer"
+
+    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, size_lr: float = 1e-3):
+        if dim < 1 or layers < 1 or heads < 1:
+            raise ValueError("dim, layers and heads must be >= 1")
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        if not size_lr >= 0:
+            raise ValueError(f"size_lr must be >= 0, got {size_lr!r}")
+        self.dim, self.layers, self.heads, self.size_lr = dim, layers, heads, float(size_lr)
+        self.net: GridTransformerNet | None = None
+        self.sizes: SizeLearner | None = None
+        self._mem_dim: int | None = None
+
+    @hookimpl
+    def configure(self, ctx):
+        # the prompt plugin's token states have its prompt width (qwen: hidden_size)
+        self._mem_dim = ctx.prompt_dim
+        self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads).to(ctx.device)
+        self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.dim, self.size_lr, ctx.device, ctx.fused_optimizers)
+
+    @property
+    def size_head(self):
+        return self.sizes.head
+
+    @hookimpl
+    def parameter_groups(self, ctx):
+        return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
+
+    def _cells(self, batch):
+        """Canvas-wide features, views and the output-cell mask of a batch (the output size from
+        ``batch.target_mask``: the answer's in training, the predicted one at evaluation)."""
+        B = batch.size
+        H, W = batch.canvas
+        sizes = mask_shapes(batch.target_mask).tolist()
+        feats = np.zeros((B, H, W, FEATURES), dtype=np.int64)
+        views = np.full((B, H, W, NUM_VIEWS), NO_CELL, dtype=np.int64)
+        for b, (ex, (ho, wo)) in enumerate(zip(batch.examples, sizes)):
+            if ho == 0 or wo == 0:
+                continue
+            f, v = query_cells(ex.query.input, (ho, wo))
+            feats[b, :ho, :wo] = f.reshape(ho, wo, -1)
+            views[b, :ho, :wo] = v.reshape(ho, wo, -1)
+        dev = batch.inputs.device
+        cell_mask = batch.target_mask.reshape(B, H * W)
+        empty = ~cell_mask.any(1)
+        if empty.any():  # no output cell (cannot happen with real data): attend over the canvas instead
+            cell_mask = torch.where(empty[:, None], batch.canvas_mask.reshape(B, H * W), cell_mask)
+        return (torch.from_numpy(feats).to(dev).view(B, H * W, -1), torch.from_numpy(views).to(dev).view(B, H * W, -1),
+                cell_mask)
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        feats, views, cell_mask = self._cells(batch)
+        mem = mem_mask = mem_views = None
+        if encoding is not None:
+            if encoding.tokens.shape[-1] != self._mem_dim:
+                raise ValueError(
+                    f"the prompt plugin's token states have width {encoding.tokens.shape[-1]}, expected {self._mem_dim} (ctx.prompt_dim)"
+                )
+            mem, mem_mask = encoding.tokens, encoding.token_mask
+            mem_views = encoding.meta.get("views")
+        logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views)
+        H, W = batch.canvas
+        return logits.view(batch.size, H, W, NUM_COLOURS)
+
+    def size_logits(self, prompt, batch) -> torch.Tensor:
+        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
+        return self.sizes.logits(prompt, batch)
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return self.sizes.shapes(prompt, batch)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        return self.sizes.update(result)
+
+    @hookimpl
+    def state_dict(self, ctx):
+        return self.sizes.state_dict()
+
+    @hookimpl
+    def load_state_dict(self, state, ctx):
+        self.sizes.load_state_dict(state)
