@@ -137,6 +137,14 @@ class GridTransformerNet(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, NUM_COLOURS)
         self.pointer = nn.Linear(dim, NUM_VIEWS)
+        # the demonstrations' colour lookup: per task (from the prompt), a weight per view on "same colour
+        # in view k here as in view k of that demonstration cell"; it starts on the identity view
+        self.lookup_beta = nn.Linear(prompt_dim, NUM_VIEWS)
+        self.lookup_gate = nn.Linear(dim, 1)
+        nn.init.zeros_(self.lookup_beta.weight)
+        with torch.no_grad():
+            self.lookup_beta.bias.zero_()
+            self.lookup_beta.bias[0] = 4.0
         nn.init.normal_(self.embed.weight, std=0.02)
         with torch.no_grad():
             self.embed.weight[0].zero_()
@@ -144,7 +152,7 @@ class GridTransformerNet(nn.Module):
         nn.init.normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
 
-    def forward(self, prompt, features, views, cell_mask, mem=None, mem_mask=None, mem_views=None):
+    def forward(self, prompt, features, views, cell_mask, mem=None, mem_mask=None, mem_views=None, mem_outputs=None):
         B, N, Fn = features.shape
         x = self.embed(features.reshape(B * N, Fn)).view(B, N, -1) + self.prompt_in(prompt)[:, None]
         m = self.mem_norm(self.mem_in(mem.to(x.dtype))) if mem is not None else None
@@ -157,7 +165,25 @@ class GridTransformerNet(nn.Module):
             x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1], match)
         x = self.norm(x)
         pointed = torch.einsum("bnk,bnkc->bnc", self.pointer(x), onehot)
-        return self.head(x) + pointed
+        logits = self.head(x) + pointed
+        if match is not None and mem_outputs is not None:
+            logits = logits + self.lookup_gate(x) * self._lookup(prompt, match, mem_mask, mem_outputs)
+        return logits
+
+    def _lookup(self, prompt, match, mem_mask, mem_outputs):
+        """``[B, N, 10]``: per output cell, the distribution of the output colours of the demonstration
+        cells that match it (attention with scores ``sum_k beta_k(prompt) [view k equal]``).  A null
+        option (score 0, no colour) takes the weight where nothing matches, or the task has no
+        demonstration cell at all."""
+        cells, tokens = match
+        beta = self.lookup_beta(prompt).to(cells.dtype)  # [B, K]
+        scores = torch.einsum("bnkc,btkc,bk->bnt", cells, tokens, beta)
+        demo = mem_mask & (mem_outputs < NUM_COLOURS)  # demonstration cells only (query cells have no output)
+        scores = scores.float().masked_fill(~demo[:, None, :], float("-inf"))
+        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], 1)], dim=-1)  # the null option
+        weights = torch.softmax(scores, dim=-1)[..., :-1].to(cells.dtype)
+        out = F.one_hot(mem_outputs.clamp(max=NUM_COLOURS), NUM_COLOURS + 1)[..., :NUM_COLOURS].to(cells.dtype)
+        return torch.einsum("bnt,btc->bnc", weights, out)
 
 
 class GridTransformer(Plugin):
@@ -223,15 +249,15 @@ class GridTransformer(Plugin):
     @hookimpl
     def predict(self, prompt, batch, ctx, encoding):
         feats, views, cell_mask = self._cells(batch)
-        mem = mem_mask = mem_views = None
+        mem = mem_mask = mem_views = mem_outputs = None
         if encoding is not None:
             if encoding.tokens.shape[-1] != self._mem_dim:
                 raise ValueError(
                     f"the prompt plugin's token states have width {encoding.tokens.shape[-1]}, expected {self._mem_dim} (ctx.prompt_dim)"
                 )
             mem, mem_mask = encoding.tokens, encoding.token_mask
-            mem_views = encoding.meta.get("views")
-        logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views)
+            mem_views, mem_outputs = encoding.meta.get("views"), encoding.meta.get("outputs")
+        logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views, mem_outputs)
         H, W = batch.canvas
         return logits.view(batch.size, H, W, NUM_COLOURS)
 

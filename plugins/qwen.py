@@ -230,6 +230,7 @@ class _CellSequence:
     features: np.ndarray
     dropped: int
     views: np.ndarray | None = None  # [T, NUM_VIEWS] the view colours of every token (NO_CELL for none)
+    outputs: np.ndarray | None = None  # [T] the output colour of every token (demonstrations only, else UNKNOWN_OUT)
 
 
 @dataclass
@@ -591,6 +592,8 @@ class QwenPrompt(Plugin):
         views = seq.features[:, :NUM_VIEWS] - _OFF_VIEW - np.arange(NUM_VIEWS) * (NO_CELL + 1)
         views[-1] = NO_CELL  # the summary token has no cell
         seq.views = views
+        seq.outputs = seq.features[:, NUM_VIEWS] - _OFF_OUT  # output colour; UNKNOWN_OUT for query cells
+        seq.outputs[-1] = UNKNOWN_OUT
         self._cache[example.key] = (fp, seq)
         return seq
 
@@ -649,12 +652,17 @@ class QwenPrompt(Plugin):
             states = torch.stack([F.pad(x, (0, 0, 0, T - len(x))) for x in tokens])
         mask = torch.zeros(len(tokens), T, dtype=torch.bool, device=prompts.device)
         views = np.full((len(tokens), T, NUM_VIEWS), NO_CELL, dtype=np.int64)
+        outputs = np.full((len(tokens), T), UNKNOWN_OUT, dtype=np.int64)
         for b, (x, ex) in enumerate(zip(tokens, examples)):
             mask[b, : len(x)] = True
-            views[b, : len(x)] = self.cell_sequence(ex).views
-        # meta["views"]: the colour of every view at every token, for a predictor that matches cells by colour
+            seq = self.cell_sequence(ex)
+            views[b, : len(x)] = seq.views
+            outputs[b, : len(x)] = seq.outputs
+        # meta: the colour of every view at every token and the demonstration output colours (UNKNOWN_OUT
+        # elsewhere), for a predictor that matches cells by colour (grid_transformer)
+        dev = prompts.device
         return TaskEncoding(prompt=prompts, tokens=states, token_mask=mask,
-                            meta={"views": torch.from_numpy(views).to(prompts.device)})
+                            meta={"views": torch.from_numpy(views).to(dev), "outputs": torch.from_numpy(outputs).to(dev)})
 
     def _reuse_or_encode(self, examples: Sequence[Example], ctx: Context) -> torch.Tensor | TaskEncoding:
         """Prompts (and token states): cached ones where still usable, the others from Qwen (with gradient)."""

@@ -301,3 +301,16 @@ def test_eval_command_names_an_unknown_task(trained, tmp_path):
     args = ["eval", str(root / "tiny.yaml"), "--checkpoint", str(root / "run"), "--task", "nope", "--out", str(tmp_path / "e")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "no task nope" in result.stderr
+
+
+def test_changed_cell_accuracy_counts_only_cells_the_rule_changes():
+    from arcfw.core.commands.evaluate import score
+    from arcfw.core.data.batch import Pair, Task
+
+    inp = np.array([[1, 2], [3, 4]])
+    answer = np.array([[1, 9], [9, 4]])  # two cells change
+    task = Task("t", train=(), test=(Pair(inp, answer),))
+    half = np.array([[1, 9], [3, 4]])  # one of the two changed cells right
+    assert score([task], {"t": [[half, half]]}).changed_cell_acc == 0.5
+    assert score([task], {"t": [[inp, inp]]}).changed_cell_acc == 0.0  # copying the input
+    assert score([task], {"t": [[np.zeros((3, 3), dtype=np.int64)] * 2]}).changed_cell_acc is None  # other size

@@ -70,6 +70,9 @@ class Score:
     cell_acc: float
     shape_acc: float
     per_task: dict[str, float] = field(default_factory=dict)
+    #: of the cells where the answer differs from the test input (outputs of the input's size whose
+    #: attempt 1 has that size too), the share attempt 1 gets right: 0 for copying the input; None if none
+    changed_cell_acc: float | None = None
 
 
 def _cell_acc(guess: np.ndarray, answer: np.ndarray) -> float:
@@ -83,6 +86,7 @@ def score(tasks: list[Task], predictions: Predictions) -> Score | None:
     solved = outputs = 0
     cells: list[float] = []
     shapes: list[bool] = []
+    changed = changed_right = 0
     for t in tasks:
         preds = predictions.get(t.task_id)
         if preds is None or len(preds) != len(t.test):
@@ -95,6 +99,10 @@ def score(tasks: list[Task], predictions: Predictions) -> Score | None:
             right += any(a.shape == pair.output.shape and np.array_equal(a, pair.output) for a in attempts[:ATTEMPTS])
             cells.append(_cell_acc(attempts[0], pair.output))
             shapes.append(attempts[0].shape == pair.output.shape)
+            if pair.output.shape == pair.input.shape == attempts[0].shape:
+                diff = pair.output != pair.input
+                changed += int(diff.sum())
+                changed_right += int((attempts[0] == pair.output)[diff].sum())
         if known:
             per_task[t.task_id] = right / known
             solved += right
@@ -109,6 +117,7 @@ def score(tasks: list[Task], predictions: Predictions) -> Score | None:
         cell_acc=float(np.mean(cells)),
         shape_acc=float(np.mean(shapes)),
         per_task=per_task,
+        changed_cell_acc=changed_right / changed if changed else None,
     )
 
 
@@ -335,6 +344,7 @@ def report_lines(report: EvalReport) -> list[str]:
         ("test outputs solved", [f"{s.solved}/{s.test_outputs}" for s in cols]),
         ("cell accuracy (attempt 1)", [f"{s.cell_acc:.4f}" for s in cols]),
         ("shape accuracy (attempt 1)", [f"{s.shape_acc:.4f}" for s in cols]),
+        ("changed-cell accuracy", ["n/a" if s.changed_cell_acc is None else f"{s.changed_cell_acc:.4f}" for s in cols]),
     ]
     heads = ["model", "copy input"] + (["other demos"] if report.ablation else [])
     lines = [f"{'':<28}" + "".join(f"{h:>13}" for h in heads)]
