@@ -18,7 +18,7 @@ import math
 import torch
 
 from arcfw.core.data.batch import Batch
-from arcfw.core.engine.context import StepResult
+from arcfw.core.engine.context import THRESHOLD_KEY, StepResult
 from arcfw.core.engine.engine import Engine
 
 
@@ -28,7 +28,7 @@ def plain_step(engine: Engine, batch: Batch, step: int) -> float:
     qwen, policy, agent, loss_fn, curriculum = p["qwen"], p["rl_policy"], p["agent"], p["efe_loss"], p["curriculum"]
     ctx.training, ctx.step, ctx.no_grad_groups = True, step, set()
 
-    ctx.threshold = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
+    ctx.schedule[THRESHOLD_KEY] = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
     prompt = qwen.generate_prompt(batch, ctx)
     refined = policy.refine(prompt, batch, ctx)
     logits = agent.predict(refined, batch, ctx)

@@ -12,7 +12,7 @@ import torch
 
 from arcfw.core.engine import hookspecs
 from arcfw.core.data.batch import Example, Pair, collate
-from arcfw.core.engine.context import Context, LossOutput
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput
 from arcfw.core.errors import ContractError
 from arcfw.plugins.efe_loss import MaskedEFELoss, efe_loss
 
@@ -380,7 +380,7 @@ def test_plugin_hook_through_pluggy_and_single_sync(monkeypatch):
     batch = collate([_example("a", np.array([[1, 2], [3, 4]])), _example("b", np.array([[5]]))])
     torch.manual_seed(3)
     logits = torch.randn(2, 2, 2, 10, requires_grad=True)
-    ctx = Context(device=torch.device("cpu"), threshold=0.4)
+    ctx = Context(device=torch.device("cpu"), schedule={THRESHOLD_KEY: 0.4})
 
     calls = {"tolist": 0}
     orig_tolist = torch.Tensor.tolist

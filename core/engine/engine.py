@@ -18,14 +18,15 @@ import numpy as np
 import pluggy
 import torch
 
-from arcfw.core.engine import contracts, hookspecs
+from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
 from arcfw.core.config import RunConfig
-from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, View
-from arcfw.core.engine.distributed import Dist, full_tensor, rank_seed
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, ParamGroup, StepResult, View
+from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed
 from arcfw.core.errors import (
     ArcfwError,
+    CheckpointError,
     ConfigError,
     GradientPathError,
     OrderError,
@@ -54,18 +55,18 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class _Step:
-    """Values flowing through one step (internal)."""
+    """Values flowing through one step (internal).  Each stage sets the fields it produces
+    (a field read before its stage ran is an AttributeError, not a silent None)."""
 
     batch: Batch
-    prompt: torch.Tensor | None = None
-    refined: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    loss_value: float = float("nan")
+    prompt: torch.Tensor = field(init=False)  # generate_prompt
+    refined: torch.Tensor = field(init=False)  # refine
+    logits: torch.Tensor = field(init=False)  # predict
+    loss: torch.Tensor = field(init=False)  # compute_loss; deleted once backward ran (the graph is gone)
+    loss_value: float = field(init=False)  # optimizer_step: the loss averaged over ranks, as a float
+    norms: dict[str, float] = field(init=False)  # optimizer_step: gradient norm per trainable group
+    applied: bool = field(init=False)  # optimizer_step: False when the step was skipped
     metrics: dict[str, float] = field(default_factory=dict)
-    norms: dict[str, float] = field(default_factory=dict)
-    applied: bool = False
-    exempt: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -93,10 +94,7 @@ class Engine:
         if cfg["threads"] is not None:  # CPU threads of this process (torch's default: one per core)
             torch.set_num_threads(cfg["threads"])
         self.precision = Precision(cfg["precision"], self.device)
-        self.ctx = Context(
-            device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        self.ctx = Context(device=self.device, seed=cfg["seed"], out_dir=out_dir, rank=self.dist.rank, world_size=self.dist.world_size)
         self.listeners: list[Listener] = []
         self.global_step = 0  # optimizer steps attempted
         self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
@@ -245,6 +243,109 @@ class Engine:
             return torch.optim.Adam(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], fused=fused)
         return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
 
+    # ------------------------------------------------------------------ state
+
+    def named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every distinct module of the parameter groups, named after its group (``group.i`` for several)."""
+        return state.named_modules(self.groups)
+
+    def state_dict(self, *, modules: bool = True) -> dict[str, Any]:
+        """Everything a resumed run needs from the engine, as copies (see :mod:`arcfw.core.engine.state`).
+
+        ``modules=False`` leaves out the parameter groups' weights (a checkpoint writes
+        them to safetensors files itself).  In a multi-process run this is a collective:
+        every rank calls it (generator states and FSDP2 shards are gathered).  Safe to
+        keep in memory and restore later: nothing in it is shared with the live engine.
+        """
+        gen = self.ctx.generator
+        out: dict[str, Any] = {
+            "global_step": self.global_step,
+            "schedule": dict(self.ctx.schedule),
+            "optimizer": state.optimizer_state(self.optimizer),
+            "precision": state.copy_tree(self.precision.state_dict()),
+            "grad_watch": state.copy_tree(self.grad_watch.state_dict()),
+            "guard": state.copy_tree(self.guard.state_dict()),
+            "health": state.copy_tree(self.health.state_dict()),
+            "generator": {
+                "states": all_gather_object(None if gen is None else gen.get_state()),
+                "device": None if gen is None else gen.device.type,
+            },
+            "plugins": {name: state.copy_tree(s) for name, s in self.call_all("state_dict") if s is not None},
+        }
+        if modules:
+            out["modules"] = {name: state.copy_tree(state.full_module_state(m) if self.dist.strategy == "fsdp" else m.state_dict())
+                              for name, m in self.named_modules()}
+            out["loose"] = {k: p.detach().clone() for k, p in state.loose_params(self.groups).items()}
+        return out
+
+    def load_state_dict(self, saved: dict[str, Any], *, source: str = "saved state") -> list[str]:
+        """Put the engine back in the state :meth:`state_dict` returned.  Returns notes for the user
+        (e.g. random draws that cannot be the same on another device or number of processes).
+
+        A key that is absent is left alone (``arcfw eval`` restores only the modules and the
+        plugins' states).  ``source`` names the state in error messages (a checkpoint folder).
+        The saved tensors are copied, never adopted: one snapshot can be restored many times.
+        """
+        notes: list[str] = []
+        if "modules" in saved:
+            names = sorted(n for n, _ in self.named_modules())
+            if sorted(saved["modules"]) != names:
+                raise CheckpointError(f"{source}: holds modules {sorted(saved['modules'])}, the config builds {names}")
+            for name, module in self.named_modules():
+                state.load_module(module, saved["modules"][name])
+        if saved.get("loose"):
+            with torch.no_grad():
+                for key, p in state.loose_params(self.groups).items():
+                    p.copy_(saved["loose"][key])
+        if "optimizer" in saved:
+            state.load_optimizer(self.optimizer, saved["optimizer"])
+        if "global_step" in saved:
+            self.global_step = int(saved["global_step"])
+        if "schedule" in saved:
+            self.ctx.schedule = {k: float(v) for k, v in saved["schedule"].items()}
+        for key, part in (("precision", self.precision), ("grad_watch", self.grad_watch), ("guard", self.guard), ("health", self.health)):
+            if key in saved:
+                part.load_state_dict(state.copy_tree(saved[key]))
+        if "generator" in saved:
+            notes += self._load_generator(saved["generator"])
+        if "plugins" in saved:
+            self._load_plugin_states(saved["plugins"], source)
+        return notes
+
+    def _load_generator(self, saved: dict[str, Any]) -> list[str]:
+        notes = []
+        gens, gen = saved["states"], self.ctx.generator
+        if len(gens) != self.ctx.world_size:
+            notes.append(f"state saved by {len(gens)} process(es), restored by {self.ctx.world_size}: "
+                         "the ranks' random draws differ from an uninterrupted run")
+        own = gens[self.ctx.rank] if self.ctx.rank < len(gens) else None
+        if gen is not None and own is not None:
+            if saved["device"] == gen.device.type:
+                gen.set_state(own.clone())
+            else:
+                notes.append(f"state saved on {saved['device']}, restored on {self.device.type}: "
+                             "random draws differ from an uninterrupted run")
+        return notes
+
+    def _load_plugin_states(self, saved: dict[str, Any], source: str) -> None:
+        loaders = self.implementers("load_state_dict")
+        orphans = sorted(set(saved) - set(loaders))
+        if orphans:
+            raise CheckpointError(
+                f"{source}: holds state of plugin(s) {orphans} that no plugin of this config loads (a load_state_dict hook is missing)"
+            )
+        for name in loaders:
+            if name not in saved:
+                continue
+            try:
+                self.call_plugin("load_state_dict", name, state=state.copy_tree(saved[name]))
+            except ArcfwError:
+                raise
+            except Exception as exc:
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+                raise CheckpointError(f"{source}: plugin '{name}' could not load its state: {text}") from None
+
     # ------------------------------------------------------------------ the step
 
     def add_listener(self, fn: Listener) -> None:
@@ -280,7 +381,7 @@ class Engine:
             if value is not None:
                 if self.check_contracts:
                     contracts.check_threshold(impl.plugin, value)
-                self.ctx.threshold = float(value)
+                self.ctx.schedule[THRESHOLD_KEY] = float(value)
                 break
 
     def _stage_generate_prompt(self, s: _Step) -> None:
@@ -379,7 +480,6 @@ class Engine:
         s.norms = {g.name: v for g, v in zip(live, values[1:])}
         self.last_norms = s.norms
         total_norm = math.sqrt(sum(v * v for v in values[1:])) if all(math.isfinite(v) for v in values[1:]) else float("inf")
-        s.exempt = frozenset(self.ctx.no_grad_groups)
         if not math.isfinite(s.loss_value) or (not math.isfinite(total_norm) and self.precision.scaler is None):
             what = "loss" if not math.isfinite(s.loss_value) else "gradient"
             opt.zero_grad(set_to_none=True)
@@ -396,7 +496,7 @@ class Engine:
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, s.exempt)
+            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups))
         s.metrics["grad_norm"] = total_norm
 
     def _stage_post_step_update(self, s: _Step) -> None:
@@ -413,7 +513,7 @@ class Engine:
             epoch=self.ctx.epoch,
             step=self.global_step,
         )
-        s.loss = None  # the main graph is gone from here on
+        del s.loss  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
             try:
                 out = self._call("post_step_update", impl, result=result, ctx=self.ctx)

@@ -100,9 +100,10 @@ def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None"
 
     Called at the start of every step, before :func:`generate_prompt`.  A cell
     is *hard* when the predicted probability of its right colour is below the
-    threshold.  The first non-None result wins (the curriculum role); with no
-    implementation the threshold stays at ``ctx.threshold``.  The value is
-    stored in ``ctx.threshold`` for the loss to read.
+    threshold.  The first non-None result wins (the curriculum role).  The value
+    is stored in ``ctx.schedule["hard_cell_threshold"]`` (key
+    :data:`~arcfw.core.engine.context.THRESHOLD_KEY`) for the loss to read; with
+    no implementation the key is absent and the loss uses its own default.
     """
 
 

@@ -2,7 +2,7 @@
 
 One training step (:meth:`arcfw.core.engine.engine.Engine.train_step`) is::
 
-    THRESHOLD         ctx.threshold = hard_cell_threshold(epoch, step)     # curriculum
+    THRESHOLD         ctx.schedule[...] = hard_cell_threshold(epoch, step) # curriculum
     GENERATE_PROMPT   prompt  = generate_prompt(batch)                      # autocast
     REFINE            refined = refine(prompt, batch)   (chained)           # autocast
     PREDICT           logits  = predict(refined, batch)                     # autocast

@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -49,7 +48,8 @@ from torch import nn
 
 from arcfw import __version__
 from arcfw.core.data.batch import Task
-from arcfw.core.engine.distributed import all_gather_object, barrier
+from arcfw.core.engine.distributed import barrier
+from arcfw.core.engine.state import check_plain, full_module_state, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 from arcfw.core.engine.registry import resolve
 
@@ -143,50 +143,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
-    """Every distinct module of every parameter group, named after its group (``group.i`` for several)."""
-    seen: set[int] = set()
-    out = []
-    for g in engine.groups:
-        for i, module in enumerate(g.modules):
-            if id(module) not in seen:
-                seen.add(id(module))
-                out.append((g.name if len(g.modules) == 1 else f"{g.name}.{i}", module))
-    return out
-
-
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
-
-
-def _full_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every FSDP2 shard gathered into a full CPU tensor.
-
-    A collective under strategy fsdp: every rank calls it, in the same order.
-    """
-    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """``opt.state_dict()`` with FSDP2-sharded moments gathered (a collective, like :func:`_full_module_state`)."""
-    sd = opt.state_dict()
-    state = {i: {k: (v.full_tensor().cpu() if _is_dtensor(v) else v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def _shard_like(value: Any, like: Any) -> Any:
-    """``value`` (a full tensor from a checkpoint) as a DTensor placed like ``like`` (an FSDP2 parameter
-    or state tensor); anything else unchanged."""
-    if not _is_dtensor(like) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(like.shape):
-        return value
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(value.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
-
-
-def _loose_params(engine: "Engine") -> dict[str, nn.Parameter]:
-    """Group parameters that belong to none of the groups' modules (saved on their own)."""
-    covered = {id(p) for _, m in _modules(engine) for p in m.parameters()}
-    return {f"{g.name}.{i}": p for g in engine.groups for i, p in enumerate(g.params) if id(p) not in covered}
+    return engine.named_modules()
 
 
 def _module_file(index: int, name: str) -> str:
@@ -222,74 +179,6 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _engine_state(engine: "Engine", generators: list[Any], optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``generators``: every rank's ``ctx.generator`` state, in rank order (each rank draws its own noise);
-    ``optimizer``: the optimizer's state gathered from FSDP2 shards (None: the optimizer's own state dict)."""
-    gen = engine.ctx.generator
-    return {
-        "global_step": engine.global_step,
-        "threshold": engine.ctx.threshold,
-        "optimizer": optimizer if optimizer is not None else engine.optimizer.state_dict(),
-        "precision": engine.precision.state_dict(),
-        "grad_watch": engine.grad_watch.state_dict(),
-        "guard": engine.guard.state_dict(),
-        "health": engine.health.state_dict(),
-        "generator": None if gen is None else gen.get_state(),
-        "rank_generators": generators,
-        "generator_device": None if gen is None else gen.device.type,
-    }
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Restore the optimizer's per-parameter state, matching parameter groups by name.
-
-    The hyperparameters (lr, weight decay, betas...) stay those of the current
-    config, so learning rates may change on resume; a group frozen now drops
-    its state, a group trainable only now starts fresh.
-    """
-    by_name = {g.get("name", str(i)): g for i, g in enumerate(saved["param_groups"])}
-    state, groups, index = {}, [], 0
-    for g in opt.param_groups:
-        ids = list(range(index, index + len(g["params"])))
-        index += len(ids)
-        old = by_name.get(g.get("name"))
-        if old is not None:
-            if len(old["params"]) != len(ids):
-                raise CheckpointError(
-                    f"parameter group '{g.get('name')}' has {len(ids)} trainable tensors, the checkpoint's has "
-                    f"{len(old['params'])}: the model differs from the checkpoint's"
-                )
-            state.update({new: saved["state"][o] for new, o in zip(ids, old["params"]) if o in saved["state"]})
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} for i, s in state.items()}  # FSDP2: shard the moments
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-_PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
-
-
-def _check_plain(obj: Any, where: str) -> None:
-    """Refuse what ``torch.load(weights_only=True)`` could not read back (checked at save time,
-    where the culprit can still be named, not at resume time)."""
-    kind = type(obj)
-    if isinstance(obj, torch.Tensor):
-        if kind not in (torch.Tensor, nn.Parameter):
-            raise CheckpointError(f"{where}: a {kind.__name__} cannot go into a checkpoint; store a plain torch.Tensor")
-    elif kind in (dict, OrderedDict):
-        for k, v in obj.items():
-            _check_plain(k, f"{where} (a key)")
-            _check_plain(v, f"{where}[{k!r}]")
-    elif kind in (list, tuple, set):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-    elif kind not in _PLAIN:
-        raise CheckpointError(
-            f"{where}: a {kind.__module__}.{kind.__name__} cannot go into a checkpoint (state_dict hooks return only "
-            "tensors and plain Python values: dict, list, tuple, str, int, float, bool, None)"
-        )
 
 
 # --------------------------------------------------------------------------- reading
@@ -540,15 +429,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def _plugin_states(self) -> dict[str, Any]:
-        states = {name: s for name, s in self.engine.call_all("state_dict") if s is not None}
-        _check_plain(states, "plugin state")  # names the plugin: plugin state['name']...
-        return states
-
     def check_plugin_states(self) -> None:
         """Ask every plugin for its state once, before training, so a state that cannot be saved is
         an error now and not at the first checkpoint hours later."""
-        self._plugin_states()
+        states = {name: s for name, s in self.engine.call_all("state_dict") if s is not None}
+        check_plain(states, "plugin state")  # names the plugin: plugin state['name']...
 
     def save(self, position: Position, loop: dict[str, Any]) -> Path:
         """Write a checkpoint for the current step; the data continues at ``position``.
@@ -565,21 +450,22 @@ class Checkpointer:
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
-        # every rank saves at the same steps; the replicas are identical, so rank 0 alone writes
-        generators = all_gather_object(None if eng.ctx.generator is None else eng.ctx.generator.get_state())
+        # every rank saves at the same steps (gathering generator states and FSDP2 shards is a collective);
+        # the replicas are identical, so rank 0 alone writes
+        engine_state = eng.state_dict(modules=False)
         full_modules: dict[str, dict[str, torch.Tensor]] | None = None
-        optimizer: dict[str, Any] | None = None
-        if eng.dist.strategy == "fsdp":  # gathering the shards is a collective: every rank takes part
-            full_modules = {name: _full_module_state(m) for name, m in _modules(eng)}
-            optimizer = _full_optimizer_state(eng.optimizer)
+        if eng.dist.strategy == "fsdp":
+            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
         if not eng.dist.is_main:  # rank 0 writes
             barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final
+        plugins = engine_state.pop("plugins")
+        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
         state = {
-            "engine": _engine_state(eng, generators, optimizer),
+            "engine": engine_state,
             "rng": _rng_state(),
-            "plugins": self._plugin_states(),
+            "plugins": plugins,
             "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
                          "batches": len(self.loader), "world_size": self.loader.world_size},
             "loop": loop,
@@ -619,7 +505,7 @@ class Checkpointer:
             else:
                 save_model(module, str(tmp / modules[name]))
             _fsync(tmp / modules[name])
-        loose = _loose_params(eng)
+        loose = loose_params(eng.groups)
         if loose:
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
             _fsync(tmp / MODULES / LOOSE)
@@ -669,27 +555,7 @@ class Checkpointer:
     def _restore(self, ckpt: Checkpoint, state: dict[str, Any]) -> Restored:
         eng = self.engine
         _load_modules(eng, ckpt)
-        e = state["engine"]
-        _load_optimizer(eng.optimizer, e["optimizer"])
-        eng.global_step = int(e["global_step"])
-        eng.ctx.threshold = float(e["threshold"])
-        eng.precision.load_state_dict(e["precision"])
-        eng.grad_watch.load_state_dict(e["grad_watch"])
-        eng.guard.load_state_dict(e["guard"])
-        eng.health.load_state_dict(e["health"])
-        notes: list[str] = []
-        saved_gens = e.get("rank_generators") or [e["generator"]]
-        if len(saved_gens) != eng.ctx.world_size:
-            notes.append(f"checkpoint made by {len(saved_gens)} process(es), resumed by {eng.ctx.world_size}: "
-                         "the ranks' random draws differ from an uninterrupted run")
-        own = saved_gens[eng.ctx.rank] if eng.ctx.rank < len(saved_gens) else None
-        if eng.ctx.generator is not None and own is not None:
-            if e["generator_device"] == eng.ctx.generator.device.type:
-                eng.ctx.generator.set_state(own)
-            else:
-                notes.append(f"checkpoint made on {e['generator_device']}, resumed on {eng.device.type}: "
-                             "random draws differ from an uninterrupted run")
-        _load_plugin_states(eng, ckpt, state["plugins"])
+        notes = eng.load_state_dict({**state["engine"], "plugins": state["plugins"]}, source=str(ckpt.path))
         position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
         return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
@@ -739,43 +605,25 @@ def _fitting(ckpt: Checkpoint) -> Iterator[None]:
 
 
 def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
+    """The parameter groups' modules from the checkpoint's safetensors files."""
     names = [n for n, _ in _modules(engine)]
     if sorted(names) != sorted(ckpt.meta["modules"]):
         raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
     for name, module in _modules(engine):
+        file = str(ckpt.path / ckpt.meta["modules"][name])
         try:
-            current = module.state_dict()
-            if any(_is_dtensor(v) for v in current.values()):  # FSDP2: every rank shards the full tensors
-                full = load_file(str(ckpt.path / ckpt.meta["modules"][name]), device="cpu")
-                module.load_state_dict({k: _shard_like(v, current.get(k)) for k, v in full.items()}, strict=True)
+            if any(is_dtensor(v) for v in module.state_dict().values()):  # FSDP2: every rank shards the full tensors
+                load_module(module, load_file(file, device="cpu"))
             else:
-                load_model(module, str(ckpt.path / ckpt.meta["modules"][name]), strict=True, device=str(engine.device))
+                load_model(module, file, strict=True, device=str(engine.device))
         except RuntimeError as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' does not fit the model the config builds: {_short(_one_line(exc))}") from None
-    loose = _loose_params(engine)
+    loose = loose_params(engine.groups)
     if loose:
         saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(engine.device))
         with torch.no_grad():
             for key, p in loose.items():
                 p.copy_(saved[key])
-
-
-def _load_plugin_states(engine: "Engine", ckpt: Checkpoint, saved: dict[str, Any]) -> None:
-    loaders = engine.implementers("load_state_dict")
-    orphans = sorted(set(saved) - set(loaders))
-    if orphans:
-        raise CheckpointError(
-            f"{ckpt.path}: holds state of plugin(s) {orphans} that no plugin of this config loads (a load_state_dict hook is missing)"
-        )
-    for name in loaders:
-        if name not in saved:
-            continue
-        try:
-            engine.call_plugin("load_state_dict", name, state=saved[name])
-        except ArcfwError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{ckpt.path}: plugin '{name}' could not load its state: {_short(_one_line(exc))}") from None
 
 
 def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
@@ -790,5 +638,5 @@ def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
     state = ckpt.load_state()
     with _fitting(ckpt):
         _load_modules(engine, ckpt)
-        _load_plugin_states(engine, ckpt, state["plugins"])
+        engine.load_state_dict({"plugins": state["plugins"]}, source=str(ckpt.path))
     return ckpt

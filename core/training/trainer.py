@@ -20,6 +20,7 @@ from arcfw.core.training.checkpoint import Checkpointer, Position
 from arcfw.core.config import RunConfig
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import setup as setup_distributed
+from arcfw.core.engine.context import THRESHOLD_KEY
 from arcfw.core.engine.engine import Engine, resolve_device
 from arcfw.core.errors import ConfigError, Interrupted
 from arcfw.core.training.interrupt import StopSignals
@@ -185,7 +186,6 @@ class Trainer:
             for batch_index, batch in enumerate(self.loader.batches(epoch, start), start):
                 if max_batches is not None and eng.global_step >= max_batches:
                     break
-                eng.ctx.batch_index = batch_index
                 metrics = eng.train_step(batch.to(eng.device))
                 # averaged over ranks; a signal that reached any rank stops every rank after this step
                 metrics, self._stop_signum = self.dist.exchange(metrics, self._signals.signum)
@@ -215,7 +215,7 @@ class Trainer:
                         "qwen_grad": qwen_grad,
                         "mask_ratio": metrics.get("mask_ratio", float("nan")),
                         "cell_acc": metrics.get("cell_acc", float("nan")),
-                        "threshold": eng.ctx.threshold,
+                        "threshold": eng.ctx.schedule.get(THRESHOLD_KEY, float("nan")),
                         **{k: v for k, v in metrics.items() if k not in ("loss",)},
                         "grad_norms": norms,
                         "nonfinite_skipped_total": eng.guard.skipped,
