@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from arcfw.core.errors import ConfigError, PluginError
-from arcfw.core.engine.plugin import EXTRA_ROLE, REQUIRED_ROLES, ROLES
+from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES, role_order
 from arcfw.core.engine.registry import resolve
 
 
@@ -373,8 +373,7 @@ def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
         spec = _plugin_spec(role, entry, key, problems)
         if spec:
             specs.append(spec)
-    order = {r: i for i, r in enumerate(ROLES + (EXTRA_ROLE,))}
-    specs.sort(key=lambda s: order[s.role])  # stable: extras keep config order
+    specs.sort(key=lambda s: role_order(s.role))  # stable: extras keep config order
     return specs
 
 

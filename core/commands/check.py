@@ -15,6 +15,7 @@ from arcfw.core.config import RunConfig
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ArcfwError
+from arcfw.core.engine.roles import step_hook
 from arcfw.core.engine.steps import Stage
 
 
@@ -83,11 +84,10 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 2) -> list[Row]:
             reached[name] = max(reached[name], v)
     rows.append(Row("targets are int64", target_dtype == torch.int64, str(target_dtype).replace("torch.", "")))
     rows.append(Row(f"{steps} steps run with every hook contract checked", error is None, "" if error is None else f"{error.kind}: {error}"))
-    hooks = {"prompt": "generate_prompt", "refine": "refine", "predictor": "predict"}
     for g in engine.groups:
         if g.lr == 0:
             continue
-        via = hooks.get(engine.roles[g.plugin], "its hooks")
+        via = step_hook(engine.roles[g.plugin])
         path = "generate_prompt -> refine -> predict -> compute_loss" if via == "generate_prompt" else f"{via} -> compute_loss"
         ok = error is None and reached.get(g.name, 0.0) > 0
         rows.append(Row(f"gradient reaches group '{g.name}' ({g.plugin})", ok, f"through {path}; max grad norm {reached.get(g.name, 0.0):.3g}"))

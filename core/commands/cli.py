@@ -267,11 +267,11 @@ def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path
 @main.command()
 def plugins() -> None:
     """List the plugins available by role (entry-point group 'arcfw.plugins')."""
-    from arcfw.core.engine.plugin import EXTRA_ROLE, ROLES
     from arcfw.core.engine.registry import describe_all
+    from arcfw.core.engine.roles import ROLE_TABLE
 
     infos = describe_all()
-    for role in (*ROLES, EXTRA_ROLE, "?"):
+    for role in (*ROLE_TABLE, "?"):
         rows = [i for i in infos if i.role == role]
         if not rows:
             continue

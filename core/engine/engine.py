@@ -34,6 +34,7 @@ from arcfw.core.errors import (
 )
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.engine.precision import Precision
+from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
@@ -149,8 +150,8 @@ class Engine:
         for hook in (n for n in dir(hookspecs) if isinstance(getattr(self.pm.hook, n, None), pluggy.HookCaller)):
             impls = {i.plugin_name: i for i in getattr(self.pm.hook, hook).get_hookimpls()}
             self._impls[hook] = [_Impl(n, impls[n].function, tuple(impls[n].argnames)) for n in order if n in impls]
-        for hook in ("generate_prompt", "predict"):
-            if len(self._impls.get(hook, [])) != 1:
+        for hook, rule in HOOK_TABLE.items():
+            if rule.combine is Combine.ONE and len(self._impls.get(hook, [])) != 1:
                 names = [i.plugin for i in self._impls.get(hook, [])]
                 raise PluginError(f"exactly one plugin must implement '{hook}', found {len(names)}: {names or 'none'}")
 
@@ -458,7 +459,7 @@ class Engine:
     def _check_groups_reached(self) -> None:
         for g in self.groups:
             if g.lr > 0 and g.name not in self.ctx.no_grad_groups and g.trainable() and all(p.grad is None for p in g.trainable()):
-                hook = {"prompt": "generate_prompt", "refine": "refine", "predictor": "predict", "loss": "compute_loss"}.get(self.roles[g.plugin], "its hooks")
+                hook = step_hook(self.roles[g.plugin])
                 raise GradientPathError(
                     f"parameter group '{g.name}' of plugin '{g.plugin}' received no gradient from the loss at the first "
                     f"step although its learning rate is {g.lr:g}: the path from its output ({hook}) to the loss is cut. "

@@ -30,10 +30,16 @@ Implement a hook by writing a method of the same name decorated with
 (you may take fewer arguments than the spec lists; pluggy passes only the ones
 you name).  A misspelt hook name is an error when the plugin is registered.
 
-How several implementations of one hook combine is stated in each hook.  The
-engine calls implementations in *role order* (prompt, refine, predictor, loss,
-curriculum, then extra plugins in config order), not pluggy's default
-last-registered-first order, so a config reads top to bottom.
+How several implementations of one hook combine (exactly one, first non-None,
+chained, summed, collected, all, per plugin) is stated in each hook and declared
+once, for the engine and the docs, in :data:`arcfw.core.engine.roles.HOOK_TABLE`;
+which role fills which hook is :data:`arcfw.core.engine.roles.ROLE_TABLE`.  The
+engine calls implementations itself, in *role order* (prompt, refine, predictor,
+loss, curriculum, then extra plugins in config order), not through pluggy's
+caller (which calls last-registered-first and knows no chaining or summing), so
+a config reads top to bottom.  pluggy validates the hook names and signatures
+at registration; the specs carry no ``firstresult`` marker because pluggy's
+caller is not used.
 
 Every hook result is checked against its contract (dtype, shape, gradient)
 where it is produced; a violation stops the run with an error naming the
@@ -107,7 +113,7 @@ def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None"
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
     """Encode each example's demonstration pairs and query input into a prompt embedding.
 
@@ -116,7 +122,7 @@ def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
     ``[B, ctx.prompt_dim]`` on ``ctx.device``.  If the plugin has trainable
     parameters (a group with ``lr > 0``) the result must carry gradient to them:
     no ``torch.no_grad()``, no ``.detach()``.  Exactly one implementation (the
-    prompt role); the first non-None result wins.
+    prompt role).
     """
 
 
@@ -136,7 +142,7 @@ def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Ten
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
     """Predict the query's output grid from the refined prompt and the query input grid.
 
@@ -151,7 +157,7 @@ def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Te
     """
 
 
-@hookspec(firstresult=True)
+@hookspec
 def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor | None":
     """Predict the size of each query's output grid (evaluation only; the answer is never shown).
 

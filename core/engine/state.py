@@ -39,6 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.engine.context import ParamGroup
 
 
+#: What a resumed run needs besides the modules (a checkpoint without one of them is refused).
+RESUME_KEYS = ("optimizer", "global_step", "precision", "grad_watch", "guard", "health", "generator", "plugins")
+
+
 def is_dtensor(t: object) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
 

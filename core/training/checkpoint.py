@@ -49,7 +49,7 @@ from torch import nn
 from arcfw import __version__
 from arcfw.core.data.batch import Task
 from arcfw.core.engine.distributed import barrier
-from arcfw.core.engine.state import check_plain, full_module_state, is_dtensor, load_module, loose_params
+from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 from arcfw.core.engine.registry import resolve
 
@@ -555,7 +555,11 @@ class Checkpointer:
     def _restore(self, ckpt: Checkpoint, state: dict[str, Any]) -> Restored:
         eng = self.engine
         _load_modules(eng, ckpt)
-        notes = eng.load_state_dict({**state["engine"], "plugins": state["plugins"]}, source=str(ckpt.path))
+        saved = {**state["engine"], "plugins": state["plugins"]}
+        missing = [key for key in RESUME_KEYS if key not in saved]  # load_state_dict leaves absent keys alone
+        if missing:
+            raise KeyError(missing[0])  # -> "does not fit the model the config builds (KeyError: ...)"
+        notes = eng.load_state_dict(saved, source=str(ckpt.path))
         position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
         return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
