@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arcfw.core.data.batch import NUM_COLOURS, Batch, Example
-from arcfw.core.engine.context import Context, ParamGroup
+from arcfw.core.engine.context import Context, Metric, ParamGroup
 from arcfw.core.engine.distributed import unwrap
 from arcfw.core.errors import PluginError, first_line
 from arcfw.core.engine.hookspecs import hookimpl
@@ -185,6 +185,7 @@ class QwenPrompt(Plugin):
     name = "qwen"
     role = "prompt"
     description = "Qwen2 (transformers) over serialised demo pairs and query input; pooled hidden state as prompt"
+    metrics = (Metric("qwen_grad", console=30, fmt=".4g", plot="Qwen gradient norm", grad_norm_of=(GROUP,)),)
 
     def __init__(
         self,

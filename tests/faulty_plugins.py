@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from arcfw.core.engine.context import LossOutput
+from arcfw.core.engine.context import LossOutput, Metric
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
 from arcfw.plugins.agent import GridAgent
@@ -138,6 +138,7 @@ class FlatLoss(Plugin):
 
     name = "flat_loss"
     role = "loss"
+    metrics = (Metric("mask_ratio", stuck_at=1.0),)
 
     @hookimpl
     def compute_loss(self, logits, batch, ctx):
@@ -252,3 +253,9 @@ class HalfTransformAugment(Plugin):
 
         q = example.query
         return Example(example.task_id, example.pair_index, example.demos, Pair(q.input.T.copy(), q.output * 0 + 12))
+
+
+class FlatLossDeclaringLoss(FlatLoss):
+    """Declares a metric the engine already declares."""
+
+    metrics = (Metric("loss"),)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -37,6 +36,7 @@ from arcfw.core.config import RunConfig
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError
+from arcfw.core.io import write_atomic
 from arcfw.core.engine.steps import STEP_ORDER
 
 STAGE_EVENT = "stage:"
@@ -82,9 +82,7 @@ class BenchResult:
 
     def write_json(self, path: Path) -> None:
         """Write atomically: a half-written file is never left behind."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 class PeakMemory:

@@ -95,8 +95,8 @@ def _common_options(fn):
     opts = [
         click.option("--epochs", type=int, help="Number of epochs (config: epochs)."),
         click.option("--max-batches", type=int, help="Stop after this many batches in total (config: max_batches)."),
-        click.option("--agent-lr", type=float, help="Learning rate of the grid predictor (optimizer.lr.agent)."),
-        click.option("--qwen-lr", type=float, help="Learning rate of Qwen (optimizer.lr.qwen)."),
+        click.option("--agent-lr", type=float, help="Alias of --set optimizer.lr.agent=LR (the default predictor's group)."),
+        click.option("--qwen-lr", type=float, help="Alias of --set optimizer.lr.qwen=LR (the default prompt plugin's group)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device)."),
         click.option("--seed", type=int, help="Random seed (config: seed)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32."),

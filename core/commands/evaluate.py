@@ -26,9 +26,7 @@ tasks, and a score on them measures memory, not reasoning.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +38,11 @@ from tqdm import tqdm
 from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.config import RunConfig
 from arcfw.core.engine.context import View
+from arcfw.core.data.fingerprint import task_fingerprint
 from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError, DataError
+from arcfw.core.io import write_atomic
 
 ATTEMPTS = 2
 EVAL_FILES = ("eval.json", "submission.json")
@@ -193,22 +193,13 @@ def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bo
 # --------------------------------------------------------------------------- overlap with training
 
 
-def _fingerprint(task: Task) -> str:
-    h = hashlib.sha1()
-    for p in task.train:
-        for g in (p.input, p.output):
-            h.update(repr(g.shape).encode())
-            h.update(np.ascontiguousarray(g, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
 def training_overlap(cfg: RunConfig, tasks: list[Task]) -> list[str]:
     """Ids of ``tasks`` that are in the training data the config names (the whole split, by id or content)."""
     d = cfg["data"]
     seen = load_tasks(d["source"], version=d["version"], split=d["split"])
     ids = {t.task_id for t in seen}
-    prints = {_fingerprint(t) for t in seen}
-    return [t.task_id for t in tasks if t.task_id in ids or _fingerprint(t) in prints]
+    prints = {task_fingerprint(t) for t in seen}
+    return [t.task_id for t in tasks if t.task_id in ids or task_fingerprint(t) in prints]
 
 
 def check_overlap(cfg: RunConfig, tasks: list[Task], allow: bool) -> list[str]:
@@ -249,9 +240,7 @@ def select_tasks(tasks: list[Task], ids: tuple[str, ...], source: str) -> list[T
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def run_eval(

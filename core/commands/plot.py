@@ -16,19 +16,20 @@ import numpy as np
 
 from arcfw.core.data.batch import Task
 from arcfw.core.errors import DataError, MissingExtra
+from arcfw.core.training.metrics import read_metric_specs
 
 #: the usual ARC colours, 0-9: black, blue, red, green, yellow, grey, magenta, orange, azure, maroon
 PALETTE = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
 PALETTE_RGB = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in PALETTE], dtype=np.uint8)
 
-#: (metrics.jsonl key, axis label), one panel each
-CURVES = (
-    ("loss", "loss"),
-    ("reward", "reward"),
-    ("qwen_grad", "Qwen gradient norm"),
-    ("mask_ratio", "mask ratio"),
-    ("cell_acc", "cell accuracy"),
-)
+
+
+def curves(run_dir: Path) -> list[tuple[str, str]]:
+    """``(metrics.jsonl key, axis label)`` of every panel: the run's declared metrics with a ``plot``
+    label (``metric_specs.json``), the loss on top, then in the console line's order."""
+    drawn = [m for m in read_metric_specs(run_dir) if m.plot]
+    drawn.sort(key=lambda m: (m.name != "loss", m.console is None, m.console or 0))
+    return [(m.name, m.plot or m.name) for m in drawn]
 
 
 def _figure(**kw: Any):
@@ -92,16 +93,17 @@ def epoch_ends(run_dir: Path) -> list[tuple[int, int]]:
 
 
 def curves_figure(run_dir: Path | str):
-    """Loss, reward, Qwen gradient norm, mask ratio and cell accuracy against step, epoch ends marked."""
+    """Every declared metric with a plot label against step (:func:`curves`), epoch ends marked."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
         raise DataError("metrics.jsonl holds no batch record yet", file=str(run_dir))
     steps = [r["step"] for r in records]
     ends = [(epoch, step) for epoch, step in epoch_ends(run_dir) if step < steps[-1]]  # epochs followed by more steps
-    fig = _figure(figsize=(9, 1.9 * len(CURVES)), layout="constrained")
-    axes = fig.subplots(len(CURVES), 1, sharex=True)
-    for ax, (key, label) in zip(axes, CURVES):
+    panels = curves(run_dir)
+    fig = _figure(figsize=(9, 1.9 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, label) in zip(axes, panels):
         ax.plot(steps, [_number(r.get(key)) for r in records], lw=1, marker="." if len(records) < 50 else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -94,6 +94,55 @@ class ParamGroup:
         return [p for p in self.params if p.requires_grad]
 
 
+#: How an epoch summarises a metric: the mean of its finite values (``avg_<name>``); the means of
+#: its first and last 50 values (``<name>_first``, ``<name>_last``); their sum (``<name>_sum``);
+#: the last value (``<name>_last``); or not at all.
+EPOCH_AGGREGATES = ("mean", "edges", "sum", "last", "none")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a plugin makes, declared on its class so that the trainer can show it::
+
+        class MyLoss(Plugin):
+            metrics = (Metric("my_ratio", console=45, fmt=".3f", plot="my ratio"),)
+
+    Core prints, summarises, plots and health-checks what is declared and nothing else
+    (undeclared metrics still go to ``metrics.jsonl`` and the loggers).  The value comes
+    from the plugin's ``compute_loss`` / ``post_step_update`` metrics, or, with
+    ``grad_norm_of``, from the engine.
+    """
+
+    name: str
+    #: how an epoch aggregates it (:data:`EPOCH_AGGREGATES`)
+    epoch: str = "mean"
+    #: position on the console line ``[Batch N] Name: value | ...`` (smaller first); None: not shown
+    console: int | None = None
+    #: format spec of the value on the console and in the epoch line
+    fmt: str = ".4f"
+    #: axis label of its panel in ``arcfw plot``; None: not drawn
+    plot: str | None = None
+    #: the key of its epoch summary, when not the default of its aggregate (see :data:`EPOCH_AGGREGATES`)
+    summary: str | None = None
+    #: the value is the gradient norm over these parameter groups (before clipping), computed by the
+    #: engine; a step on which every one of them is in ``ctx.no_grad_groups`` logs it but stays out
+    #: of the epoch aggregate (it describes the steps the groups learned from)
+    grad_norm_of: tuple[str, ...] = ()
+    #: health: a warning ``<name>_stuck`` when the value stays at this for ``health.flat_window`` batches
+    stuck_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epoch not in EPOCH_AGGREGATES:
+            raise ValueError(f"metric '{self.name}': epoch must be one of {EPOCH_AGGREGATES}, got {self.epoch!r}")
+
+    def summary_keys(self) -> tuple[str, ...]:
+        """The keys of its epoch summary."""
+        if self.epoch == "edges":
+            return (f"{self.summary or self.name}_first", f"{self.summary or self.name}_last")
+        default = {"mean": f"avg_{self.name}", "sum": f"{self.name}_sum", "last": f"{self.name}_last"}.get(self.epoch)
+        return () if default is None else (self.summary or default,)
+
+
 @dataclass
 class LossOutput:
     """What :func:`compute_loss` returns: a scalar loss with gradient and float metrics.

@@ -22,7 +22,7 @@ from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
 from arcfw.core.config import RunConfig
-from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, ParamGroup, StepResult, View
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, View
 from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed
 from arcfw.core.errors import (
     ArcfwError,
@@ -38,6 +38,9 @@ from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
+
+#: The engine's own metrics (plugins declare theirs on their class: ``Plugin.metrics``).
+ENGINE_METRICS: tuple[Metric, ...] = (Metric("loss", console=20, plot="loss"),)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,6 +164,7 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
+        self.metrics = self._collect_metrics()
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
         if self.config["compile"]:
@@ -171,7 +175,8 @@ class Engine:
         self.grad_watch = GradientWatch(trainable, h["patience"])
         self.guard = NonFiniteGuard(h["nonfinite"], h["max_consecutive_skips"])
         prompt_groups = [g.name for g in self.groups if g.plugin == self.prompt_plugin and g.lr > 0]
-        self.health = HealthMonitor(prompt_groups[0] if prompt_groups else None, h["flat_window"], h["flat_tolerance"])
+        stuck = {m.name: m.stuck_at for m in self.metrics if m.stuck_at is not None}
+        self.health = HealthMonitor(prompt_groups[0] if prompt_groups else None, h["flat_window"], h["flat_tolerance"], stuck)
 
     @property
     def prompt_plugin(self) -> str:
@@ -212,6 +217,20 @@ class Engine:
                 for p in g.params:
                     p.requires_grad_(False)
         return groups
+
+    def _collect_metrics(self) -> list[Metric]:
+        """The engine's metrics, then every plugin's declared ones (``Plugin.metrics``), in role order."""
+        metrics, owner = list(ENGINE_METRICS), {m.name: "the engine" for m in ENGINE_METRICS}
+        for name, plugin in self.plugins.items():
+            declared = getattr(plugin, "metrics", ())
+            if not isinstance(declared, (list, tuple)) or not all(isinstance(m, Metric) for m in declared):
+                raise PluginError(f"plugin '{name}': 'metrics' must be a tuple of arcfw Metric, got {contracts.describe(declared)}")
+            for m in declared:
+                if m.name in owner:
+                    raise PluginError(f"metric '{m.name}' is declared twice: by {owner[m.name]} and by plugin '{name}'")
+                owner[m.name] = f"plugin '{name}'"
+                metrics.append(m)
+        return metrics
 
     def _compile_modules(self) -> None:
         """``compile: true``: compile the modules of every parameter group in place (``nn.Module.compile``).
@@ -384,6 +403,7 @@ class Engine:
                     contracts.check_threshold(impl.plugin, value)
                 self.ctx.schedule[THRESHOLD_KEY] = float(value)
                 break
+        s.metrics.update(self.ctx.schedule)  # logged with the step
 
     def _stage_generate_prompt(self, s: _Step) -> None:
         impl = self._impls["generate_prompt"][0]
@@ -499,6 +519,9 @@ class Engine:
             self.guard.ok()
             self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups))
         s.metrics["grad_norm"] = total_norm
+        for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
+            if m.grad_norm_of:
+                s.metrics[m.name] = math.sqrt(sum(s.norms.get(g, 0.0) ** 2 for g in m.grad_norm_of))
 
     def _stage_post_step_update(self, s: _Step) -> None:
         batch = s.batch

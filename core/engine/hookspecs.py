@@ -181,7 +181,9 @@ def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "Los
     Called after :func:`predict`.  ``logits`` is ``[B, H, W, 10]``;
     ``batch.targets`` is int64 ``[B, H, W]`` and ``batch.target_mask`` bool.
     ``LossOutput.loss`` is a floating scalar that carries gradient; ``metrics``
-    are plain floats to log (e.g. ``mask_ratio``).  The loss of a batch must be
+    are plain floats to log (e.g. ``mask_ratio``); declare the ones the console,
+    the summaries and ``arcfw plot`` should show on the plugin class
+    (``metrics = (Metric(...),)``, :class:`~arcfw.core.engine.context.Metric`).  The loss of a batch must be
     the mean of the per-example losses so that batch size does not change its
     scale.  All implementations are called; their losses are **summed**
     (auxiliary losses add up) and their metrics merged.  Never call

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from arcfw.core.engine.context import Metric
+
 from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES  # noqa: F401  (the roles live in roles.py)
 
 
@@ -20,6 +22,10 @@ class Plugin:
     name: ClassVar[str] = ""
     role: ClassVar[str] = EXTRA_ROLE
     description: ClassVar[str] = ""
+
+    #: the metrics this plugin makes (see :class:`~arcfw.core.engine.context.Metric`): what the
+    #: console line, the epoch summary, ``arcfw plot`` and the health checks show of it
+    metrics: ClassVar[tuple[Metric, ...]] = ()
 
     #: set by the engine to the name it registered this instance under
     instance_name: str = ""

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from arcfw import __version__
-from arcfw.core.data.batch import Task
+from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
 from arcfw.core.engine.distributed import barrier
 from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
@@ -101,29 +101,12 @@ class Restored:
 # --------------------------------------------------------------------------- small file helpers
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -148,17 +131,6 @@ def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
 
 def _module_file(index: int, name: str) -> str:
     return f"{MODULES}/{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
-
-
-def data_fingerprint(tasks: Sequence[Task]) -> str:
-    """sha256 over every task id and grid: a resumed run must train on the same data."""
-    h = hashlib.sha256()
-    for t in tasks:
-        h.update(t.task_id.encode())
-        for p in (*t.train, *t.test):
-            for g in (p.input, p.output):
-                h.update(b"-" if g is None else repr(g.shape).encode() + np.ascontiguousarray(g, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -419,7 +391,7 @@ class Checkpointer:
             if step > resumed.step:
                 shutil.rmtree(p)
         if self.latest_name() != resumed.path.name:
-            _write_atomic(self.dir / LATEST, resumed.path.name + "\n")
+            fileio.write_atomic(self.dir / LATEST, resumed.path.name + "\n", durable=True)
 
     def _prune(self) -> None:
         latest = self.latest_name()
@@ -478,8 +450,8 @@ class Checkpointer:
             if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(self.dir)
-            _write_atomic(self.dir / LATEST, final.name + "\n")
+            fileio.fsync_path(self.dir)
+            fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
@@ -504,14 +476,14 @@ class Checkpointer:
                 save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
             else:
                 save_model(module, str(tmp / modules[name]))
-            _fsync(tmp / modules[name])
+            fileio.fsync_path(tmp / modules[name])
         loose = loose_params(eng.groups)
         if loose:
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
-            _fsync(tmp / MODULES / LOOSE)
+            fileio.fsync_path(tmp / MODULES / LOOSE)
         with open(tmp / STATE, "wb") as f:
             torch.save(state, f)
-        _fsync(tmp / STATE)
+        fileio.fsync_path(tmp / STATE)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
@@ -531,9 +503,9 @@ class Checkpointer:
             "files": {rel: _sha256(tmp / rel) for rel in files},
         }
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync(tmp / META)
-        _fsync(tmp / MODULES)
-        _fsync(tmp)
+        fileio.fsync_path(tmp / META)
+        fileio.fsync_path(tmp / MODULES)
+        fileio.fsync_path(tmp)
 
     # ------------------------------------------------------------------ restore
 
