@@ -1,6 +1,7 @@
 """Load, override and validate run configurations.
 
-A config is YAML.  Every key is checked against :data:`SCHEMA`, plugin
+A config is YAML.  Every key is checked against :data:`SCHEMA` (whose choices come from the
+modules that own them: precision modes, optimizers, devices, backends, strategies, splits), plugin
 parameters against the plugin constructor's signature (torchtune style), and
 *all* problems are reported in one :class:`ConfigError` naming the file and the
 dotted key.  ``--set a.b=value`` overrides are parsed as YAML scalars.
@@ -20,9 +21,14 @@ from typing import Any
 
 import yaml
 
-from arcfw.core.errors import ConfigError, PluginError
-from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES, role_order
+from arcfw.core.data.tasks import SPLITS
+from arcfw.core.engine.distributed import BACKENDS, DEVICES, STRATEGIES
+from arcfw.core.engine.health import NonFiniteGuard
+from arcfw.core.engine.optimizers import OPTIMIZERS
+from arcfw.core.engine.precision import MODES as PRECISION_MODES
 from arcfw.core.engine.registry import resolve
+from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES, role_order
+from arcfw.core.errors import ConfigError, PluginError
 
 
 class Choice:
@@ -49,8 +55,8 @@ ANY = object()
 #: The schema of a run config: key -> type (or nested dict). Plugin sections are checked separately.
 SCHEMA: dict[str, Any] = {
     "seed": int,
-    "device": Choice("auto", "cpu", "cuda"),
-    "precision": Choice("fp32", "bf16-mixed", "fp16-mixed"),
+    "device": Choice(*DEVICES),
+    "precision": Choice(*PRECISION_MODES),
     "epochs": Positive(int),
     "max_batches": Positive(int, nullable=True),
     "batch_size": Positive(int),
@@ -62,12 +68,12 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "source": str,
         "version": str,
-        "split": Choice("training", "evaluation"),
+        "split": Choice(*SPLITS),
         "max_tasks": Positive(int, nullable=True),
         "shuffle": bool,
     },
     "optimizer": {
-        "name": Choice("adamw", "adam", "sgd"),
+        "name": Choice(*OPTIMIZERS),
         "lr": FloatMap(),
         "weight_decay": Positive(float, strict=False),
         "betas": list,
@@ -77,14 +83,14 @@ SCHEMA: dict[str, Any] = {
     "health": {
         "check_contracts": bool,
         "patience": Positive(int, strict=False),
-        "nonfinite": Choice("skip", "halt"),
+        "nonfinite": Choice(*NonFiniteGuard.POLICIES),
         "max_consecutive_skips": Positive(int),
         "flat_window": Positive(int),
         "flat_tolerance": Positive(float, strict=False),
     },
     "distributed": {
-        "backend": Choice("auto", "gloo", "nccl"),
-        "strategy": Choice("auto", "ddp", "fsdp"),
+        "backend": Choice(*BACKENDS),
+        "strategy": Choice(*STRATEGIES),
         "find_unused_parameters": bool,
     },
     "checkpoint": {

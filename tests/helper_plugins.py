@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from arcfw.core.data.batch import NUM_COLOURS
+from arcfw.core.data.shapes import mask_shapes
 from arcfw.core.engine.context import LossOutput, Metric, ParamGroup
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.data.shapes import mask_shapes
 
 
 class CopyInputPredictor(Plugin):

@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from conftest import REPO, TINY
 
 from arcfw.core import io as fileio
-from arcfw.core.training import checkpoint
 from arcfw.core.commands.cli import main
 from arcfw.core.config import load_config
 from arcfw.core.engine.context import Context
 from arcfw.core.errors import CheckpointError
+from arcfw.core.training import checkpoint
 from arcfw.core.training.trainer import Trainer
 
 #: tiny data (3 tasks = 12 demonstration pairs, so an epoch is 12 batches), 4 epochs

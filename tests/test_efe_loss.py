@@ -10,8 +10,8 @@ import pluggy
 import pytest
 import torch
 
-from arcfw.core.engine import hookspecs
 from arcfw.core.data.batch import Example, Pair, collate
+from arcfw.core.engine import hookspecs
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput
 from arcfw.core.errors import ContractError
 from arcfw.plugins.efe_loss import MaskedEFELoss, efe_loss
@@ -255,7 +255,7 @@ def test_batch_loss_is_mean_of_single_example_losses_with_padding():
     torch.testing.assert_close(loss.detach(), torch.stack(singles).mean(), atol=1e-6, rtol=0)
     torch.testing.assert_close(per_ex.detach(), torch.stack(singles), atol=1e-6, rtol=0)
     # d(mean)/d(logits_b) = (1/B) d(L_b)/d(logits_b); zero gradient on padding
-    for b, ex in enumerate((ex_a, ex_b)):
+    for b in range(2):
         h, w = grads[b].shape[1:3]
         torch.testing.assert_close(big.grad[b, :h, :w], grads[b][0] / 2, atol=1e-6, rtol=0)
         pad = ~batch.target_mask[b]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 from conftest import REPO, TINY
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from conftest import train_tiny_run
 
 from arcfw.core.commands.cli import main
+from arcfw.core.commands.plot import PALETTE_RGB, curves_figure, epoch_ends, grid_rgb, plot_curves, read_metrics, task_figure
 from arcfw.core.errors import DataError, MissingExtra
 from arcfw.core.training.metrics import write_metric_specs
-from arcfw.core.commands.plot import PALETTE_RGB, curves_figure, epoch_ends, grid_rgb, plot_curves, read_metrics, task_figure
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pluggy
 import pytest
+from conftest import REPO
 
 from arcfw.core.engine import hookspecs
 from arcfw.core.engine.roles import HOOK_TABLE, ROLE_TABLE, markdown_combine, markdown_roles
 from arcfw.core.errors import PluginError
-
-from conftest import REPO
 
 
 def _spec_names() -> set[str]:

@@ -25,19 +25,19 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from arcfw.core.data.batch import Batch
 from arcfw.core.config import RunConfig
+from arcfw.core.data.batch import Batch
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
+from arcfw.core.engine.steps import STEP_ORDER
 from arcfw.core.errors import ConfigError
 from arcfw.core.io import write_atomic
-from arcfw.core.engine.steps import STEP_ORDER
 
 STAGE_EVENT = "stage:"
 

@@ -14,9 +14,9 @@ import torch
 from arcfw.core.config import RunConfig
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import ArcfwError
 from arcfw.core.engine.roles import step_hook
 from arcfw.core.engine.steps import Stage
+from arcfw.core.errors import ArcfwError
 
 
 @dataclass

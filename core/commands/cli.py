@@ -120,9 +120,9 @@ def _common_options(fn):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
 def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
-    from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.config import load_config
     from arcfw.core.errors import ConfigError
+    from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.training.trainer import Trainer
 
     overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
@@ -191,11 +191,11 @@ def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, 
     submission.json (ARC Prize format) and eval.json to the output folder.
     """
     _single_process("eval")
-    from arcfw.core.training.checkpoint import load_weights
+    from arcfw.core.commands.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
     from arcfw.core.config import load_config
     from arcfw.core.data.tasks import load_tasks
     from arcfw.core.engine.engine import Engine
-    from arcfw.core.commands.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
+    from arcfw.core.training.checkpoint import load_weights
     from arcfw.core.training.trainer import check_out_dir
 
     cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))

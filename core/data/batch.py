@@ -83,7 +83,7 @@ class Batch:
     def canvas(self) -> tuple[int, int]:
         return int(self.inputs.shape[1]), int(self.inputs.shape[2])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         kw = dict(device=device, non_blocking=non_blocking)
         return Batch(
             examples=self.examples,
@@ -96,7 +96,7 @@ class Batch:
         )
 
 
-def collate(examples: list[Example], shapes: "list[tuple[int, int]] | None" = None) -> Batch:
+def collate(examples: list[Example], shapes: list[tuple[int, int]] | None = None) -> Batch:
     """Pad B examples onto one canvas. Targets are int64 from here on.
 
     ``shapes`` (evaluation) gives each example's output size ``(h, w)`` when the

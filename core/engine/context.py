@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-
 
 #: The key of :attr:`Context.schedule` that the ``hard_cell_threshold`` hook (curriculum role) fills.
 THRESHOLD_KEY = "hard_cell_threshold"

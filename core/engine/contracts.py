@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from arcfw.core.data.batch import NUM_COLOURS, Example
-from arcfw.core.engine.context import LossOutput, View
 from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.engine.context import LossOutput, View
 from arcfw.core.errors import ContractError, GradientPathError
 
 

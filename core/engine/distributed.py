@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +37,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
     from arcfw.core.engine.context import ParamGroup
 
+#: ``device`` choices
+DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
+    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- helpers plugins may call
@@ -151,7 +163,7 @@ class Dist:
     find_unused_parameters: bool = False
     owns_group: bool = False
     #: trainable groups that no wrapper owns; the engine averages their gradients after backward
-    manual_groups: list["ParamGroup"] = field(default_factory=list)
+    manual_groups: list[ParamGroup] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -164,7 +176,7 @@ class Dist:
 
     # ------------------------------------------------------------------ wrapping
 
-    def wrap(self, groups: list["ParamGroup"], plugins: dict[str, Any]) -> None:
+    def wrap(self, groups: list[ParamGroup], plugins: dict[str, Any]) -> None:
         """Make every trainable parameter group data-parallel; called before the optimizer exists.
 
         - ``fsdp``: each module of every group (frozen ones too) is sharded in place with FSDP2
@@ -193,7 +205,7 @@ class Dist:
                 broadcast_(g.trainable())
                 self.manual_groups.append(g)
 
-    def _ddp(self, g: "ParamGroup", owner: Any) -> None:
+    def _ddp(self, g: ParamGroup, owner: Any) -> None:
         module = getattr(owner, g.module_attr, None)
         if len(g.modules) != 1 or module is not g.modules[0]:
             raise PluginError(
@@ -248,7 +260,7 @@ class Dist:
         self.owns_group = False
 
 
-def _shard(g: "ParamGroup") -> None:
+def _shard(g: ParamGroup) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # pragma: no cover - torch < 2.6
@@ -286,7 +298,7 @@ def resolve_backend(choice: str, device: torch.device, source: str) -> str:
     return choice
 
 
-def setup(config: "RunConfig", device: torch.device) -> Dist:
+def setup(config: RunConfig, device: torch.device) -> Dist:
     """Join the process group that ``torchrun`` describes in the environment (or one already joined).
 
     With ``WORLD_SIZE`` unset or 1 and no process group, returns the

@@ -10,20 +10,26 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pluggy
 import torch
 
-from arcfw.core.engine import contracts, hookspecs, state
+from arcfw.core.config import RunConfig
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
-from arcfw.core.config import RunConfig
+from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, View
-from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed
+from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device
+from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
+from arcfw.core.engine.optimizers import build_optimizer
+from arcfw.core.engine.precision import Precision
+from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
+from arcfw.core.engine.steps import STEP_ORDER, order_text
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
@@ -32,23 +38,11 @@ from arcfw.core.errors import (
     OrderError,
     PluginError,
 )
-from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
-from arcfw.core.engine.precision import Precision
-from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
-from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
 
 #: The engine's own metrics (plugins declare theirs on their class: ``Plugin.metrics``).
 ENGINE_METRICS: tuple[Metric, ...] = (Metric("loss", console=20, plot="loss"),)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +103,7 @@ class Engine:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_config(cls, config: RunConfig, **kw: Any) -> "Engine":
+    def from_config(cls, config: RunConfig, **kw: Any) -> Engine:
         return cls(config, **kw)
 
     def _build_plugins(self) -> None:
@@ -248,7 +242,6 @@ class Engine:
                 m.compile(dynamic=True)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.config["optimizer"]
         param_groups = [
             {"params": g.trainable(), "lr": g.lr, "name": g.name, **({"weight_decay": g.weight_decay} if g.weight_decay is not None else {})}
             for g in self.groups
@@ -256,12 +249,8 @@ class Engine:
         ]
         if not param_groups:  # nothing to train: keep a valid optimizer so the loop stays uniform
             param_groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0, "name": "_none"}]
-        fused = self.ctx.fused_optimizers  # one kernel for all parameters, ~5x faster than the loop on CPU
-        if o["name"] == "adamw":
-            return torch.optim.AdamW(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], fused=fused)
-        if o["name"] == "adam":
-            return torch.optim.Adam(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], fused=fused)
-        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        # fused: one kernel for all parameters, ~5x faster than the loop on CPU
+        return build_optimizer(self.config["optimizer"], param_groups, fused=self.ctx.fused_optimizers)
 
     # ------------------------------------------------------------------ state
 

@@ -57,6 +57,9 @@ class NonFiniteGuard:
     skips in a row halt the run.  ``halt``: the first one halts the run.
     """
 
+    #: ``health.nonfinite`` choices
+    POLICIES = ("skip", "halt")
+
     def __init__(self, policy: str, max_consecutive: int):
         self.policy = policy
         self.max_consecutive = max_consecutive

@@ -68,7 +68,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def configure(ctx: "Context") -> None:
+def configure(ctx: Context) -> None:
     """Called once, after every plugin is constructed and before the optimizer exists.
 
     Build modules here (on ``ctx.device``, trainable parameters in float32).
@@ -79,7 +79,7 @@ def configure(ctx: "Context") -> None:
 
 
 @hookspec
-def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
+def parameter_groups(ctx: Context) -> list[ParamGroup]:
     """Return this plugin's trainable parameters as named groups, each with its learning rate.
 
     Called once, after :func:`configure`.  Each :class:`~arcfw.core.engine.context.ParamGroup`
@@ -101,7 +101,7 @@ def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
 
 
 @hookspec
-def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None":
+def hard_cell_threshold(epoch: int, step: int, ctx: Context) -> float | None:
     """Return the hard-cell threshold for this step (a float in (0, 1]).
 
     Called at the start of every step, before :func:`generate_prompt`.  A cell
@@ -114,7 +114,7 @@ def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None"
 
 
 @hookspec
-def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def generate_prompt(batch: Batch, ctx: Context) -> torch.Tensor:
     """Encode each example's demonstration pairs and query input into a prompt embedding.
 
     Called once per step, first.  Must not see the query's output
@@ -127,7 +127,7 @@ def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor":
 
 
 @hookspec
-def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def refine(prompt: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
     """Refine the prompt embedding (for example an RL policy's residual action).
 
     Called after :func:`generate_prompt`; also at evaluation, where
@@ -143,7 +143,7 @@ def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Ten
 
 
 @hookspec
-def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def predict(prompt: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
     """Predict the query's output grid from the refined prompt and the query input grid.
 
     Called after :func:`refine`.  Returns logits over the 10 colours, floating,
@@ -158,7 +158,7 @@ def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Te
 
 
 @hookspec
-def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor | None":
+def predict_shape(prompt: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor | None:
     """Predict the size of each query's output grid (evaluation only; the answer is never shown).
 
     Called at evaluation after :func:`refine`, on a batch whose queries carry
@@ -175,7 +175,7 @@ def predict_shape(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "to
 
 
 @hookspec
-def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "LossOutput":
+def compute_loss(logits: torch.Tensor, batch: Batch, ctx: Context) -> LossOutput:
     """Return the training loss for this batch as a :class:`~arcfw.core.engine.context.LossOutput`.
 
     Called after :func:`predict`.  ``logits`` is ``[B, H, W, 10]``;
@@ -192,7 +192,7 @@ def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "Los
 
 
 @hookspec
-def post_step_update(result: "StepResult", ctx: "Context") -> "dict[str, float] | None":
+def post_step_update(result: StepResult, ctx: Context) -> dict[str, float] | None:
     """Called after the optimizer step (and scaler update), once per step.
 
     ``result`` holds the step's tensors **detached** from the main graph
@@ -209,7 +209,7 @@ def post_step_update(result: "StepResult", ctx: "Context") -> "dict[str, float] 
 
 
 @hookspec
-def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Context") -> "Example | None":
+def augment_example(example: Example, rng: numpy.random.Generator, ctx: Context) -> Example | None:
     """Transform a training example before it is collated (data augmentation).
 
     The data stage before the step: called for every example of every training
@@ -225,7 +225,7 @@ def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Con
 
 
 @hookspec
-def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
+def test_time_views(example: Example, ctx: Context) -> list[View] | None:
     """Extra views of an evaluation example to vote over (test-time augmentation).
 
     Called at evaluation for every test example (its query has no output).
@@ -242,7 +242,7 @@ def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
 
 
 @hookspec
-def on_epoch_start(epoch: int, ctx: "Context") -> None:
+def on_epoch_start(epoch: int, ctx: Context) -> None:
     """Called at the start of every epoch, before its first step. All implementations.
 
     A run resumed from a checkpoint taken inside an epoch does not call it again
@@ -251,7 +251,7 @@ def on_epoch_start(epoch: int, ctx: "Context") -> None:
 
 
 @hookspec
-def on_epoch_end(epoch: int, summary: "dict[str, float]", ctx: "Context") -> "dict[str, float] | None":
+def on_epoch_end(epoch: int, summary: dict[str, float], ctx: Context) -> dict[str, float] | None:
     """Called after the last step of every epoch with the epoch's summary.
 
     Returned dicts are merged into the summary. All implementations.
@@ -259,7 +259,7 @@ def on_epoch_end(epoch: int, summary: "dict[str, float]", ctx: "Context") -> "di
 
 
 @hookspec
-def log_metrics(record: "dict[str, Any]", ctx: "Context") -> None:
+def log_metrics(record: dict[str, Any], ctx: Context) -> None:
     """Called with every logged record (``kind`` is ``"batch"`` or ``"epoch"``).
 
     For logger plugins (JSONL is built in; TensorBoard is a plugin).  Rank 0 only.
@@ -274,7 +274,7 @@ def log_metrics(record: "dict[str, Any]", ctx: "Context") -> None:
 
 
 @hookspec
-def state_dict(ctx: "Context") -> "dict[str, Any] | None":
+def state_dict(ctx: Context) -> dict[str, Any] | None:
     """Return this plugin's state for a checkpoint, beyond its parameter groups.
 
     Modules listed in :func:`parameter_groups` are saved by the engine; return
@@ -289,7 +289,7 @@ def state_dict(ctx: "Context") -> "dict[str, Any] | None":
 
 
 @hookspec
-def load_state_dict(state: "dict[str, Any]", ctx: "Context") -> None:
+def load_state_dict(state: dict[str, Any], ctx: Context) -> None:
     """Restore what :func:`state_dict` returned, when a run resumes.
 
     Called after :func:`configure`, once the engine has loaded the parameter

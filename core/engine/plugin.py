@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from arcfw.core.engine.context import Metric
-
 from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES  # noqa: F401  (the roles live in roles.py)
 
 

@@ -36,9 +36,10 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,9 +50,9 @@ from torch import nn
 from arcfw import __version__
 from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
 from arcfw.core.engine.distributed import barrier
+from arcfw.core.engine.registry import resolve
 from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
-from arcfw.core.engine.registry import resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -125,7 +126,7 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------- what goes in
 
 
-def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
+def _modules(engine: Engine) -> list[tuple[str, nn.Module]]:
     return engine.named_modules()
 
 
@@ -306,7 +307,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
-def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig") -> Checkpoint:
+def open_for_resume(path: str | os.PathLike, run_dir: Path, config: RunConfig) -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
     folder, found_run = locate(path), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
@@ -325,14 +326,14 @@ def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig")
 # --------------------------------------------------------------------------- disk space
 
 
-def estimate_bytes(engine: "Engine") -> int:
+def estimate_bytes(engine: Engine) -> int:
     """About the size of one checkpoint: module weights plus two optimizer moments per trainable weight."""
     weights = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for g in engine.groups if g.lr > 0 for p in g.trainable())
     return weights + 2 * trainable
 
 
-def check_space(run_dir: Path, engine: "Engine", keep: int = 1) -> None:
+def check_space(run_dir: Path, engine: Engine, keep: int = 1) -> None:
     """Refuse to start when the output's file system cannot hold the run's checkpoints: ``keep`` of
     them plus the one being written before the oldest is pruned.  Checkpoints already in the run
     folder count as room (a resumed run keeps them instead of writing new ones; a fresh run deletes
@@ -359,7 +360,7 @@ def check_space(run_dir: Path, engine: "Engine", keep: int = 1) -> None:
 class Checkpointer:
     """Saves and restores the whole training state of one run folder."""
 
-    def __init__(self, run_dir: Path, engine: "Engine", loader: "ExampleLoader", keep: int, fingerprint: str):
+    def __init__(self, run_dir: Path, engine: Engine, loader: ExampleLoader, keep: int, fingerprint: str):
         self.dir = Path(run_dir) / DIR
         self.engine = engine
         self.loader = loader
@@ -580,7 +581,7 @@ def _fitting(ckpt: Checkpoint) -> Iterator[None]:
         ) from None
 
 
-def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
+def _load_modules(engine: Engine, ckpt: Checkpoint) -> None:
     """The parameter groups' modules from the checkpoint's safetensors files."""
     names = [n for n, _ in _modules(engine)]
     if sorted(names) != sorted(ckpt.meta["modules"]):
@@ -602,7 +603,7 @@ def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
                 p.copy_(saved[key])
 
 
-def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
+def load_weights(engine: Engine, path: str | os.PathLike) -> Checkpoint:
     """Load a checkpoint's trained model into a freshly built engine (``arcfw eval``).
 
     ``path`` is a run folder (its latest checkpoint) or a checkpoint folder.

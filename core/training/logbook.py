@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -83,7 +84,7 @@ class EpochStats:
                 "head": {k: list(v) for k, v in self.head.items()}, "tail": {k: list(v) for k, v in self.tail.items()}}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "EpochStats":
+    def from_state(cls, state: dict[str, Any]) -> EpochStats:
         stats = cls()
         for key in ("n", "sums", "counts", "last", "head", "tail"):
             if key in state:
@@ -98,7 +99,7 @@ def _mean(values: list[float]) -> float:
 class Logbook:
     """Batch records and console lines every ``log_every`` steps; the epoch summary at each epoch end."""
 
-    def __init__(self, engine: "Engine", log: MetricsLog | NullLog, log_every: int, quiet: bool, is_main: bool):
+    def __init__(self, engine: Engine, log: MetricsLog | NullLog, log_every: int, quiet: bool, is_main: bool):
         self.engine = engine
         self.log = log
         self.log_every = log_every

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from arcfw.core.engine.context import Metric
 from arcfw.core.io import write_atomic

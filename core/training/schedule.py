@@ -9,8 +9,9 @@ stops with :class:`~arcfw.core.errors.Interrupted`.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from arcfw.core.errors import Interrupted
 from arcfw.core.training.checkpoint import Checkpointer, Position

@@ -15,19 +15,21 @@ import shlex
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
-from arcfw.core.training import checkpoint
-from arcfw.core.training.checkpoint import Checkpointer
 from arcfw.core.config import RunConfig
 from arcfw.core.data.fingerprint import data_fingerprint
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
+from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
-from arcfw.core.engine.engine import Engine, resolve_device
+from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError
+from arcfw.core.training import checkpoint
+from arcfw.core.training.checkpoint import Checkpointer
 from arcfw.core.training.interrupt import StopSignals
 from arcfw.core.training.logbook import Logbook
 from arcfw.core.training.metrics import MetricsLog, NullLog, write_metric_specs
@@ -117,10 +119,6 @@ class Trainer:
                             f"epoch {self.start_epoch}, batch {self.start_batch})")
             for note in restored.notes:
                 self.book.print(f"warning: {note}")
-
-    @property
-    def last_checkpoint(self) -> Path | None:
-        return self.saves.last
 
     # ------------------------------------------------------------------ the loop
 
