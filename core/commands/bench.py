@@ -25,7 +25,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,7 +172,7 @@ def run_bench(cfg: RunConfig, *, warmup: int = 5, steps: int = 20) -> BenchResul
     engine = Engine.from_config(cfg)
     batches = _batches(cfg, engine)
     device = engine.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         engine.train_step(next(batches).to(device))
     timer = StageTimer(device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from arcfw.core.config import RunConfig
+from arcfw.core.data.batch import Example
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
 from arcfw.core.engine.roles import step_hook
@@ -26,7 +27,7 @@ class Row:
     detail: str = ""
 
 
-def _examples(cfg: RunConfig, pairs: int):
+def _examples(cfg: RunConfig, pairs: int) -> list[Example]:
     d = cfg["data"]
     tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
     examples = make_examples(tasks)

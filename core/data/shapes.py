@@ -43,11 +43,11 @@ def _side(ins: list[int], outs: list[int], query: int) -> int:
 
 def rule_shape(example: Example) -> tuple[int, int]:
     """The output size the example's demonstration pairs suggest for its query (module docstring)."""
-    demos = [p for p in example.demos if p.output is not None]
+    demos = [(p.input, p.output) for p in example.demos if p.output is not None]
     shape = example.query.input.shape
     if not demos:
         return int(shape[0]), int(shape[1])
-    h, w = (_side([p.input.shape[d] for p in demos], [p.output.shape[d] for p in demos], int(shape[d])) for d in (0, 1))
+    h, w = (_side([i.shape[d] for i, _ in demos], [o.shape[d] for _, o in demos], int(shape[d])) for d in (0, 1))
     return h, w
 
 

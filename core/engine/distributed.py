@@ -206,7 +206,8 @@ class Dist:
                 self.manual_groups.append(g)
 
     def _ddp(self, g: ParamGroup, owner: Any) -> None:
-        module = getattr(owner, g.module_attr, None)
+        attr = g.module_attr or ""
+        module = getattr(owner, attr, None)
         if len(g.modules) != 1 or module is not g.modules[0]:
             raise PluginError(
                 f"parameter group '{g.name}' of plugin '{g.plugin}': module_attr '{g.module_attr}' must name the "
@@ -216,13 +217,14 @@ class Dist:
         # no hidden collective in forward (a rank-0-only evaluation must not hang); torch >= 2.13 names it
         # forward_sync_buffers (buffers are still synced once at init), older torch broadcast_buffers
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters else "broadcast_buffers"
+        options: dict[str, Any] = {buffers: False}
         wrapped = ddp(
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
-            **{buffers: False},
+            **options,
         )
-        setattr(owner, g.module_attr, wrapped)
+        setattr(owner, attr, wrapped)
 
     def sync_gradients(self) -> None:
         """Average the gradients of the groups no wrapper owns (after backward, before clipping)."""

@@ -34,6 +34,7 @@ from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
     ConfigError,
+    ContractError,
     GradientPathError,
     OrderError,
     PluginError,
@@ -70,7 +71,7 @@ class _Step:
 @dataclass
 class _Impl:
     plugin: str
-    fn: Callable
+    fn: Callable[..., Any]
     argnames: tuple[str, ...]
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -181,7 +182,7 @@ class Engine:
         for impl in self._impls.get("parameter_groups", []):
             result = impl(ctx=self.ctx) or []
             if not isinstance(result, (list, tuple)) or not all(isinstance(g, ParamGroup) for g in result):
-                raise contracts.ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
+                raise ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
             for g in result:
                 g.plugin = impl.plugin
                 groups.append(g)
@@ -553,7 +554,8 @@ class Engine:
             out = impl(prompt=prompt, batch=batch, ctx=self.ctx)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
-        return out.float()
+        logits: torch.Tensor = out.float()
+        return logits
 
     # ------------------------------------------------------------------ helpers for the loop
 
@@ -623,7 +625,8 @@ class Engine:
                 x = self._call("refine", impl, prompt=x, batch=batch, ctx=self.ctx)
                 if self.check_contracts:
                     contracts.check_prompt(impl.plugin, "refine", x, batch.size, self.ctx.prompt_dim, self.device)
-        return x.float()
+        prompt: torch.Tensor = x.float()
+        return prompt
 
     def predict_shape(self, prompt: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Ranked output sizes ``[B, K, 2]`` from the ``predict_shape`` hook, else the demo rule then the input size."""
@@ -632,7 +635,8 @@ class Engine:
             if out is not None:
                 if self.check_contracts:
                     contracts.check_shapes(impl.plugin, out, batch.size)
-                return out
+                ranked: torch.Tensor = out
+                return ranked
         return torch.stack([shapes.rule_shapes(batch), shapes.mask_shapes(batch.input_mask)], dim=1)
 
     def test_time_views(self, example: Example) -> list[View]:

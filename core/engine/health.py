@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Any
 
 from arcfw.core.errors import TrainingHalted
 
@@ -43,10 +44,10 @@ class GradientWatch:
             else:
                 self.zero_streak[name] = 0
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"zero_streak": dict(self.zero_streak)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero_streak.update(state.get("zero_streak", {}))
 
 
@@ -81,10 +82,10 @@ class NonFiniteGuard:
                 "or look for a plugin producing NaN"
             )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
 
@@ -134,7 +135,7 @@ class HealthMonitor:
             self.raised.add(key)
             new.append(f"{key}: {message}")
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "raised": sorted(self.raised),
             "zero_grad_streak": self.zero_grad_streak,
@@ -142,7 +143,7 @@ class HealthMonitor:
             "stuck_streak": dict(self.stuck_streak),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.raised = set(state.get("raised", []))
         self.zero_grad_streak = int(state.get("zero_grad_streak", 0))
         self.losses.clear()

@@ -49,6 +49,7 @@ from torch import nn
 
 from arcfw import __version__
 from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
+from arcfw.core.config import constructor
 from arcfw.core.engine.distributed import barrier
 from arcfw.core.engine.registry import resolve
 from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
@@ -110,7 +111,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
@@ -141,7 +142,7 @@ def _rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": npstate,
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # type: ignore[no-untyped-call]
     }
 
 
@@ -187,7 +188,7 @@ class Checkpoint:
 _META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
 
 
-def locate(path: str | os.PathLike) -> Path:
+def locate(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint)."""
     p = Path(path)
     if not p.exists():
@@ -205,7 +206,7 @@ def locate(path: str | os.PathLike) -> Path:
     return p / DIR / name
 
 
-def run_folder(path: str | os.PathLike) -> Path:
+def run_folder(path: str | os.PathLike[str]) -> Path:
     """The run folder that ``--resume path`` continues (the checkpoint must sit in its ``checkpoints/``)."""
     folder = locate(path)
     if folder.parent.name != DIR:
@@ -213,7 +214,7 @@ def run_folder(path: str | os.PathLike) -> Path:
     return folder.parent.parent
 
 
-def read(path: str | os.PathLike) -> Checkpoint:
+def read(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder: check its format and every file's checksum. Loads no tensor."""
     path = Path(path)
     meta_file = path / META
@@ -270,7 +271,7 @@ def _plugin_defaults(name: Any) -> dict[str, Any]:
         cls = resolve(name)
     except PluginError:
         return {}
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(constructor(cls)).parameters.values()
     return {p.name: p.default for p in params if p.name != "self" and p.default is not inspect.Parameter.empty}
 
 
@@ -285,7 +286,8 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     for role, entry in plugins.items():
         plugins[role] = [fill(e) for e in entry] if isinstance(entry, list) else fill(entry)
     out["plugins"] = plugins
-    return _jsonable(out)
+    filled: dict[str, Any] = _jsonable(out)
+    return filled
 
 
 def _is_fixed(key: str) -> bool:
@@ -307,7 +309,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
-def open_for_resume(path: str | os.PathLike, run_dir: Path, config: RunConfig) -> Checkpoint:
+def open_for_resume(path: str | os.PathLike[str], run_dir: Path, config: RunConfig) -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
     folder, found_run = locate(path), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
@@ -328,7 +330,7 @@ def open_for_resume(path: str | os.PathLike, run_dir: Path, config: RunConfig) -
 
 def estimate_bytes(engine: Engine) -> int:
     """About the size of one checkpoint: module weights plus two optimizer moments per trainable weight."""
-    weights = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
+    weights: int = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for g in engine.groups if g.lr > 0 for p in g.trainable())
     return weights + 2 * trainable
 
@@ -603,7 +605,7 @@ def _load_modules(engine: Engine, ckpt: Checkpoint) -> None:
                 p.copy_(saved[key])
 
 
-def load_weights(engine: Engine, path: str | os.PathLike) -> Checkpoint:
+def load_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint's trained model into a freshly built engine (``arcfw eval``).
 
     ``path`` is a run folder (its latest checkpoint) or a checkpoint folder.

@@ -226,4 +226,5 @@ class Trainer:
 
 
 def load_summary(out_dir: Path) -> list[dict[str, Any]]:
-    return json.loads((Path(out_dir) / "summary.json").read_text())
+    summaries: list[dict[str, Any]] = json.loads((Path(out_dir) / "summary.json").read_text())
+    return summaries
