@@ -575,9 +575,6 @@ class Engine:
         impl = next(i for i in self._impls.get(hook, []) if i.plugin == plugin)
         return self._call(hook, impl, ctx=self.ctx, **kwargs)
 
-    def group_plugin(self, group: str) -> str:
-        return next(g.plugin for g in self.groups if g.name == group)
-
     def implements(self, hook: str) -> bool:
         """True if some plugin implements ``hook``."""
         return bool(self._impls.get(hook))

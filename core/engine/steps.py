@@ -39,9 +39,6 @@ class Stage(str, Enum):
 #: The order of one step. ``Engine.train_step`` walks exactly this list.
 STEP_ORDER: tuple[Stage, ...] = tuple(Stage)
 
-#: Stages that are hooks (plugins implement them); the rest are the engine's own.
-HOOK_STAGES = frozenset(s for s in Stage if s not in (Stage.BACKWARD, Stage.OPTIMIZER_STEP))
-
 
 def order_text() -> str:
     return " -> ".join(s.value for s in STEP_ORDER)

@@ -6,8 +6,9 @@ A run folder holds its checkpoints like this::
         step-00000020/
             modules/0-qwen.safetensors   # the modules of every parameter group (safetensors: data only)
             modules/1-agent.safetensors
-            state.pt                     # optimizer, GradScaler, RNG states, data position, step
-                                         # counters, health counters, every plugin's state_dict hook
+            state.pt                     # Engine.state_dict(modules=False) (optimizer, GradScaler, step and
+                                         # health counters, generators, every plugin's state_dict hook),
+                                         # global RNG states, data position, the loop's epoch statistics
             meta.json                    # format, versions, step, config, plugin set, sha256 of each file
         step-00000040/
         latest                           # the name of the newest complete checkpoint

@@ -9,7 +9,6 @@ when checkpoints are written and how a stop signal ends the run,
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -223,8 +222,3 @@ class Trainer:
         local = os.environ.get("LOCAL_WORLD_SIZE", str(world))
         nodes = "" if local == str(world) else " [the run's --nnodes and rendezvous options]"
         return f"torchrun --nproc-per-node {local}{nodes} -m arcfw {shlex.join(args)}"
-
-
-def load_summary(out_dir: Path) -> list[dict[str, Any]]:
-    summaries: list[dict[str, Any]] = json.loads((Path(out_dir) / "summary.json").read_text())
-    return summaries
