@@ -259,3 +259,10 @@ class FlatLossDeclaringLoss(FlatLoss):
     """Declares a metric the engine already declares."""
 
     metrics = (Metric("loss"),)
+
+
+class GradOfNoGroup(Plugin):
+    """Declares the gradient norm of a parameter group nobody has."""
+
+    name = "grad_of_no_group"
+    metrics = (Metric("g", grad_norm_of=("nope",)),)

@@ -60,3 +60,8 @@ def test_epoch_aggregates_follow_the_declaration():
 def test_a_metric_declared_twice_is_refused(make_engine):
     with pytest.raises(PluginError, match="metric 'loss' is declared twice: by the engine and by plugin 'faulty_plugins:FlatLossDeclaringLoss'"):
         make_engine({"plugins.loss": {"name": "faulty_plugins:FlatLossDeclaringLoss"}})
+
+
+def test_a_gradient_norm_of_an_unknown_group_is_refused(make_engine):
+    with pytest.raises(PluginError, match=r"metric 'g' of plugin 'faulty_plugins:GradOfNoGroup': grad_norm_of names no parameter group \['nope'\]"):
+        make_engine({"plugins.extra": [{"name": "faulty_plugins:GradOfNoGroup"}]})

@@ -42,6 +42,8 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 2) -> list[Row]:
     except ArcfwError as exc:
         return [Row("plugins build and their hooks validate", False, str(exc))]
     rows.append(Row("plugins build and their hooks validate", True, ", ".join(f"{r}={n}" for n, r in engine.roles.items())))
+    console = sorted((m for m in engine.metrics if m.console is not None), key=lambda m: m.console or 0)
+    rows.append(Row("metrics declared (console line)", True, " | ".join(m.name.capitalize() for m in console) or "none"))
 
     # -- parameter groups: in the optimizer with their learning rate, in train mode
     in_opt = {id(p): pg["lr"] for pg in engine.optimizer.param_groups for p in pg["params"]}

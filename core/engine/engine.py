@@ -220,9 +220,14 @@ class Engine:
             declared = getattr(plugin, "metrics", ())
             if not isinstance(declared, (list, tuple)) or not all(isinstance(m, Metric) for m in declared):
                 raise PluginError(f"plugin '{name}': 'metrics' must be a tuple of arcfw Metric, got {contracts.describe(declared)}")
+            groups = [g.name for g in self.groups]
             for m in declared:
                 if m.name in owner:
                     raise PluginError(f"metric '{m.name}' is declared twice: by {owner[m.name]} and by plugin '{name}'")
+                unknown = [g for g in m.grad_norm_of if g not in groups]
+                if unknown:
+                    raise PluginError(f"metric '{m.name}' of plugin '{name}': grad_norm_of names no parameter group "
+                                      f"{unknown} (groups: {', '.join(groups) or 'none'})")
                 owner[m.name] = f"plugin '{name}'"
                 metrics.append(m)
         return metrics
