@@ -145,7 +145,7 @@ class Engine:
             raise PluginError(f"{exc} (hooks are listed in arcfw.core.engine.hookspecs)") from None
         order = list(self.plugins)  # role order, then extras in config order
         self._impls: dict[str, list[_Impl]] = {}
-        for hook in (n for n in dir(hookspecs) if isinstance(getattr(self.pm.hook, n, None), pluggy.HookCaller)):
+        for hook in HOOK_TABLE:  # every hook spec (tests/test_roles.py keeps the two equal)
             impls = {i.plugin_name: i for i in getattr(self.pm.hook, hook).get_hookimpls()}
             self._impls[hook] = [_Impl(n, impls[n].function, tuple(impls[n].argnames)) for n in order if n in impls]
         for hook, rule in HOOK_TABLE.items():
@@ -159,7 +159,7 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
-        self.metrics = self._collect_metrics()
+        self.metrics = self._collect_metrics()  # declared: the engine's, then every plugin's in role order
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
         if self.config["compile"]:

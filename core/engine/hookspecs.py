@@ -283,18 +283,24 @@ def state_dict(ctx: Context) -> dict[str, Any] | None:
     Tensors and plain Python values only (dict, list, tuple, str, int, float,
     bool, None): the checkpoint is read back with ``torch.load(weights_only=True)``,
     and anything else is an error naming the plugin.  Called per plugin at every
-    checkpoint, and once before training so that such an error comes at once;
-    keyed by plugin name.  Return None for nothing to save.
+    checkpoint and every :meth:`Engine.state_dict <arcfw.core.engine.engine.Engine.state_dict>`
+    snapshot (which copies the tensors: returning references is fine), and once
+    before training so that such an error comes at once; keyed by plugin name.
+    Return None for nothing to save.
     """
 
 
 @hookspec
 def load_state_dict(state: dict[str, Any], ctx: Context) -> None:
-    """Restore what :func:`state_dict` returned, when a run resumes.
+    """Restore what :func:`state_dict` returned, when a run resumes or an in-memory
+    snapshot (:meth:`Engine.state_dict <arcfw.core.engine.engine.Engine.state_dict>`)
+    is put back.
 
     Called after :func:`configure`, once the engine has loaded the parameter
-    groups' modules and the main optimizer, with this plugin's own ``state``
-    (tensors on the CPU: ``module.load_state_dict`` and
-    ``optimizer.load_state_dict`` move them).  Raise
+    groups' modules and the main optimizer, with this plugin's own ``state``, a
+    copy the plugin may keep (from a checkpoint tensors are on the CPU, from a
+    snapshot on the device they were saved from: ``module.load_state_dict`` and
+    ``optimizer.load_state_dict`` move them).  Restore everything the state
+    covers: a snapshot may be put back into a plugin that has moved on.  Raise
     :class:`~arcfw.core.errors.CheckpointError` for a state you cannot use.
     """
