@@ -275,6 +275,7 @@ class Engine:
         gen = self.ctx.generator
         out: dict[str, Any] = {
             "global_step": self.global_step,
+            "epoch": self.ctx.epoch,
             "schedule": dict(self.ctx.schedule),
             "optimizer": state.optimizer_state(self.optimizer),
             "precision": state.copy_tree(self.precision.state_dict()),
@@ -316,6 +317,8 @@ class Engine:
             state.load_optimizer(self.optimizer, saved["optimizer"])
         if "global_step" in saved:
             self.global_step = int(saved["global_step"])
+        if "epoch" in saved:
+            self.ctx.epoch = int(saved["epoch"])
         if "schedule" in saved:
             self.ctx.schedule = {k: float(v) for k, v in saved["schedule"].items()}
         for key, part in (("precision", self.precision), ("grad_watch", self.grad_watch), ("guard", self.guard), ("health", self.health)):

@@ -9,6 +9,7 @@ the same process (``snapshot = engine.state_dict(); ...; engine.load_state_dict(
 Keys::
 
     global_step      int                optimizer steps attempted
+    epoch            int                ctx.epoch
     schedule         dict[str, float]   ctx.schedule (the curriculum's last values)
     optimizer        dict               the main optimizer's state_dict, FSDP2 moments gathered
     precision        dict               GradScaler state and its skip counter
