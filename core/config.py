@@ -28,7 +28,7 @@ from arcfw.core.engine.health import NonFiniteGuard
 from arcfw.core.engine.optimizers import OPTIMIZERS
 from arcfw.core.engine.precision import MODES as PRECISION_MODES
 from arcfw.core.engine.registry import resolve
-from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES, role_order
+from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLE_TABLE, ROLES, role_order
 from arcfw.core.errors import ConfigError, PluginError
 
 
@@ -376,6 +376,9 @@ def _check_plugins(section: Any, problems: list[tuple[str, str]]) -> list[Plugin
         if entry is None:
             if role in REQUIRED_ROLES:
                 problems.append((key, "this role is required"))
+            continue
+        if isinstance(entry, list):
+            problems.append((key, f"the {role} role takes {ROLE_TABLE[role].at_most} plugin; list more under plugins.{EXTRA_ROLE}"))
             continue
         spec = _plugin_spec(role, entry, key, problems)
         if spec:

@@ -48,3 +48,11 @@ def test_plugins_command_lists_every_role_of_the_table():
     out = CliRunner().invoke(main, ["plugins"]).output
     for role in ("prompt", "refine", "predictor", "loss", "curriculum", "extra"):
         assert f"{role}:" in out
+
+
+def test_a_list_in_a_single_role_slot_is_a_config_error_from_the_table():
+    from arcfw.core.config import load_config
+    from arcfw.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.refine: the refine role takes 1 plugin; list more under plugins.extra"):
+        load_config(REPO / "configs" / "default.yaml", {"plugins.refine": [{"name": "rl_policy"}]})
