@@ -27,6 +27,7 @@ from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError
+from arcfw.core.io import write_atomic
 from arcfw.core.training import checkpoint
 from arcfw.core.training.checkpoint import Checkpointer
 from arcfw.core.training.interrupt import StopSignals
@@ -193,7 +194,7 @@ class Trainer:
                 for f in RUN_FILES:
                     (self.out_dir / f).unlink(missing_ok=True)
             self.checkpoints.start(r)
-            (self.out_dir / "config.yaml").write_text(self.config.dump(), encoding="utf-8")
+            write_atomic(self.out_dir / "config.yaml", self.config.dump())
             write_metric_specs(self.out_dir, self.book.metrics)
             # a resumed run drops what was logged after its checkpoint, and the unfinished epoch's summary
             if r is None:
