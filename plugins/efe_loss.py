@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from arcfw.core.data.batch import NUM_COLOURS, Batch
-from arcfw.core.engine.context import Context, LossOutput
+from arcfw.core.engine.context import Context, LossOutput, Metric
 from arcfw.core.errors import ContractError
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
@@ -203,6 +203,10 @@ class MaskedEFELoss(Plugin):
     name = "efe_loss"
     role = "loss"
     description = "Masked expected-free-energy loss (KL to smoothed target + entropy) on hard cells"
+    metrics = (
+        Metric("mask_ratio", console=40, fmt=".3f", plot="mask ratio", stuck_at=1.0),
+        Metric("cell_acc", epoch="edges", console=50, fmt=".3f", plot="cell accuracy"),
+    )
 
     def __init__(
         self,

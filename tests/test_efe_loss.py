@@ -10,9 +10,9 @@ import pluggy
 import pytest
 import torch
 
-from arcfw.core.engine import hookspecs
 from arcfw.core.data.batch import Example, Pair, collate
-from arcfw.core.engine.context import Context, LossOutput
+from arcfw.core.engine import hookspecs
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput
 from arcfw.core.errors import ContractError
 from arcfw.plugins.efe_loss import MaskedEFELoss, efe_loss
 
@@ -256,7 +256,7 @@ def test_batch_loss_is_mean_of_single_example_losses_with_padding():
     torch.testing.assert_close(loss.detach(), torch.stack(singles).mean(), atol=1e-6, rtol=0)
     torch.testing.assert_close(per_ex.detach(), torch.stack(singles), atol=1e-6, rtol=0)
     # d(mean)/d(logits_b) = (1/B) d(L_b)/d(logits_b); zero gradient on padding
-    for b, ex in enumerate((ex_a, ex_b)):
+    for b in range(2):
         h, w = grads[b].shape[1:3]
         torch.testing.assert_close(big.grad[b, :h, :w], grads[b][0] / 2, atol=1e-6, rtol=0)
         pad = ~batch.target_mask[b]
@@ -381,7 +381,7 @@ def test_plugin_hook_through_pluggy_and_single_sync(monkeypatch):
     batch = collate([_example("a", np.array([[1, 2], [3, 4]])), _example("b", np.array([[5]]))])
     torch.manual_seed(3)
     logits = torch.randn(2, 2, 2, 10, requires_grad=True)
-    ctx = Context(device=torch.device("cpu"), threshold=0.4)
+    ctx = Context(device=torch.device("cpu"), schedule={THRESHOLD_KEY: 0.4})
 
     calls = {"tolist": 0}
     orig_tolist = torch.Tensor.tolist

@@ -25,8 +25,8 @@ def example(demos: list[tuple[np.ndarray, tuple[int, int] | np.ndarray]], query:
 def objects(h: int, w: int, boxes: list[tuple[int, int, int, int, int]]) -> np.ndarray:
     """Background 0 with solid boxes (top, left, rows, cols, colour)."""
     g = np.zeros((h, w), dtype=np.int64)
-    for t, l, r, c, colour in boxes:
-        g[t : t + r, l : l + c] = colour
+    for t, left, r, c, colour in boxes:
+        g[t : t + r, left : left + c] = colour
     return g
 
 
