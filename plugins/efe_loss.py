@@ -97,6 +97,10 @@ def efe_loss(
       original rule).  Once the threshold is below 0.5 a cell split 50/50
       between its target and another colour is not hard and gets no loss.
 
+    With a threshold above 0.5 the two rules coincide (a wrong cell has
+    ``p_{y_c} <= 0.5``): under the default curriculum they differ from epoch 1
+    on, where the threshold is 0.3.
+
     Per example b:
 
         n_valid_b, n_hard_b, mask_ratio_b = n_hard_b / n_valid_b

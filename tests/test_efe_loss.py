@@ -477,3 +477,18 @@ def test_plugin_passes_hard_cells_through():
     ctx = Context(device=torch.device("cpu"), threshold=0.3)
     assert MaskedEFELoss().compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 1.0
     assert MaskedEFELoss(hard_cells="threshold").compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 0.0
+
+
+def test_the_two_rules_coincide_above_one_half_and_differ_below():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 5, 5, 10) * 1.5
+    targets = torch.randint(0, 10, (4, 5, 5))
+    mask = torch.ones(4, 5, 5, dtype=torch.bool)
+    for thr in (0.51, 0.6, 0.9):
+        a, _, sa = efe_loss(logits, targets, mask, thr, hard_cells="wrong_or_unsure")
+        b, _, sb = efe_loss(logits, targets, mask, thr, hard_cells="threshold")
+        assert sa["hard_cells"] == sb["hard_cells"] and a.item() == b.item()
+    _, _, sa = efe_loss(logits, targets, mask, 0.05, hard_cells="wrong_or_unsure")
+    _, _, sb = efe_loss(logits, targets, mask, 0.05, hard_cells="threshold")
+    wrong = (logits.argmax(-1) != targets).sum().item()
+    assert sa["hard_cells"] >= wrong > sb["hard_cells"]
