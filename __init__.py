@@ -2,7 +2,7 @@
 
 What a plugin author needs is importable from here::
 
-    from arcfw import Plugin, hookimpl, ParamGroup, LossOutput
+    from arcfw import Plugin, hookimpl, ParamGroup, LossOutput, Metric
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _PUBLIC = {
     "hookimpl": "arcfw.core.engine.hookspecs",
     "ParamGroup": "arcfw.core.engine.context",
     "LossOutput": "arcfw.core.engine.context",
+    "Metric": "arcfw.core.engine.context",
     "StepResult": "arcfw.core.engine.context",
     "Context": "arcfw.core.engine.context",
     "View": "arcfw.core.engine.context",

@@ -9,14 +9,14 @@ derived figures (pairs/s, prompt-cache hit rate, peak memory) in
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from arcfw.core.data.batch import Batch, Example
 from arcfw.core.commands.bench import PeakMemory
 from arcfw.core.config import load_config
+from arcfw.core.data.batch import Batch, Example
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
 

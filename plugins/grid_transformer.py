@@ -39,7 +39,6 @@ Its :class:`~arcfw.core.nn.SizeHead` predicts the output size at evaluation
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -94,7 +94,7 @@ from torch import nn
 from arcfw.core.data.batch import NUM_COLOURS, Batch, Example
 from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.data.views import NO_CELL, NUM_VIEWS, grid_views
-from arcfw.core.engine.context import Context, ParamGroup, TaskEncoding
+from arcfw.core.engine.context import Context, Metric, ParamGroup, TaskEncoding
 from arcfw.core.engine.distributed import unwrap
 from arcfw.core.errors import PluginError, first_line
 from arcfw.core.engine.hookspecs import hookimpl
@@ -289,6 +289,10 @@ class QwenPrompt(Plugin):
     name = "qwen"
     role = "prompt"
     description = "Qwen2 (transformers) over serialised demo pairs and query input; pooled hidden state as prompt"
+    metrics = (
+        Metric("qwen_grad", console=30, fmt=".4g", plot="Qwen gradient norm", grad_norm_of=(GROUP,)),
+        Metric("demos_dropped", epoch="sum"),  # demonstration pairs the token budget left out (encoding "cells")
+    )
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from arcfw.core.engine.context import Metric
 from arcfw.core.engine.distributed import all_reduce_mean_, average_gradients, broadcast_
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
@@ -59,6 +60,7 @@ class GaussianRefinePolicy(Plugin):
     name = "rl_policy"
     role = "refine"
     description = "Gaussian residual policy on the prompt; REINFORCE on the cell-accuracy improvement after each step"
+    metrics = (Metric("reward", console=10, plot="reward"), Metric("acc_improvement", fmt="+.3f", summary="acc_improvement"))
 
     def __init__(
         self,

@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from arcfw.core.errors import MissingExtra, PluginError
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
+from arcfw.core.errors import MissingExtra, PluginError
 
 SKIP_KEYS = ("kind", "step")
 

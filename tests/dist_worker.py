@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import REPO, TINY
 
 from arcfw.core.config import RunConfig, load_config
 from arcfw.core.engine.distributed import average_gradients, full_tensor, setup
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import Interrupted, PluginError
 from arcfw.core.engine.hookspecs import hookimpl
+from arcfw.core.errors import Interrupted, PluginError
 from arcfw.core.training.trainer import Trainer
-from arcfw.plugins.grid_transformer import GridTransformer
 from arcfw.plugins.efe_loss import MaskedEFELoss
-from conftest import REPO, TINY
+from arcfw.plugins.grid_transformer import GridTransformer
 
 WORLD = 2
 STEPS = 3

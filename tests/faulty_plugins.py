@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from arcfw.core.engine.context import LossOutput
+from arcfw.core.engine.context import LossOutput, Metric, TaskEncoding
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.engine.context import TaskEncoding
-from arcfw.plugins.grid_transformer import GridTransformer
 from arcfw.plugins.efe_loss import MaskedEFELoss
+from arcfw.plugins.grid_transformer import GridTransformer
 from arcfw.plugins.qwen import QwenPrompt
 from arcfw.plugins.rl_policy import GaussianRefinePolicy
 
@@ -142,6 +141,7 @@ class FlatLoss(Plugin):
 
     name = "flat_loss"
     role = "loss"
+    metrics = (Metric("mask_ratio", stuck_at=1.0),)
 
     @hookimpl
     def compute_loss(self, logits, batch, ctx):
@@ -256,3 +256,16 @@ class HalfTransformAugment(Plugin):
 
         q = example.query
         return Example(example.task_id, example.pair_index, example.demos, Pair(q.input.T.copy(), q.output * 0 + 12))
+
+
+class FlatLossDeclaringLoss(FlatLoss):
+    """Declares a metric the engine already declares."""
+
+    metrics = (Metric("loss"),)
+
+
+class GradOfNoGroup(Plugin):
+    """Declares the gradient norm of a parameter group nobody has."""
+
+    name = "grad_of_no_group"
+    metrics = (Metric("g", grad_norm_of=("nope",)),)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from arcfw.core.data.batch import NUM_COLOURS
-from arcfw.core.engine.context import LossOutput, ParamGroup
+from arcfw.core.data.shapes import mask_shapes
+from arcfw.core.engine.context import LossOutput, Metric, ParamGroup
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.data.shapes import mask_shapes
 
 
 class CopyInputPredictor(Plugin):
@@ -150,3 +150,38 @@ class SignalOnTask(Plugin):
             open(self.once, "w").close()
             os.kill(os.getpid(), signal.SIGTERM)
         return None
+
+
+class HistogramPrompt(Plugin):
+    """A prompt plugin other than Qwen: a linear map of the query input's colour histogram.  It
+    declares its own metrics (its gradient norm, the prompt's size), which the console line,
+    the summaries and the plot show in place of Qwen's."""
+
+    name = "histogram_prompt"
+    role = "prompt"
+    metrics = (
+        Metric("hist_grad", console=30, fmt=".4g", plot="histogram prompt gradient", grad_norm_of=("hist_prompt",)),
+        Metric("prompt_norm", console=35, fmt=".3f", epoch="last"),
+    )
+
+    def __init__(self, dim: int = 16):
+        self.dim = dim
+
+    @hookimpl
+    def configure(self, ctx):
+        ctx.prompt_dim = self.dim
+        self.net = nn.Linear(NUM_COLOURS, self.dim).to(ctx.device)
+
+    @hookimpl
+    def parameter_groups(self, ctx):
+        return [ParamGroup(name="hist_prompt", params=list(self.net.parameters()), lr=1e-3, modules=[self.net])]
+
+    @hookimpl
+    def generate_prompt(self, batch, ctx):
+        cells = torch.nn.functional.one_hot(batch.inputs.clamp_max(NUM_COLOURS - 1), NUM_COLOURS).float()
+        hist = (cells * batch.input_mask[..., None]).sum(dim=(1, 2)) / batch.input_mask.sum(dim=(1, 2))[:, None]
+        return self.net(hist)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        return {"prompt_norm": float(result.prompt.norm(dim=-1).mean())}

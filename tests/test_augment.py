@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from arcfw.core.commands.evaluate import predict
 from arcfw.core.data.batch import Example, Pair
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.errors import ConfigError, ContractError
-from arcfw.core.commands.evaluate import predict
 from arcfw.core.training.trainer import Trainer
 from arcfw.plugins.augment import DIHEDRAL, Augment, Transform, random_colours
 

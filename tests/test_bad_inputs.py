@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner, Result
 from conftest import REPO, TINY, tiny_overrides
 
-from arcfw.core.training import checkpoint
 from arcfw.core.commands.cli import main
 from arcfw.core.config import load_config
 from arcfw.core.engine.engine import Engine
+from arcfw.core.training import checkpoint
 
 DEFAULT = str(REPO / "configs" / "default.yaml")
 

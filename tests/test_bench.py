@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO, TINY
 
 from arcfw.core.commands.cli import main
 from arcfw.core.engine.steps import STEP_ORDER
-
-from conftest import REPO, TINY
 
 CONFIG = str(REPO / "configs" / "default.yaml")
 SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]

@@ -21,11 +21,12 @@ import torch
 from click.testing import CliRunner
 from conftest import REPO, TINY
 
-from arcfw.core.training import checkpoint
+from arcfw.core import io as fileio
 from arcfw.core.commands.cli import main
 from arcfw.core.config import load_config
 from arcfw.core.engine.context import Context
 from arcfw.core.errors import CheckpointError
+from arcfw.core.training import checkpoint
 from arcfw.core.training.trainer import Trainer
 
 #: tiny data (3 tasks = 12 demonstration pairs, so an epoch is 12 batches), 4 epochs
@@ -262,13 +263,13 @@ def test_sigterm_from_outside_saves_exits_143_and_resumes(tmp_path):
 
 # ----------------------------------------------------------------------------- atomic saves
 
-#: Runs the CLI with checkpoint._fsync replaced: at its N-th call on a path ending in SUFFIX it writes
+#: Runs the CLI with arcfw.core.io.fsync_path replaced: at its N-th call on a path ending in SUFFIX it writes
 #: a marker file and waits, so the test can SIGKILL the process at that exact point of a save.
 BLOCKING_RUN = """
 import os, sys, time
-from arcfw.core.training import checkpoint
+from arcfw.core import io
 suffix, nth = os.environ["BLOCK_AT"].rsplit(":", 1)
-real, seen = checkpoint._fsync, [0]
+real, seen = io.fsync_path, [0]
 def fsync(path):
     if str(path).endswith(suffix):
         seen[0] += 1
@@ -276,7 +277,7 @@ def fsync(path):
             open(os.environ["MARKER"], "w").close()
             time.sleep(600)
     real(path)
-checkpoint._fsync = fsync
+io.fsync_path = fsync
 from arcfw.core.commands.cli import main
 sys.argv = ["arcfw", *sys.argv[1:]]
 main()
@@ -315,7 +316,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real, calls = checkpoint._fsync, []
+    real, calls = fileio.fsync_path, []
 
     def full(path: Path) -> None:
         if path.name == checkpoint.STATE:
@@ -324,7 +325,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path)
 
-    monkeypatch.setattr(checkpoint, "_fsync", full)
+    monkeypatch.setattr(fileio, "fsync_path", full)
     trainer = Trainer(config(max_batches=6, checkpoint__every=2), out, quiet=True)
     with pytest.raises(CheckpointError) as err:
         trainer.fit()

@@ -15,18 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import dist_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import REPO, TINY
 
 from arcfw.core.config import load_config
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import rank_seed, resolve_backend, setup
 from arcfw.core.errors import ConfigError
 from arcfw.core.training.trainer import Trainer
-from conftest import REPO, TINY
-
-import dist_worker
 
 TIMEOUT_S = 300
 

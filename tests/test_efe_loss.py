@@ -10,9 +10,9 @@ import pluggy
 import pytest
 import torch
 
-from arcfw.core.engine import hookspecs
 from arcfw.core.data.batch import Example, Pair, collate
-from arcfw.core.engine.context import Context, LossOutput
+from arcfw.core.engine import hookspecs
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput
 from arcfw.core.errors import ContractError
 from arcfw.plugins.efe_loss import MaskedEFELoss, efe_loss
 
@@ -256,7 +256,7 @@ def test_batch_loss_is_mean_of_single_example_losses_with_padding():
     torch.testing.assert_close(loss.detach(), torch.stack(singles).mean(), atol=1e-6, rtol=0)
     torch.testing.assert_close(per_ex.detach(), torch.stack(singles), atol=1e-6, rtol=0)
     # d(mean)/d(logits_b) = (1/B) d(L_b)/d(logits_b); zero gradient on padding
-    for b, ex in enumerate((ex_a, ex_b)):
+    for b in range(2):
         h, w = grads[b].shape[1:3]
         torch.testing.assert_close(big.grad[b, :h, :w], grads[b][0] / 2, atol=1e-6, rtol=0)
         pad = ~batch.target_mask[b]
@@ -381,7 +381,7 @@ def test_plugin_hook_through_pluggy_and_single_sync(monkeypatch):
     batch = collate([_example("a", np.array([[1, 2], [3, 4]])), _example("b", np.array([[5]]))])
     torch.manual_seed(3)
     logits = torch.randn(2, 2, 2, 10, requires_grad=True)
-    ctx = Context(device=torch.device("cpu"), threshold=0.4)
+    ctx = Context(device=torch.device("cpu"), schedule={THRESHOLD_KEY: 0.4})
 
     calls = {"tolist": 0}
     orig_tolist = torch.Tensor.tolist
@@ -477,3 +477,18 @@ def test_plugin_passes_hard_cells_through():
     ctx = Context(device=torch.device("cpu"), threshold=0.3)
     assert MaskedEFELoss().compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 1.0
     assert MaskedEFELoss(hard_cells="threshold").compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 0.0
+
+
+def test_the_two_rules_coincide_above_one_half_and_differ_below():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 5, 5, 10) * 1.5
+    targets = torch.randint(0, 10, (4, 5, 5))
+    mask = torch.ones(4, 5, 5, dtype=torch.bool)
+    for thr in (0.51, 0.6, 0.9):
+        a, _, sa = efe_loss(logits, targets, mask, thr, hard_cells="wrong_or_unsure")
+        b, _, sb = efe_loss(logits, targets, mask, thr, hard_cells="threshold")
+        assert sa["hard_cells"] == sb["hard_cells"] and a.item() == b.item()
+    _, _, sa = efe_loss(logits, targets, mask, 0.05, hard_cells="wrong_or_unsure")
+    _, _, sb = efe_loss(logits, targets, mask, 0.05, hard_cells="threshold")
+    wrong = (logits.argmax(-1) != targets).sum().item()
+    assert sa["hard_cells"] >= wrong > sb["hard_cells"]

@@ -11,10 +11,7 @@ import torch
 from click.testing import CliRunner
 from conftest import train_tiny_run
 
-from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.commands.cli import main
-from arcfw.core.data.tasks import load_tasks, test_examples
-from arcfw.core.errors import CheckpointError, ConfigError, ContractError
 from arcfw.core.commands.evaluate import (
     Candidate,
     check_overlap,
@@ -24,7 +21,10 @@ from arcfw.core.commands.evaluate import (
     score,
     submission,
 )
+from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.data.shapes import mask_shapes, rule_shape
+from arcfw.core.data.tasks import load_tasks, test_examples
+from arcfw.core.errors import CheckpointError, ConfigError, ContractError
 from arcfw.core.training.checkpoint import load_weights
 
 
@@ -170,7 +170,7 @@ def test_untrained_size_head_predicts_the_demo_rule_then_the_input_size(make_eng
     assert sizes.dtype == torch.int64 and sizes.shape == (len(examples), 2, 2)
     assert sizes[:, 0].tolist() == [list(rule_shape(e)) for e in examples]
     inputs = mask_shapes(batch.input_mask).tolist()
-    for e, (first, second), inp in zip(examples, sizes.tolist(), inputs):
+    for (first, second), inp in zip(sizes.tolist(), inputs):
         if first != inp:  # rows and columns are scored apart: the runner-up swaps one side to the input's
             assert second != first and second in ([first[0], inp[1]], [inp[0], first[1]])
 

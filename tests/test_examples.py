@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 from conftest import REPO, TINY
 
@@ -91,6 +91,9 @@ def test_focal_loss_example_is_found_through_its_entry_point(focal_package, tmp_
     assert ema[0] == records[0]["loss"] and ema[1] == pytest.approx(0.9 * ema[0] + 0.1 * records[1]["loss"])
     plugin = trainer.engine.plugins["focal_loss"]
     assert plugin.state_dict(trainer.engine.ctx) == {"ema": ema[-1]}
+    # its declared metrics replace the default loss's in the summary (and on the console line)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())[0]
+    assert summary["focal_ema_last"] == ema[-1] and "cell_acc_first" in summary and "avg_mask_ratio" not in summary
 
 
 def test_focal_loss_parameters_are_checked_from_yaml(focal_package, tmp_path):

@@ -221,6 +221,9 @@ def test_cli_writes_a_folder_the_loader_reads(tmp_path):
     on_disk = {t.task_id: json.loads((out / f"{t.task_id}.json").read_text()) for t in tasks}
     assert on_disk == gen.generate(["copy", "swap12", "crop"], 3, seed=2, train_pairs=4, test_pairs=2, min_side=4, max_side=6)
     assert "seed: 2" in (out / gen.MANIFEST).read_text()
+    in_memory = gen.as_tasks(gen.generate(["copy", "swap12", "crop"], 3, seed=2, train_pairs=4, test_pairs=2, min_side=4, max_side=6))
+    assert [t.task_id for t in in_memory] == [t.task_id for t in tasks]
+    assert all(np.array_equal(a.test[1].output, b.test[1].output) for a, b in zip(in_memory, tasks))
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):

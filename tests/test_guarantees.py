@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from arcfw.core.errors import ContractError, GradientPathError, OrderError, PrecisionError, TrainingHalted
 from arcfw.core.engine.engine import Engine
+from arcfw.core.errors import ContractError, GradientPathError, OrderError, PrecisionError, TrainingHalted
 
 
 def run_steps(engine: Engine, batches, n: int):

@@ -15,14 +15,26 @@ from click.testing import CliRunner
 from conftest import train_tiny_run
 
 from arcfw.core.commands.cli import main
-from arcfw.core.errors import DataError, MissingExtra
 from arcfw.core.commands.plot import PALETTE_RGB, curves_figure, epoch_ends, grid_rgb, plot_curves, read_metrics, task_figure
+from arcfw.core.errors import DataError, MissingExtra
+from arcfw.core.training.metrics import write_metric_specs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def default_metrics():
+    from arcfw.core.engine.engine import ENGINE_METRICS
+    from arcfw.plugins.efe_loss import MaskedEFELoss
+    from arcfw.plugins.qwen import QwenPrompt
+    from arcfw.plugins.rl_policy import GaussianRefinePolicy
+
+    return [*ENGINE_METRICS, *QwenPrompt.metrics, *GaussianRefinePolicy.metrics, *MaskedEFELoss.metrics]
+
+
 def write_run(path, records, summaries=None, torn=False):
+    """A run folder as the trainer writes it, declaring the default plugins' metrics."""
     path.mkdir(parents=True, exist_ok=True)
+    write_metric_specs(path, default_metrics())
     text = "".join(json.dumps(r) + "\n" for r in records)
     (path / "metrics.jsonl").write_text(text + ('{"kind": "batch", "st' if torn else ""))
     if summaries is not None:

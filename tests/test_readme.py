@@ -14,7 +14,7 @@ README = (REPO / "README.md").read_text()
 
 
 def block(first_line: str) -> str:
-    for lang, body in re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S):
+    for _lang, body in re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S):
         if body.startswith(first_line):
             return body
     raise AssertionError(f"README has no code block starting with {first_line!r}")

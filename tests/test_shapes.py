@@ -8,8 +8,8 @@ import torch
 
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Example, Pair, collate
-from arcfw.core.data.generate import generate
-from arcfw.core.data.tasks import _parse_task, load_tasks, test_examples
+from arcfw.core.data.generate import as_tasks, generate
+from arcfw.core.data.tasks import load_tasks, test_examples
 
 
 def grid(h: int, w: int, seed: int = 0, density: float = 0.5) -> np.ndarray:
@@ -25,8 +25,8 @@ def example(demos: list[tuple[np.ndarray, tuple[int, int] | np.ndarray]], query:
 def objects(h: int, w: int, boxes: list[tuple[int, int, int, int, int]]) -> np.ndarray:
     """Background 0 with solid boxes (top, left, rows, cols, colour)."""
     g = np.zeros((h, w), dtype=np.int64)
-    for t, l, r, c, colour in boxes:
-        g[t : t + r, l : l + c] = colour
+    for t, left, r, c, colour in boxes:
+        g[t : t + r, left : left + c] = colour
     return g
 
 
@@ -123,7 +123,7 @@ def test_features_are_cached_by_content():
 
 @pytest.mark.parametrize("family", ["copy", "flip_h", "rot90", "rot180", "transpose", "scale", "tile", "crop", "gravity_left"])
 def test_generated_tasks_sizes_are_found(family):
-    tasks = [_parse_task(tid, t, "generated") for tid, t in generate([family], 10, seed=4, min_side=2, max_side=9).items()]
+    tasks = as_tasks(generate([family], 10, seed=4, min_side=2, max_side=9))
     first = 0
     for ex in test_examples(tasks):
         ranked = shapes.rule_candidates(ex, 2)
@@ -134,7 +134,7 @@ def test_generated_tasks_sizes_are_found(family):
 
 
 def test_batch_forms():
-    tasks = [_parse_task(tid, t, "g") for tid, t in generate(["rot90", "scale"], 2, seed=1, max_side=6).items()]
+    tasks = as_tasks(generate(["rot90", "scale"], 2, seed=1, max_side=6))
     exs = test_examples(tasks)
     stripped = [Example(e.task_id, e.pair_index, e.demos, Pair(e.query.input, None)) for e in exs]
     batch = collate(stripped, shapes=[(1, 1)] * len(exs))

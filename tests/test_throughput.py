@@ -10,13 +10,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from arcfw.core.data.batch import collate
-from arcfw.core.engine.context import Context
 from arcfw.core.data.tasks import load_tasks, make_examples
+from arcfw.core.engine.context import Context
 from arcfw.plugins.qwen import GROUP, QwenPrompt
-
-from conftest import REPO
 
 
 def _load_plain_step():
@@ -89,7 +88,7 @@ def test_batch_loss_and_gradients_equal_mean_of_single_pairs(make_engine, exampl
     assert loss == pytest.approx(np.mean([s[0] for s in singles]), abs=1e-5)
     for name, g in grads.items():
         mean = torch.stack([s[1][name] for s in singles]).mean(0)
-        torch.testing.assert_close(g, mean, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, mean, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("qwen"))
 
 

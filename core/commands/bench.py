@@ -21,23 +21,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from arcfw.core.data.batch import Batch
 from arcfw.core.config import RunConfig
+from arcfw.core.data.batch import Batch
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import ConfigError
 from arcfw.core.engine.steps import STEP_ORDER
+from arcfw.core.errors import ConfigError
+from arcfw.core.io import write_atomic
 
 STAGE_EVENT = "stage:"
 
@@ -82,9 +82,7 @@ class BenchResult:
 
     def write_json(self, path: Path) -> None:
         """Write atomically: a half-written file is never left behind."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 class PeakMemory:
@@ -174,7 +172,7 @@ def run_bench(cfg: RunConfig, *, warmup: int = 5, steps: int = 20) -> BenchResul
     engine = Engine.from_config(cfg)
     batches = _batches(cfg, engine)
     device = engine.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         engine.train_step(next(batches).to(device))
     timer = StageTimer(device)

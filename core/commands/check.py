@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from arcfw.core.config import RunConfig
+from arcfw.core.data.batch import Example
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import ArcfwError
+from arcfw.core.engine.roles import step_hook
 from arcfw.core.engine.steps import Stage
+from arcfw.core.errors import ArcfwError
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Row:
     detail: str = ""
 
 
-def _examples(cfg: RunConfig, pairs: int):
+def _examples(cfg: RunConfig, pairs: int) -> list[Example]:
     d = cfg["data"]
     tasks = load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"])
     examples = make_examples(tasks)
@@ -40,6 +42,8 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 2) -> list[Row]:
     except ArcfwError as exc:
         return [Row("plugins build and their hooks validate", False, str(exc))]
     rows.append(Row("plugins build and their hooks validate", True, ", ".join(f"{r}={n}" for n, r in engine.roles.items())))
+    console = sorted((m for m in engine.metrics if m.console is not None), key=lambda m: m.console or 0)
+    rows.append(Row("metrics declared (console line)", True, " | ".join(m.name.capitalize() for m in console) or "none"))
 
     # -- parameter groups: in the optimizer with their learning rate, in train mode
     in_opt = {id(p): pg["lr"] for pg in engine.optimizer.param_groups for p in pg["params"]}
@@ -83,11 +87,10 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 2) -> list[Row]:
             reached[name] = max(reached[name], v)
     rows.append(Row("targets are int64", target_dtype == torch.int64, str(target_dtype).replace("torch.", "")))
     rows.append(Row(f"{steps} steps run with every hook contract checked", error is None, "" if error is None else f"{error.kind}: {error}"))
-    hooks = {"prompt": "generate_prompt", "refine": "refine", "predictor": "predict"}
     for g in engine.groups:
         if g.lr == 0:
             continue
-        via = hooks.get(engine.roles[g.plugin], "its hooks")
+        via = step_hook(engine.roles[g.plugin])
         path = "generate_prompt -> refine -> predict -> compute_loss" if via == "generate_prompt" else f"{via} -> compute_loss"
         ok = error is None and reached.get(g.name, 0.0) > 0
         rows.append(Row(f"gradient reaches group '{g.name}' ({g.plugin})", ok, f"through {path}; max grad norm {reached.get(g.name, 0.0):.3g}"))

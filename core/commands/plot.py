@@ -10,28 +10,32 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from arcfw.core.data.batch import Task
 from arcfw.core.errors import DataError, MissingExtra
+from arcfw.core.training.metrics import read_metric_specs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
 
 #: the usual ARC colours, 0-9: black, blue, red, green, yellow, grey, magenta, orange, azure, maroon
 PALETTE = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
 PALETTE_RGB = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in PALETTE], dtype=np.uint8)
 
-#: (metrics.jsonl key, axis label), one panel each
-CURVES = (
-    ("loss", "loss"),
-    ("reward", "reward"),
-    ("qwen_grad", "Qwen gradient norm"),
-    ("mask_ratio", "mask ratio"),
-    ("cell_acc", "cell accuracy"),
-)
 
 
-def _figure(**kw: Any):
+def curves(run_dir: Path) -> list[tuple[str, str]]:
+    """``(metrics.jsonl key, axis label)`` of every panel: the run's declared metrics with a ``plot``
+    label (``metric_specs.json``), the loss on top, then in the console line's order."""
+    drawn = [m for m in read_metric_specs(run_dir) if m.plot]
+    drawn.sort(key=lambda m: (m.name != "loss", m.console is None, m.console or 0))
+    return [(m.name, m.plot or m.name) for m in drawn]
+
+
+def _figure(**kw: Any) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -41,7 +45,8 @@ def _figure(**kw: Any):
 
 def grid_rgb(grid: np.ndarray) -> np.ndarray:
     """``[h, w]`` colours 0-9 -> ``[h, w, 3]`` uint8 RGB in the ARC palette."""
-    return PALETTE_RGB[np.asarray(grid)]
+    rgb: np.ndarray = PALETTE_RGB[np.asarray(grid)]
+    return rgb
 
 
 # --------------------------------------------------------------------------- training curves
@@ -91,17 +96,18 @@ def epoch_ends(run_dir: Path) -> list[tuple[int, int]]:
     return [(int(s["epoch"]), int(s["step"])) for s in summaries if isinstance(s, dict) and "step" in s and "epoch" in s]
 
 
-def curves_figure(run_dir: Path | str):
-    """Loss, reward, Qwen gradient norm, mask ratio and cell accuracy against step, epoch ends marked."""
+def curves_figure(run_dir: Path | str) -> Figure:
+    """Every declared metric with a plot label against step (:func:`curves`), epoch ends marked."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
         raise DataError("metrics.jsonl holds no batch record yet", file=str(run_dir))
     steps = [r["step"] for r in records]
     ends = [(epoch, step) for epoch, step in epoch_ends(run_dir) if step < steps[-1]]  # epochs followed by more steps
-    fig = _figure(figsize=(9, 1.9 * len(CURVES)), layout="constrained")
-    axes = fig.subplots(len(CURVES), 1, sharex=True)
-    for ax, (key, label) in zip(axes, CURVES):
+    panels = curves(run_dir)
+    fig = _figure(figsize=(9, 1.9 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, label) in zip(axes, panels):
         ax.plot(steps, [_number(r.get(key)) for r in records], lw=1, marker="." if len(records) < 50 else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -126,7 +132,7 @@ def plot_curves(run_dir: Path | str, out: Path | str | None = None) -> Path:
 # --------------------------------------------------------------------------- a task with predictions
 
 
-def _draw_grid(ax, grid: np.ndarray | None, title: str, colour: str = "black") -> None:
+def _draw_grid(ax: Any, grid: np.ndarray | None, title: str, colour: str = "black") -> None:
     ax.set_title(title, fontsize=9, color=colour)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -143,7 +149,7 @@ def _draw_grid(ax, grid: np.ndarray | None, title: str, colour: str = "black") -
     ax.set_xlabel(f"{h}x{w}", fontsize=8)
 
 
-def task_figure(task: Task, attempts: list[list[np.ndarray]] | None):
+def task_figure(task: Task, attempts: list[list[np.ndarray]] | None) -> Figure:
     """One row per demonstration pair (input, output), then one per test (input, answer, attempt 1, attempt 2).
 
     Attempt titles say whether the attempt equals the answer (shape and every cell).

@@ -108,7 +108,7 @@ class Settings:
     augment: bool = True
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "Settings":
+    def from_config(cls, cfg: RunConfig) -> Settings:
         t = cfg["ttt"]
         return cls(t["steps"], t["seconds"], dict(t["lr"]), t["views"], t["batch_size"], t["augment"])
 
@@ -233,7 +233,7 @@ class TaskResult:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TaskResult":
+    def from_json(cls, d: dict[str, Any]) -> TaskResult:
         d = dict(d)
         d["attempts"] = [[np.asarray(a, dtype=np.int64) for a in pair] for pair in d["attempts"]]
         return cls(**d)
@@ -365,7 +365,7 @@ def prepare_out_dir(out: Path, record: dict[str, Any], tasks: list[Task], *, res
             raise ConfigError("--resume", [("out", f"{out}: cannot resume: the evaluation there was made with other "
                                              f"settings: {'; '.join(diff)}")])
     else:
-        check_out_dir(out, overwrite, (*EVAL_FILES, TASKS_DIR), f"an evaluation (--resume continues an unfinished one)")
+        check_out_dir(out, overwrite, (*EVAL_FILES, TASKS_DIR), "an evaluation (--resume continues an unfinished one)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if overwrite:

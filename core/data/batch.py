@@ -14,6 +14,7 @@ cells are real, so padding never changes a result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class Batch:
     targets: torch.Tensor
     target_mask: torch.Tensor
     canvas_mask: torch.Tensor
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -83,20 +84,22 @@ class Batch:
     def canvas(self) -> tuple[int, int]:
         return int(self.inputs.shape[1]), int(self.inputs.shape[2])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        kw = dict(device=device, non_blocking=non_blocking)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, non_blocking=non_blocking)
+
         return Batch(
             examples=self.examples,
-            inputs=self.inputs.to(**kw),
-            input_mask=self.input_mask.to(**kw),
-            targets=self.targets.to(**kw),
-            target_mask=self.target_mask.to(**kw),
-            canvas_mask=self.canvas_mask.to(**kw),
+            inputs=move(self.inputs),
+            input_mask=move(self.input_mask),
+            targets=move(self.targets),
+            target_mask=move(self.target_mask),
+            canvas_mask=move(self.canvas_mask),
             meta=dict(self.meta),
         )
 
 
-def collate(examples: list[Example], shapes: "list[tuple[int, int]] | None" = None) -> Batch:
+def collate(examples: list[Example], shapes: list[tuple[int, int]] | None = None) -> Batch:
     """Pad B examples onto one canvas. Targets are int64 from here on.
 
     ``shapes`` (evaluation) gives each example's output size ``(h, w)`` when the

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.data.batch import Task
+from arcfw.core.data.tasks import MAX_SIDE, _parse_task
 from arcfw.core.errors import ConfigError
 
 Grid = np.ndarray
@@ -360,3 +361,9 @@ def write_tasks(out: Path, tasks: dict[str, dict], *, overwrite: bool = False, m
     if manifest:
         (out / MANIFEST).write_text(manifest, encoding="utf-8")
     return paths
+
+
+def as_tasks(tasks: dict[str, dict]) -> list[Task]:
+    """:func:`generate`'s output as validated :class:`~arcfw.core.data.batch.Task` objects, sorted by id
+    (what ``load_tasks`` would read back from the folder), without writing files."""
+    return [_parse_task(task_id, tasks[task_id], f"generated:{task_id}") for task_id in sorted(tasks)]

@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 from torch.utils.data.distributed import DistributedSampler
@@ -138,7 +138,7 @@ def _parse_pair(item: object, kind: str, index: int, task_id: str, file: str) ->
     )
 
 
-def _parse_grid(value: object, name: str, where: dict) -> np.ndarray:
+def _parse_grid(value: object, name: str, where: dict[str, Any]) -> np.ndarray:
     """A rectangular list of lists of ints 0-9, at most 30x30, as a read-only int64 array."""
     if not isinstance(value, list):
         raise DataError(f"{name} grid must be an array of arrays of integers, got {_json_type(value)}", **where)
@@ -164,7 +164,7 @@ def _parse_grid(value: object, name: str, where: dict) -> np.ndarray:
     _raise_bad_cell(value, name, where)
 
 
-def _raise_bad_cell(value: list[list], name: str, where: dict) -> NoReturn:
+def _raise_bad_cell(value: list[list[Any]], name: str, where: dict[str, Any]) -> NoReturn:
     """Name the first cell that is not an integer 0-9."""
     for r, row in enumerate(value):
         for c, cell in enumerate(row):
@@ -193,10 +193,10 @@ def test_examples(tasks: Sequence[Task]) -> list[Example]:
     ]
 
 
-test_examples.__test__ = False  # the name starts with "test_"; keep pytest from collecting it
+test_examples.__test__ = False  # type: ignore[attr-defined]  # the name starts with "test_"; keep pytest from collecting it
 
 
-def summarize(tasks: Sequence[Task]) -> dict:
+def summarize(tasks: Sequence[Task]) -> dict[str, int]:
     """Counts for logs: tasks, demonstration pairs, test pairs and the largest grid side."""
     grids = [g for t in tasks for p in t.train + t.test for g in (p.input, p.output) if g is not None]
     return {
@@ -248,9 +248,9 @@ class ExampleLoader:
         self.rank = rank
         self.world_size = world_size
         self.transform = transform
-        indices = range(len(self.examples))
-        self.sampler = DistributedSampler(indices, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-        self._unsharded = DistributedSampler(indices, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        indices: Any = range(len(self.examples))  # a sized sequence: all the sampler reads is its length
+        self.sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self._unsharded: DistributedSampler[int] = DistributedSampler(indices, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
 
     def order(self, epoch: int) -> list[int]:
         """All example indices of ``epoch`` in visiting order (before sharding; the same on every rank)."""

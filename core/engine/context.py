@@ -2,49 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+#: The key of :attr:`Context.schedule` that the ``hard_cell_threshold`` hook (curriculum role) fills.
+THRESHOLD_KEY = "hard_cell_threshold"
+
 
 @dataclass
 class Context:
-    """What every hook can read.  Plugins may set ``prompt_dim`` (in ``configure``) and
-    put shared values in ``shared``; everything else is the engine's."""
+    """What every hook can read: the run's fixed facts, where the loop stands, and the two
+    values plugins hand each other.  The engine writes every field except the two marked
+    *plugins write*; a plugin never assigns to the others.
+    """
 
+    #: the device every module and tensor of the step lives on
     device: torch.device
-    precision: str = "fp32"
+    #: the run's seed (``seed`` in the config): derive deterministic randomness from it
     seed: int = 0
+    #: the run folder (None outside ``arcfw run``, e.g. in ``arcfw check``); loggers write under it
     out_dir: Path | None = None
+    #: *plugins write*: the D of the prompt embedding ``[B, D]``; the prompt plugin sets it in ``configure``
     prompt_dim: int | None = None
+    #: the epoch being trained (0-based)
     epoch: int = 0
-    step: int = 0  # optimizer steps attempted so far (0 during the first step)
+    #: optimizer steps attempted so far (0 during the first step)
+    step: int = 0
     #: the step a resumed run continues from (None: a fresh run); a logger that keeps its own files
     #: drops what it logged after this step (the killed run may have logged beyond its checkpoint)
     resumed_step: int | None = None
-    batch_index: int = 0  # index of the batch within the epoch
-    threshold: float = 0.6
+    #: what the schedule hooks decided for this step, by hook name: ``schedule["hard_cell_threshold"]``
+    #: is the curriculum's result (:data:`THRESHOLD_KEY`), set before ``generate_prompt``; absent when
+    #: no plugin fills the curriculum role, so a reader keeps its own default:
+    #: ``ctx.schedule.get(THRESHOLD_KEY, default)``
+    schedule: dict[str, float] = field(default_factory=dict)
+    #: False at evaluation (``arcfw eval``): no gradient, a stochastic policy acts deterministically
     training: bool = True
+    #: this process's rank and the number of processes (1 without ``torchrun``)
     rank: int = 0
     world_size: int = 1
+    #: the engine's random generator on ``device``, seeded per rank; checkpointed, so noise drawn
+    #: from it (not from the global RNG) resumes exactly
     generator: torch.Generator | None = None
-    #: names of parameter groups that are *expected* to get no gradient this step (e.g. the
-    #: prompt model when its prompt came from a cache); set by plugins, cleared every step
+    #: *plugins write*: names of parameter groups that are *expected* to get no gradient this step
+    #: (e.g. the prompt model when its prompt came from a cache); cleared by the engine every step
     no_grad_groups: set[str] = field(default_factory=set)
-    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> float:
+        """Compatibility alias of ``schedule["hard_cell_threshold"]`` (0.6 when no curriculum set it).
+
+        New code reads :attr:`schedule`; this alias goes once the default loss does."""
+        return float(self.schedule.get(THRESHOLD_KEY, 0.6))
 
     @property
     def fused_optimizers(self) -> bool:
         """Whether torch's fused Adam/AdamW kernels run on this device (CPU and CUDA): pass it as
         ``fused=`` to a plugin's own optimizer; one kernel beats the per-tensor loop several times."""
         return self.device.type in ("cpu", "cuda")
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
 
 
 @dataclass
@@ -74,6 +94,55 @@ class ParamGroup:
         return [p for p in self.params if p.requires_grad]
 
 
+#: How an epoch summarises a metric: the mean of its finite values (``avg_<name>``); the means of
+#: its first and last 50 values (``<name>_first``, ``<name>_last``); their sum (``<name>_sum``);
+#: the last value (``<name>_last``); or not at all.
+EPOCH_AGGREGATES = ("mean", "edges", "sum", "last", "none")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a plugin makes, declared on its class so that the trainer can show it::
+
+        class MyLoss(Plugin):
+            metrics = (Metric("my_ratio", console=45, fmt=".3f", plot="my ratio"),)
+
+    Core prints, summarises, plots and health-checks what is declared and nothing else
+    (undeclared metrics still go to ``metrics.jsonl`` and the loggers).  The value comes
+    from the plugin's ``compute_loss`` / ``post_step_update`` metrics, or, with
+    ``grad_norm_of``, from the engine.
+    """
+
+    name: str
+    #: how an epoch aggregates it (:data:`EPOCH_AGGREGATES`)
+    epoch: str = "mean"
+    #: position on the console line ``[Batch N] Name: value | ...`` (smaller first); None: not shown
+    console: int | None = None
+    #: format spec of the value on the console and in the epoch line
+    fmt: str = ".4f"
+    #: axis label of its panel in ``arcfw plot``; None: not drawn
+    plot: str | None = None
+    #: the key of its epoch summary, when not the default of its aggregate (see :data:`EPOCH_AGGREGATES`)
+    summary: str | None = None
+    #: the value is the gradient norm over these parameter groups (before clipping), computed by the
+    #: engine; a step on which every one of them is in ``ctx.no_grad_groups`` logs it but stays out
+    #: of the epoch aggregate (it describes the steps the groups learned from)
+    grad_norm_of: tuple[str, ...] = ()
+    #: health: a warning ``<name>_stuck`` when the value stays at this for ``health.flat_window`` batches
+    stuck_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epoch not in EPOCH_AGGREGATES:
+            raise ValueError(f"metric '{self.name}': epoch must be one of {EPOCH_AGGREGATES}, got {self.epoch!r}")
+
+    def summary_keys(self) -> tuple[str, ...]:
+        """The keys of its epoch summary."""
+        if self.epoch == "edges":
+            return (f"{self.summary or self.name}_first", f"{self.summary or self.name}_last")
+        default = {"mean": f"avg_{self.name}", "sum": f"{self.name}_sum", "last": f"{self.name}_last"}.get(self.epoch)
+        return () if default is None else (self.summary or default,)
+
+
 @dataclass
 class TaskEncoding:
     """What a prompt plugin may return from :func:`generate_prompt` instead of a bare prompt tensor.
@@ -96,7 +165,7 @@ class TaskEncoding:
     token_mask: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def detach(self) -> "TaskEncoding":
+    def detach(self) -> TaskEncoding:
         return TaskEncoding(self.prompt.detach(), self.tokens.detach(), self.token_mask, dict(self.meta))
 
 

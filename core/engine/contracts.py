@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from arcfw.core.data.batch import NUM_COLOURS, Example
-from arcfw.core.engine.context import LossOutput, TaskEncoding, View
 from arcfw.core.data.tasks import MAX_SIDE
+from arcfw.core.engine.context import LossOutput, TaskEncoding, View
 from arcfw.core.errors import ContractError, GradientPathError
 
 
@@ -26,7 +26,7 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
-def _tensor(plugin: str, hook: str, value: Any, shape: tuple, what: str, device: torch.device) -> None:
+def _tensor(plugin: str, hook: str, value: Any, shape: tuple[int | None, ...], what: str, device: torch.device) -> None:
     if not isinstance(value, torch.Tensor):
         raise ContractError(plugin, hook, f"a floating tensor {what}", describe(value))
     if not value.is_floating_point():

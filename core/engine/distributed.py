@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,8 +38,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
     from arcfw.core.engine.context import ParamGroup
 
+#: ``device`` choices
+DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
+    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- helpers plugins may call
@@ -171,7 +183,7 @@ class Dist:
     find_unused_parameters: bool = False
     owns_group: bool = False
     #: trainable groups that no wrapper owns; the engine averages their gradients after backward
-    manual_groups: list["ParamGroup"] = field(default_factory=list)
+    manual_groups: list[ParamGroup] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -184,7 +196,7 @@ class Dist:
 
     # ------------------------------------------------------------------ wrapping
 
-    def wrap(self, groups: list["ParamGroup"], plugins: dict[str, Any]) -> None:
+    def wrap(self, groups: list[ParamGroup], plugins: dict[str, Any]) -> None:
         """Make every trainable parameter group data-parallel; called before the optimizer exists.
 
         - ``fsdp``: each module of every group (frozen ones too) is sharded in place with FSDP2
@@ -213,8 +225,9 @@ class Dist:
                 broadcast_(g.trainable())
                 self.manual_groups.append(g)
 
-    def _ddp(self, g: "ParamGroup", owner: Any) -> None:
-        module = getattr(owner, g.module_attr, None)
+    def _ddp(self, g: ParamGroup, owner: Any) -> None:
+        attr = g.module_attr or ""
+        module = getattr(owner, attr, None)
         if len(g.modules) != 1 or module is not g.modules[0]:
             raise PluginError(
                 f"parameter group '{g.name}' of plugin '{g.plugin}': module_attr '{g.module_attr}' must name the "
@@ -224,13 +237,14 @@ class Dist:
         # no hidden collective in forward (a rank-0-only evaluation must not hang); torch >= 2.13 names it
         # forward_sync_buffers (buffers are still synced once at init), older torch broadcast_buffers
         buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters else "broadcast_buffers"
+        options: dict[str, Any] = {buffers: False}
         wrapped = ddp(
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
-            **{buffers: False},
+            **options,
         )
-        setattr(owner, g.module_attr, wrapped)
+        setattr(owner, attr, wrapped)
 
     def sync_gradients(self) -> None:
         """Average the gradients of the groups no wrapper owns (after backward, before clipping)."""
@@ -268,7 +282,7 @@ class Dist:
         self.owns_group = False
 
 
-def _shard(g: "ParamGroup") -> None:
+def _shard(g: ParamGroup) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # pragma: no cover - torch < 2.6
@@ -306,7 +320,7 @@ def resolve_backend(choice: str, device: torch.device, source: str) -> str:
     return choice
 
 
-def setup(config: "RunConfig", device: torch.device) -> Dist:
+def setup(config: RunConfig, device: torch.device) -> Dist:
     """Join the process group that ``torchrun`` describes in the environment (or one already joined).
 
     With ``WORLD_SIZE`` unset or 1 and no process group, returns the

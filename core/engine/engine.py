@@ -10,40 +10,40 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pluggy
 import torch
 
-from arcfw.core.engine import contracts, hookspecs
+from arcfw.core.config import RunConfig
 from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
-from arcfw.core.config import RunConfig
-from arcfw.core.engine.context import Context, LossOutput, ParamGroup, StepResult, TaskEncoding, View
-from arcfw.core.engine.distributed import Dist, full_tensor, rank_seed
+from arcfw.core.engine import contracts, hookspecs, state
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, TaskEncoding, View
+from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device
+from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
+from arcfw.core.engine.optimizers import build_optimizer
+from arcfw.core.engine.precision import Precision
+from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
+from arcfw.core.engine.steps import STEP_ORDER, order_text
 from arcfw.core.errors import (
     ArcfwError,
+    CheckpointError,
     ConfigError,
+    ContractError,
     GradientPathError,
     OrderError,
     PluginError,
 )
-from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
-from arcfw.core.engine.precision import Precision
-from arcfw.core.engine.steps import STEP_ORDER, order_text
 
 Listener = Callable[[str, str | None], None]
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
-    return torch.device(name)
+#: The engine's own metrics (plugins declare theirs on their class: ``Plugin.metrics``).
+ENGINE_METRICS: tuple[Metric, ...] = (Metric("loss", console=20, plot="loss"),)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,25 +54,25 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class _Step:
-    """Values flowing through one step (internal)."""
+    """Values flowing through one step (internal).  Each stage sets the fields it produces
+    (a field read before its stage ran is an AttributeError, not a silent None)."""
 
     batch: Batch
-    prompt: torch.Tensor | None = None
-    encoding: TaskEncoding | None = None  # when the prompt plugin returned one (token states for the predictor)
-    refined: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    loss_value: float = float("nan")
+    prompt: torch.Tensor = field(init=False)  # generate_prompt
+    encoding: TaskEncoding | None = field(init=False)  # generate_prompt: token states, when the prompt plugin makes them
+    refined: torch.Tensor = field(init=False)  # refine
+    logits: torch.Tensor = field(init=False)  # predict
+    loss: torch.Tensor = field(init=False)  # compute_loss; deleted once backward ran (the graph is gone)
+    loss_value: float = field(init=False)  # optimizer_step: the loss averaged over ranks, as a float
+    norms: dict[str, float] = field(init=False)  # optimizer_step: gradient norm per trainable group
+    applied: bool = field(init=False)  # optimizer_step: False when the step was skipped
     metrics: dict[str, float] = field(default_factory=dict)
-    norms: dict[str, float] = field(default_factory=dict)
-    applied: bool = False
-    exempt: frozenset[str] = frozenset()
 
 
 @dataclass
 class _Impl:
     plugin: str
-    fn: Callable
+    fn: Callable[..., Any]
     argnames: tuple[str, ...]
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -94,10 +94,7 @@ class Engine:
         if cfg["threads"] is not None:  # CPU threads of this process (torch's default: one per core)
             torch.set_num_threads(cfg["threads"])
         self.precision = Precision(cfg["precision"], self.device)
-        self.ctx = Context(
-            device=self.device, precision=cfg["precision"], seed=cfg["seed"], out_dir=out_dir,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        self.ctx = Context(device=self.device, seed=cfg["seed"], out_dir=out_dir, rank=self.dist.rank, world_size=self.dist.world_size)
         self.listeners: list[Listener] = []
         self.global_step = 0  # optimizer steps attempted
         self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
@@ -108,7 +105,7 @@ class Engine:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_config(cls, config: RunConfig, **kw: Any) -> "Engine":
+    def from_config(cls, config: RunConfig, **kw: Any) -> Engine:
         return cls(config, **kw)
 
     def _build_plugins(self) -> None:
@@ -149,11 +146,11 @@ class Engine:
             raise PluginError(f"{exc} (hooks are listed in arcfw.core.engine.hookspecs)") from None
         order = list(self.plugins)  # role order, then extras in config order
         self._impls: dict[str, list[_Impl]] = {}
-        for hook in (n for n in dir(hookspecs) if isinstance(getattr(self.pm.hook, n, None), pluggy.HookCaller)):
+        for hook in HOOK_TABLE:  # every hook spec (tests/test_roles.py keeps the two equal)
             impls = {i.plugin_name: i for i in getattr(self.pm.hook, hook).get_hookimpls()}
             self._impls[hook] = [_Impl(n, impls[n].function, tuple(impls[n].argnames)) for n in order if n in impls]
-        for hook in ("generate_prompt", "predict"):
-            if len(self._impls.get(hook, [])) != 1:
+        for hook, rule in HOOK_TABLE.items():
+            if rule.combine is Combine.ONE and len(self._impls.get(hook, [])) != 1:
                 names = [i.plugin for i in self._impls.get(hook, [])]
                 raise PluginError(f"exactly one plugin must implement '{hook}', found {len(names)}: {names or 'none'}")
 
@@ -163,6 +160,7 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
+        self.metrics = self._collect_metrics()  # declared: the engine's, then every plugin's in role order
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
         if self.config["compile"]:
@@ -173,7 +171,8 @@ class Engine:
         self.grad_watch = GradientWatch(trainable, h["patience"])
         self.guard = NonFiniteGuard(h["nonfinite"], h["max_consecutive_skips"])
         prompt_groups = [g.name for g in self.groups if g.plugin == self.prompt_plugin and g.lr > 0]
-        self.health = HealthMonitor(prompt_groups[0] if prompt_groups else None, h["flat_window"], h["flat_tolerance"])
+        stuck = {m.name: m.stuck_at for m in self.metrics if m.stuck_at is not None}
+        self.health = HealthMonitor(prompt_groups[0] if prompt_groups else None, h["flat_window"], h["flat_tolerance"], stuck)
 
     @property
     def prompt_plugin(self) -> str:
@@ -184,7 +183,7 @@ class Engine:
         for impl in self._impls.get("parameter_groups", []):
             result = impl(ctx=self.ctx) or []
             if not isinstance(result, (list, tuple)) or not all(isinstance(g, ParamGroup) for g in result):
-                raise contracts.ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
+                raise ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
             for g in result:
                 g.plugin = impl.plugin
                 groups.append(g)
@@ -215,6 +214,25 @@ class Engine:
                     p.requires_grad_(False)
         return groups
 
+    def _collect_metrics(self) -> list[Metric]:
+        """The engine's metrics, then every plugin's declared ones (``Plugin.metrics``), in role order."""
+        metrics, owner = list(ENGINE_METRICS), {m.name: "the engine" for m in ENGINE_METRICS}
+        for name, plugin in self.plugins.items():
+            declared = getattr(plugin, "metrics", ())
+            if not isinstance(declared, (list, tuple)) or not all(isinstance(m, Metric) for m in declared):
+                raise PluginError(f"plugin '{name}': 'metrics' must be a tuple of arcfw Metric, got {contracts.describe(declared)}")
+            groups = [g.name for g in self.groups]
+            for m in declared:
+                if m.name in owner:
+                    raise PluginError(f"metric '{m.name}' is declared twice: by {owner[m.name]} and by plugin '{name}'")
+                unknown = [g for g in m.grad_norm_of if g not in groups]
+                if unknown:
+                    raise PluginError(f"metric '{m.name}' of plugin '{name}': grad_norm_of names no parameter group "
+                                      f"{unknown} (groups: {', '.join(groups) or 'none'})")
+                owner[m.name] = f"plugin '{name}'"
+                metrics.append(m)
+        return metrics
+
     def _compile_modules(self) -> None:
         """``compile: true``: compile the modules of every parameter group in place (``nn.Module.compile``).
 
@@ -231,7 +249,6 @@ class Engine:
                 m.compile(dynamic=True)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.config["optimizer"]
         param_groups = [
             {"params": g.trainable(), "lr": g.lr, "name": g.name, **({"weight_decay": g.weight_decay} if g.weight_decay is not None else {})}
             for g in self.groups
@@ -239,12 +256,114 @@ class Engine:
         ]
         if not param_groups:  # nothing to train: keep a valid optimizer so the loop stays uniform
             param_groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0, "name": "_none"}]
-        fused = self.ctx.fused_optimizers  # one kernel for all parameters, ~5x faster than the loop on CPU
-        if o["name"] == "adamw":
-            return torch.optim.AdamW(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], fused=fused)
-        if o["name"] == "adam":
-            return torch.optim.Adam(param_groups, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"], fused=fused)
-        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        # fused: one kernel for all parameters, ~5x faster than the loop on CPU
+        return build_optimizer(self.config["optimizer"], param_groups, fused=self.ctx.fused_optimizers)
+
+    # ------------------------------------------------------------------ state
+
+    def named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every distinct module of the parameter groups, named after its group (``group.i`` for several)."""
+        return state.named_modules(self.groups)
+
+    def state_dict(self, *, modules: bool = True) -> dict[str, Any]:
+        """Everything a resumed run needs from the engine, as copies (see :mod:`arcfw.core.engine.state`).
+
+        ``modules=False`` leaves out the parameter groups' weights (a checkpoint writes
+        them to safetensors files itself).  In a multi-process run this is a collective:
+        every rank calls it (generator states and FSDP2 shards are gathered).  Safe to
+        keep in memory and restore later: nothing in it is shared with the live engine.
+        """
+        gen = self.ctx.generator
+        out: dict[str, Any] = {
+            "global_step": self.global_step,
+            "epoch": self.ctx.epoch,
+            "schedule": dict(self.ctx.schedule),
+            "optimizer": state.optimizer_state(self.optimizer),
+            "precision": state.copy_tree(self.precision.state_dict()),
+            "grad_watch": state.copy_tree(self.grad_watch.state_dict()),
+            "guard": state.copy_tree(self.guard.state_dict()),
+            "health": state.copy_tree(self.health.state_dict()),
+            "generator": {
+                "states": all_gather_object(None if gen is None else gen.get_state()),
+                "device": None if gen is None else gen.device.type,
+            },
+            "plugins": {name: state.copy_tree(s) for name, s in self.call_all("state_dict") if s is not None},
+        }
+        if modules:
+            out["modules"] = {name: state.copy_tree(state.full_module_state(m) if self.dist.strategy == "fsdp" else m.state_dict())
+                              for name, m in self.named_modules()}
+            out["loose"] = {k: p.detach().clone() for k, p in state.loose_params(self.groups).items()}
+        return out
+
+    def load_state_dict(self, saved: dict[str, Any], *, source: str = "saved state") -> list[str]:
+        """Put the engine back in the state :meth:`state_dict` returned.  Returns notes for the user
+        (e.g. random draws that cannot be the same on another device or number of processes).
+
+        A key that is absent is left alone (``arcfw eval`` restores only the modules and the
+        plugins' states).  ``source`` names the state in error messages (a checkpoint folder).
+        The saved tensors are copied, never adopted: one snapshot can be restored many times.
+        """
+        notes: list[str] = []
+        if "modules" in saved:
+            names = sorted(n for n, _ in self.named_modules())
+            if sorted(saved["modules"]) != names:
+                raise CheckpointError(f"{source}: holds modules {sorted(saved['modules'])}, the config builds {names}")
+            for name, module in self.named_modules():
+                state.load_module(module, saved["modules"][name])
+        if saved.get("loose"):
+            with torch.no_grad():
+                for key, p in state.loose_params(self.groups).items():
+                    p.copy_(saved["loose"][key])
+        if "optimizer" in saved:
+            state.load_optimizer(self.optimizer, saved["optimizer"])
+        if "global_step" in saved:
+            self.global_step = int(saved["global_step"])
+        if "epoch" in saved:
+            self.ctx.epoch = int(saved["epoch"])
+        if "schedule" in saved:
+            self.ctx.schedule = {k: float(v) for k, v in saved["schedule"].items()}
+        for key, part in (("precision", self.precision), ("grad_watch", self.grad_watch), ("guard", self.guard), ("health", self.health)):
+            if key in saved:
+                part.load_state_dict(state.copy_tree(saved[key]))
+        if "generator" in saved:
+            notes += self._load_generator(saved["generator"])
+        if "plugins" in saved:
+            self._load_plugin_states(saved["plugins"], source)
+        return notes
+
+    def _load_generator(self, saved: dict[str, Any]) -> list[str]:
+        notes = []
+        gens, gen = saved["states"], self.ctx.generator
+        if len(gens) != self.ctx.world_size:
+            notes.append(f"state saved by {len(gens)} process(es), restored by {self.ctx.world_size}: "
+                         "the ranks' random draws differ from an uninterrupted run")
+        own = gens[self.ctx.rank] if self.ctx.rank < len(gens) else None
+        if gen is not None and own is not None:
+            if saved["device"] == gen.device.type:
+                gen.set_state(own.clone())
+            else:
+                notes.append(f"state saved on {saved['device']}, restored on {self.device.type}: "
+                             "random draws differ from an uninterrupted run")
+        return notes
+
+    def _load_plugin_states(self, saved: dict[str, Any], source: str) -> None:
+        loaders = self.implementers("load_state_dict")
+        orphans = sorted(set(saved) - set(loaders))
+        if orphans:
+            raise CheckpointError(
+                f"{source}: holds state of plugin(s) {orphans} that no plugin of this config loads (a load_state_dict hook is missing)"
+            )
+        for name in loaders:
+            if name not in saved:
+                continue
+            try:
+                self.call_plugin("load_state_dict", name, state=state.copy_tree(saved[name]))
+            except ArcfwError:
+                raise
+            except Exception as exc:
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+                raise CheckpointError(f"{source}: plugin '{name}' could not load its state: {text}") from None
 
     # ------------------------------------------------------------------ the step
 
@@ -281,8 +400,9 @@ class Engine:
             if value is not None:
                 if self.check_contracts:
                     contracts.check_threshold(impl.plugin, value)
-                self.ctx.threshold = float(value)
+                self.ctx.schedule[THRESHOLD_KEY] = float(value)
                 break
+        s.metrics.update(self.ctx.schedule)  # logged with the step
 
     def _stage_generate_prompt(self, s: _Step) -> None:
         impl = self._impls["generate_prompt"][0]
@@ -300,8 +420,8 @@ class Engine:
                 contracts.check_encoding(plugin, encoding, batch.size, self.device)
             trainable = [g for g in self.groups if g.plugin == plugin and g.lr > 0 and g.name not in self.ctx.no_grad_groups]
             if training and trainable:
-                cut = [what for what, t in (("prompt", prompt), ("tokens", encoding.tokens if encoding else None))
-                       if t is not None and not t.requires_grad]
+                tensors = [("prompt", prompt)] + ([("tokens", encoding.tokens)] if encoding is not None else [])
+                cut = [what for what, x in tensors if not x.requires_grad]
                 if cut:
                     names = ", ".join(f"'{g.name}'" for g in trainable)
                     raise GradientPathError(contracts.cut_path_message(
@@ -370,7 +490,7 @@ class Engine:
     def _check_groups_reached(self) -> None:
         for g in self.groups:
             if g.lr > 0 and g.name not in self.ctx.no_grad_groups and g.trainable() and all(p.grad is None for p in g.trainable()):
-                hook = {"prompt": "generate_prompt", "refine": "refine", "predictor": "predict", "loss": "compute_loss"}.get(self.roles[g.plugin], "its hooks")
+                hook = step_hook(self.roles[g.plugin])
                 raise GradientPathError(
                     f"parameter group '{g.name}' of plugin '{g.plugin}' received no gradient from the loss at the first "
                     f"step although its learning rate is {g.lr:g}: the path from its output ({hook}) to the loss is cut. "
@@ -392,7 +512,6 @@ class Engine:
         s.norms = {g.name: v for g, v in zip(live, values[1:])}
         self.last_norms = s.norms
         total_norm = math.sqrt(sum(v * v for v in values[1:])) if all(math.isfinite(v) for v in values[1:]) else float("inf")
-        s.exempt = frozenset(self.ctx.no_grad_groups)
         if not math.isfinite(s.loss_value) or (not math.isfinite(total_norm) and self.precision.scaler is None):
             what = "loss" if not math.isfinite(s.loss_value) else "gradient"
             opt.zero_grad(set_to_none=True)
@@ -409,8 +528,11 @@ class Engine:
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, s.exempt, s.loss_value)
+            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value)
         s.metrics["grad_norm"] = total_norm
+        for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
+            if m.grad_norm_of:
+                s.metrics[m.name] = math.sqrt(sum(s.norms.get(g, 0.0) ** 2 for g in m.grad_norm_of))
 
     def _stage_post_step_update(self, s: _Step) -> None:
         batch = s.batch
@@ -428,7 +550,7 @@ class Engine:
             step=self.global_step,
             encoding=encoding,
         )
-        s.loss = None  # the main graph is gone from here on
+        del s.loss  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
             try:
                 out = self._call("post_step_update", impl, result=result, ctx=self.ctx)
@@ -458,7 +580,8 @@ class Engine:
             out = impl(prompt=prompt, batch=batch, ctx=self.ctx, encoding=encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
-        return out.float()
+        logits: torch.Tensor = out.float()
+        return logits
 
     # ------------------------------------------------------------------ helpers for the loop
 
@@ -477,9 +600,6 @@ class Engine:
         """Call one plugin's implementation of a non-step hook (``load_state_dict`` gets each plugin its own state)."""
         impl = next(i for i in self._impls.get(hook, []) if i.plugin == plugin)
         return self._call(hook, impl, ctx=self.ctx, **kwargs)
-
-    def group_plugin(self, group: str) -> str:
-        return next(g.plugin for g in self.groups if g.name == group)
 
     def implements(self, hook: str) -> bool:
         """True if some plugin implements ``hook``."""
@@ -532,7 +652,8 @@ class Engine:
                 x = self._call("refine", impl, prompt=x, batch=batch, ctx=self.ctx)
                 if self.check_contracts:
                     contracts.check_prompt(impl.plugin, "refine", x, batch.size, self.ctx.prompt_dim, self.device)
-        return x.float(), encoding
+        prompt: torch.Tensor = x.float()
+        return prompt, encoding
 
     def predict_shape(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
         """Ranked output sizes ``[B, K, 2]`` from the ``predict_shape`` hook, else the demo rule then the input size."""
@@ -541,7 +662,8 @@ class Engine:
             if out is not None:
                 if self.check_contracts:
                     contracts.check_shapes(impl.plugin, out, batch.size)
-                return out
+                ranked: torch.Tensor = out
+                return ranked
         return torch.stack([shapes.rule_shapes(batch), shapes.mask_shapes(batch.input_mask)], dim=1)
 
     def test_time_views(self, example: Example) -> list[View]:

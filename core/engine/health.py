@@ -9,15 +9,16 @@
   streak), so a run that fits a small folder of tasks is not halted.
 - :class:`NonFiniteGuard` - a NaN/Inf loss or gradient is never applied.
 - :class:`HealthMonitor` - red flags printed once and recorded in the metrics:
-  Qwen gradient zero for 100+ batches (steps with loss 0 not counted), loss
-  NaN/Inf, loss flat over a window (at 0: no hard cell in the window), mask
-  ratio stuck at 1.0.
+  the prompt model's gradient zero for 100+ batches (steps with loss 0 not
+  counted), loss NaN/Inf, loss flat over a window (at 0: no hard cell in it), a declared metric stuck at its ``stuck_at`` value (the default
+  loss declares ``mask_ratio`` stuck at 1.0).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Any
 
 from arcfw.core.errors import TrainingHalted
 
@@ -50,10 +51,10 @@ class GradientWatch:
             else:
                 self.zero_streak[name] = 0
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"zero_streak": dict(self.zero_streak)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero_streak.update(state.get("zero_streak", {}))
 
 
@@ -63,6 +64,9 @@ class NonFiniteGuard:
     ``skip`` (default): the step is not applied and counted; ``max_consecutive_skips``
     skips in a row halt the run.  ``halt``: the first one halts the run.
     """
+
+    #: ``health.nonfinite`` choices
+    POLICIES = ("skip", "halt")
 
     def __init__(self, policy: str, max_consecutive: int):
         self.policy = policy
@@ -85,10 +89,10 @@ class NonFiniteGuard:
                 "or look for a plugin producing NaN"
             )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
 
@@ -98,14 +102,16 @@ class HealthMonitor:
 
     ZERO_GRAD_AFTER = 100
 
-    def __init__(self, watched_group: str | None, flat_window: int, flat_tolerance: float):
-        self.watched_group = watched_group  # the prompt model's group (Qwen)
+    def __init__(self, watched_group: str | None, flat_window: int, flat_tolerance: float, stuck: dict[str, float] | None = None):
+        """``stuck``: metric name -> the value it must not stay at (``Metric.stuck_at``)."""
+        self.watched_group = watched_group  # the prompt model's group
         self.flat_window = flat_window
         self.flat_tolerance = flat_tolerance
+        self.stuck = dict(stuck or {})
         self.raised: set[str] = set()
         self.zero_grad_streak = 0
         self.losses: deque[float] = deque(maxlen=flat_window)
-        self.full_mask_streak = 0
+        self.stuck_streak = {name: 0 for name in self.stuck}
 
     def update(self, loss: float, norms: dict[str, float], metrics: dict[str, float], exempt: frozenset[str]) -> list[str]:
         """Return the warnings raised *by this step* (each at most once per run)."""
@@ -126,11 +132,12 @@ class HealthMonitor:
                                 "cell right with p(target) >= threshold); the model fits its training data", new)
                 elif hi - lo <= self.flat_tolerance * max(1.0, abs(hi)):
                     self._raise("flat_loss", f"loss flat at {hi:.6g} over the last {self.flat_window} batches", new)
-        ratio = metrics.get("mask_ratio")
-        if ratio is not None:
-            self.full_mask_streak = self.full_mask_streak + 1 if ratio >= 1.0 else 0
-            if self.full_mask_streak >= self.flat_window:
-                self._raise("mask_ratio_stuck", f"mask ratio stuck at 1.0 for {self.full_mask_streak} batches (nothing is learnt)", new)
+        for name, at in self.stuck.items():
+            value = metrics.get(name)
+            if value is not None:
+                self.stuck_streak[name] = self.stuck_streak[name] + 1 if value == at else 0
+                if self.stuck_streak[name] >= self.flat_window:
+                    self._raise(f"{name}_stuck", f"{name} stuck at {at:g} for {self.stuck_streak[name]} batches", new)
         return new
 
     def _raise(self, key: str, message: str, new: list[str]) -> None:
@@ -138,16 +145,17 @@ class HealthMonitor:
             self.raised.add(key)
             new.append(f"{key}: {message}")
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "raised": sorted(self.raised),
             "zero_grad_streak": self.zero_grad_streak,
             "losses": list(self.losses),
-            "full_mask_streak": self.full_mask_streak,
+            "stuck_streak": dict(self.stuck_streak),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.raised = set(state.get("raised", []))
         self.zero_grad_streak = int(state.get("zero_grad_streak", 0))
+        self.losses.clear()
         self.losses.extend(state.get("losses", []))
-        self.full_mask_streak = int(state.get("full_mask_streak", 0))
+        self.stuck_streak.update({k: int(v) for k, v in state.get("stuck_streak", {}).items() if k in self.stuck_streak})

@@ -31,10 +31,16 @@ Implement a hook by writing a method of the same name decorated with
 (you may take fewer arguments than the spec lists; pluggy passes only the ones
 you name).  A misspelt hook name is an error when the plugin is registered.
 
-How several implementations of one hook combine is stated in each hook.  The
-engine calls implementations in *role order* (prompt, refine, predictor, loss,
-curriculum, then extra plugins in config order), not pluggy's default
-last-registered-first order, so a config reads top to bottom.
+How several implementations of one hook combine (exactly one, first non-None,
+chained, summed, collected, all, per plugin) is stated in each hook and declared
+once, for the engine and the docs, in :data:`arcfw.core.engine.roles.HOOK_TABLE`;
+which role fills which hook is :data:`arcfw.core.engine.roles.ROLE_TABLE`.  The
+engine calls implementations itself, in *role order* (prompt, refine, predictor,
+loss, curriculum, then extra plugins in config order), not through pluggy's
+caller (which calls last-registered-first and knows no chaining or summing), so
+a config reads top to bottom.  pluggy validates the hook names and signatures
+at registration; the specs carry no ``firstresult`` marker because pluggy's
+caller is not used.
 
 Every hook result is checked against its contract (dtype, shape, gradient)
 where it is produced; a violation stops the run with an error naming the
@@ -63,7 +69,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def configure(ctx: "Context") -> None:
+def configure(ctx: Context) -> None:
     """Called once, after every plugin is constructed and before the optimizer exists.
 
     Build modules here (on ``ctx.device``, trainable parameters in float32).
@@ -74,7 +80,7 @@ def configure(ctx: "Context") -> None:
 
 
 @hookspec
-def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
+def parameter_groups(ctx: Context) -> list[ParamGroup]:
     """Return this plugin's trainable parameters as named groups, each with its learning rate.
 
     Called once, after :func:`configure`.  Each :class:`~arcfw.core.engine.context.ParamGroup`
@@ -96,21 +102,23 @@ def parameter_groups(ctx: "Context") -> "list[ParamGroup]":
 
 
 @hookspec
-def hard_cell_threshold(epoch: int, step: int, ctx: "Context") -> "float | None":
+def hard_cell_threshold(epoch: int, step: int, ctx: Context) -> float | None:
     """Return the hard-cell threshold for this step (a float in (0, 1]).
 
     Called at the start of every step, before :func:`generate_prompt`.  A cell
     is *hard* when the predicted probability of its right colour is below the
     threshold; the default loss (``efe_loss``, ``hard_cells: wrong_or_unsure``)
     also counts every cell whose most likely colour is wrong, whatever the
-    threshold (``hard_cells: threshold``: the threshold alone).  The first non-None result wins (the curriculum role); with no
-    implementation the threshold stays at ``ctx.threshold``.  The value is
-    stored in ``ctx.threshold`` for the loss to read.
+    threshold (``hard_cells: threshold``: the threshold alone).  The first
+    non-None result wins (the curriculum role).  The value is stored in
+    ``ctx.schedule["hard_cell_threshold"]`` (key
+    :data:`~arcfw.core.engine.context.THRESHOLD_KEY`) for the loss to read; with
+    no implementation the key is absent and the loss uses its own default.
     """
 
 
-@hookspec(firstresult=True)
-def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor | TaskEncoding":
+@hookspec
+def generate_prompt(batch: Batch, ctx: Context) -> torch.Tensor | TaskEncoding:
     """Encode each example's demonstration pairs and query input into a prompt embedding.
 
     Called once per step, first.  Must not see the query's output
@@ -124,13 +132,12 @@ def generate_prompt(batch: "Batch", ctx: "Context") -> "torch.Tensor | TaskEncod
     ``encoding`` so that the predictor can read every demonstration cell.  If
     the plugin has trainable parameters (a group with ``lr > 0``) the prompt and
     the tokens must carry gradient to them: no ``torch.no_grad()``, no
-    ``.detach()``.  Exactly one implementation (the prompt role); the first
-    non-None result wins.
+    ``.detach()``.  Exactly one implementation (the prompt role).
     """
 
 
 @hookspec
-def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Tensor":
+def refine(prompt: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
     """Refine the prompt embedding (for example an RL policy's residual action).
 
     Called after :func:`generate_prompt`; also at evaluation, where
@@ -145,8 +152,8 @@ def refine(prompt: "torch.Tensor", batch: "Batch", ctx: "Context") -> "torch.Ten
     """
 
 
-@hookspec(firstresult=True)
-def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context", encoding: "TaskEncoding | None") -> "torch.Tensor":
+@hookspec
+def predict(prompt: torch.Tensor, batch: Batch, ctx: Context, encoding: TaskEncoding | None) -> torch.Tensor:
     """Predict the query's output grid from the refined prompt and the query input grid.
 
     Called after :func:`refine`.  ``encoding`` is the prompt plugin's
@@ -164,10 +171,8 @@ def predict(prompt: "torch.Tensor", batch: "Batch", ctx: "Context", encoding: "T
     """
 
 
-@hookspec(firstresult=True)
-def predict_shape(
-    prompt: "torch.Tensor", batch: "Batch", ctx: "Context", encoding: "TaskEncoding | None"
-) -> "torch.Tensor | None":
+@hookspec
+def predict_shape(prompt: torch.Tensor, batch: Batch, ctx: Context, encoding: TaskEncoding | None) -> torch.Tensor | None:
     """Predict the size of each query's output grid (evaluation only; the answer is never shown).
 
     Called at evaluation after :func:`refine`, on a batch whose queries carry
@@ -184,13 +189,15 @@ def predict_shape(
 
 
 @hookspec
-def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "LossOutput":
+def compute_loss(logits: torch.Tensor, batch: Batch, ctx: Context) -> LossOutput:
     """Return the training loss for this batch as a :class:`~arcfw.core.engine.context.LossOutput`.
 
     Called after :func:`predict`.  ``logits`` is ``[B, H, W, 10]``;
     ``batch.targets`` is int64 ``[B, H, W]`` and ``batch.target_mask`` bool.
     ``LossOutput.loss`` is a floating scalar that carries gradient; ``metrics``
-    are plain floats to log (e.g. ``mask_ratio``).  The loss of a batch must be
+    are plain floats to log (e.g. ``mask_ratio``); declare the ones the console,
+    the summaries and ``arcfw plot`` should show on the plugin class
+    (``metrics = (Metric(...),)``, :class:`~arcfw.core.engine.context.Metric`).  The loss of a batch must be
     the mean of the per-example losses so that batch size does not change its
     scale.  All implementations are called; their losses are **summed**
     (auxiliary losses add up) and their metrics merged.  Never call
@@ -199,7 +206,7 @@ def compute_loss(logits: "torch.Tensor", batch: "Batch", ctx: "Context") -> "Los
 
 
 @hookspec
-def post_step_update(result: "StepResult", ctx: "Context") -> "dict[str, float] | None":
+def post_step_update(result: StepResult, ctx: Context) -> dict[str, float] | None:
     """Called after the optimizer step (and scaler update), once per step.
 
     ``result`` holds the step's tensors **detached** from the main graph
@@ -216,7 +223,7 @@ def post_step_update(result: "StepResult", ctx: "Context") -> "dict[str, float] 
 
 
 @hookspec
-def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Context") -> "Example | None":
+def augment_example(example: Example, rng: numpy.random.Generator, ctx: Context) -> Example | None:
     """Transform a training example before it is collated (data augmentation).
 
     The data stage before the step: called for every example of every training
@@ -232,7 +239,7 @@ def augment_example(example: "Example", rng: "numpy.random.Generator", ctx: "Con
 
 
 @hookspec
-def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
+def test_time_views(example: Example, ctx: Context) -> list[View] | None:
     """Extra views of an evaluation example to vote over (test-time augmentation).
 
     Called at evaluation for every test example (its query has no output).
@@ -249,7 +256,7 @@ def test_time_views(example: "Example", ctx: "Context") -> "list[View] | None":
 
 
 @hookspec
-def on_epoch_start(epoch: int, ctx: "Context") -> None:
+def on_epoch_start(epoch: int, ctx: Context) -> None:
     """Called at the start of every epoch, before its first step. All implementations.
 
     A run resumed from a checkpoint taken inside an epoch does not call it again
@@ -258,7 +265,7 @@ def on_epoch_start(epoch: int, ctx: "Context") -> None:
 
 
 @hookspec
-def on_epoch_end(epoch: int, summary: "dict[str, float]", ctx: "Context") -> "dict[str, float] | None":
+def on_epoch_end(epoch: int, summary: dict[str, float], ctx: Context) -> dict[str, float] | None:
     """Called after the last step of every epoch with the epoch's summary.
 
     Returned dicts are merged into the summary. All implementations.
@@ -266,7 +273,7 @@ def on_epoch_end(epoch: int, summary: "dict[str, float]", ctx: "Context") -> "di
 
 
 @hookspec
-def log_metrics(record: "dict[str, Any]", ctx: "Context") -> None:
+def log_metrics(record: dict[str, Any], ctx: Context) -> None:
     """Called with every logged record (``kind`` is ``"batch"`` or ``"epoch"``).
 
     For logger plugins (JSONL is built in; TensorBoard is a plugin).  Rank 0 only.
@@ -281,7 +288,7 @@ def log_metrics(record: "dict[str, Any]", ctx: "Context") -> None:
 
 
 @hookspec
-def state_dict(ctx: "Context") -> "dict[str, Any] | None":
+def state_dict(ctx: Context) -> dict[str, Any] | None:
     """Return this plugin's state for a checkpoint, beyond its parameter groups.
 
     Modules listed in :func:`parameter_groups` are saved by the engine; return
@@ -290,18 +297,24 @@ def state_dict(ctx: "Context") -> "dict[str, Any] | None":
     Tensors and plain Python values only (dict, list, tuple, str, int, float,
     bool, None): the checkpoint is read back with ``torch.load(weights_only=True)``,
     and anything else is an error naming the plugin.  Called per plugin at every
-    checkpoint, and once before training so that such an error comes at once;
-    keyed by plugin name.  Return None for nothing to save.
+    checkpoint and every :meth:`Engine.state_dict <arcfw.core.engine.engine.Engine.state_dict>`
+    snapshot (which copies the tensors: returning references is fine), and once
+    before training so that such an error comes at once; keyed by plugin name.
+    Return None for nothing to save.
     """
 
 
 @hookspec
-def load_state_dict(state: "dict[str, Any]", ctx: "Context") -> None:
-    """Restore what :func:`state_dict` returned, when a run resumes.
+def load_state_dict(state: dict[str, Any], ctx: Context) -> None:
+    """Restore what :func:`state_dict` returned, when a run resumes or an in-memory
+    snapshot (:meth:`Engine.state_dict <arcfw.core.engine.engine.Engine.state_dict>`)
+    is put back.
 
     Called after :func:`configure`, once the engine has loaded the parameter
-    groups' modules and the main optimizer, with this plugin's own ``state``
-    (tensors on the CPU: ``module.load_state_dict`` and
-    ``optimizer.load_state_dict`` move them).  Raise
+    groups' modules and the main optimizer, with this plugin's own ``state``, a
+    copy the plugin may keep (from a checkpoint tensors are on the CPU, from a
+    snapshot on the device they were saved from: ``module.load_state_dict`` and
+    ``optimizer.load_state_dict`` move them).  Restore everything the state
+    covers: a snapshot may be put back into a plugin that has moved on.  Raise
     :class:`~arcfw.core.errors.CheckpointError` for a state you cannot use.
     """

@@ -1,7 +1,7 @@
 """Base class for plugins.
 
 A plugin is a class with a registry ``name``, a ``role`` and a one-line
-``description``.  Its constructor's keyword arguments are its YAML
+``description`` (roles: :mod:`arcfw.core.engine.roles`).  Its constructor's keyword arguments are its YAML
 parameters: the config loader binds them to the signature (unknown keys and
 wrong types are config errors).  It implements hooks from
 :mod:`arcfw.core.engine.hookspecs` as methods decorated with ``@hookimpl``.
@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-#: Roles, in the order the engine configures and calls them.
-ROLES: tuple[str, ...] = ("prompt", "refine", "predictor", "loss", "curriculum")
-#: Roles that must be filled by exactly one plugin.
-REQUIRED_ROLES: tuple[str, ...] = ("prompt", "predictor", "loss")
-#: Role of plugins listed under ``plugins.extra`` (loggers, augmentation, custom losses...).
-EXTRA_ROLE = "extra"
+from arcfw.core.engine.context import Metric
+from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLES  # noqa: F401  (the roles live in roles.py)
 
 
 class Plugin:
@@ -25,6 +21,10 @@ class Plugin:
     name: ClassVar[str] = ""
     role: ClassVar[str] = EXTRA_ROLE
     description: ClassVar[str] = ""
+
+    #: the metrics this plugin makes (see :class:`~arcfw.core.engine.context.Metric`): what the
+    #: console line, the epoch summary, ``arcfw plot`` and the health checks show of it
+    metrics: ClassVar[tuple[Metric, ...]] = ()
 
     #: set by the engine to the name it registered this instance under
     instance_name: str = ""

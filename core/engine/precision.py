@@ -17,10 +17,14 @@ skip is counted), nothing else.  Plugins never touch the scaler.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from arcfw.core.errors import PrecisionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from arcfw.core.engine.context import ParamGroup
 
 MODES = ("fp32", "bf16-mixed", "fp16-mixed")
 
@@ -35,12 +39,12 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16-mixed" else None
         self.scaler_skipped = 0  # optimizer steps the GradScaler skipped (inf/NaN in fp16 gradients)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def check_parameters(self, groups) -> None:
+    def check_parameters(self, groups: list[ParamGroup]) -> None:
         """Refuse trainable parameters that cannot work with this mode, before the first step.
 
         The original script kept Qwen in fp16 and called ``scaler.unscale_`` ->
@@ -63,7 +67,7 @@ class Precision:
             )
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
@@ -82,10 +86,10 @@ class Precision:
             self.scaler_skipped += 1
         return applied
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "scaler_skipped": self.scaler_skipped}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.scaler_skipped = int(state.get("scaler_skipped", 0))

@@ -13,6 +13,7 @@ import importlib.metadata as md
 import inspect
 from dataclasses import dataclass
 
+from arcfw.core.engine.roles import EXTRA_ROLE, ROLE_TABLE
 from arcfw.core.errors import PluginError
 
 ENTRY_POINT_GROUP = "arcfw.plugins"
@@ -84,7 +85,11 @@ def describe_all() -> list[PluginInfo]:
         try:
             cls = ep.load()
             doc = getattr(cls, "description", "") or (inspect.getdoc(cls) or "").split("\n")[0]
-            infos.append(PluginInfo(name, getattr(cls, "role", "extra"), doc, ep.value))
+            role = getattr(cls, "role", EXTRA_ROLE)
+            if role not in ROLE_TABLE:
+                infos.append(PluginInfo(name, "?", doc, ep.value, error=f"unknown role {role!r} (roles: {', '.join(ROLE_TABLE)})"))
+                continue
+            infos.append(PluginInfo(name, role, doc, ep.value))
         except Exception as exc:
             infos.append(PluginInfo(name, "?", "", ep.value, error=f"{type(exc).__name__}: {exc}"))
     return infos

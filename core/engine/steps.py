@@ -2,7 +2,7 @@
 
 One training step (:meth:`arcfw.core.engine.engine.Engine.train_step`) is::
 
-    THRESHOLD         ctx.threshold = hard_cell_threshold(epoch, step)     # curriculum
+    THRESHOLD         ctx.schedule[...] = hard_cell_threshold(epoch, step) # curriculum
     GENERATE_PROMPT   prompt  = generate_prompt(batch)                      # autocast
     REFINE            refined = refine(prompt, batch)   (chained)           # autocast
     PREDICT           logits  = predict(refined, batch)                     # autocast
@@ -38,9 +38,6 @@ class Stage(str, Enum):
 
 #: The order of one step. ``Engine.train_step`` walks exactly this list.
 STEP_ORDER: tuple[Stage, ...] = tuple(Stage)
-
-#: Stages that are hooks (plugins implement them); the rest are the engine's own.
-HOOK_STAGES = frozenset(s for s in Stage if s not in (Stage.BACKWARD, Stage.OPTIMIZER_STEP))
 
 
 def order_text() -> str:

@@ -6,8 +6,9 @@ A run folder holds its checkpoints like this::
         step-00000020/
             modules/0-qwen.safetensors   # the modules of every parameter group (safetensors: data only)
             modules/1-agent.safetensors
-            state.pt                     # optimizer, GradScaler, RNG states, data position, step
-                                         # counters, health counters, every plugin's state_dict hook
+            state.pt                     # Engine.state_dict(modules=False) (optimizer, GradScaler, step and
+                                         # health counters, generators, every plugin's state_dict hook),
+                                         # global RNG states, data position, the loop's epoch statistics
             meta.json                    # format, versions, step, config, plugin set, sha256 of each file
         step-00000040/
         latest                           # the name of the newest complete checkpoint
@@ -36,10 +37,10 @@ import random
 import re
 import shutil
 import time
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,10 +49,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from arcfw import __version__
-from arcfw.core.data.batch import Task
-from arcfw.core.engine.distributed import all_gather_object, barrier
-from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
+from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
+from arcfw.core.config import constructor
+from arcfw.core.engine.distributed import barrier
 from arcfw.core.engine.registry import resolve
+from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
+from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -101,15 +104,6 @@ class Restored:
 # --------------------------------------------------------------------------- small file helpers
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -118,15 +112,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
@@ -142,66 +128,12 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------- what goes in
 
 
-def _modules(engine: "Engine") -> list[tuple[str, nn.Module]]:
-    """Every distinct module of every parameter group, named after its group (``group.i`` for several)."""
-    seen: set[int] = set()
-    out = []
-    for g in engine.groups:
-        for i, module in enumerate(g.modules):
-            if id(module) not in seen:
-                seen.add(id(module))
-                out.append((g.name if len(g.modules) == 1 else f"{g.name}.{i}", module))
-    return out
-
-
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
-
-
-def _full_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every FSDP2 shard gathered into a full CPU tensor.
-
-    A collective under strategy fsdp: every rank calls it, in the same order.
-    """
-    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """``opt.state_dict()`` with FSDP2-sharded moments gathered (a collective, like :func:`_full_module_state`)."""
-    sd = opt.state_dict()
-    state = {i: {k: (v.full_tensor().cpu() if _is_dtensor(v) else v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def _shard_like(value: Any, like: Any) -> Any:
-    """``value`` (a full tensor from a checkpoint) as a DTensor placed like ``like`` (an FSDP2 parameter
-    or state tensor); anything else unchanged."""
-    if not _is_dtensor(like) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(like.shape):
-        return value
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(value.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
-
-
-def _loose_params(engine: "Engine") -> dict[str, nn.Parameter]:
-    """Group parameters that belong to none of the groups' modules (saved on their own)."""
-    covered = {id(p) for _, m in _modules(engine) for p in m.parameters()}
-    return {f"{g.name}.{i}": p for g in engine.groups for i, p in enumerate(g.params) if id(p) not in covered}
+def _modules(engine: Engine) -> list[tuple[str, nn.Module]]:
+    return engine.named_modules()
 
 
 def _module_file(index: int, name: str) -> str:
     return f"{MODULES}/{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
-
-
-def data_fingerprint(tasks: Sequence[Task]) -> str:
-    """sha256 over every task id and grid: a resumed run must train on the same data."""
-    h = hashlib.sha256()
-    for t in tasks:
-        h.update(t.task_id.encode())
-        for p in (*t.train, *t.test):
-            for g in (p.input, p.output):
-                h.update(b"-" if g is None else repr(g.shape).encode() + np.ascontiguousarray(g, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -211,7 +143,7 @@ def _rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": npstate,
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # type: ignore[no-untyped-call]
     }
 
 
@@ -222,74 +154,6 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _engine_state(engine: "Engine", generators: list[Any], optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``generators``: every rank's ``ctx.generator`` state, in rank order (each rank draws its own noise);
-    ``optimizer``: the optimizer's state gathered from FSDP2 shards (None: the optimizer's own state dict)."""
-    gen = engine.ctx.generator
-    return {
-        "global_step": engine.global_step,
-        "threshold": engine.ctx.threshold,
-        "optimizer": optimizer if optimizer is not None else engine.optimizer.state_dict(),
-        "precision": engine.precision.state_dict(),
-        "grad_watch": engine.grad_watch.state_dict(),
-        "guard": engine.guard.state_dict(),
-        "health": engine.health.state_dict(),
-        "generator": None if gen is None else gen.get_state(),
-        "rank_generators": generators,
-        "generator_device": None if gen is None else gen.device.type,
-    }
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Restore the optimizer's per-parameter state, matching parameter groups by name.
-
-    The hyperparameters (lr, weight decay, betas...) stay those of the current
-    config, so learning rates may change on resume; a group frozen now drops
-    its state, a group trainable only now starts fresh.
-    """
-    by_name = {g.get("name", str(i)): g for i, g in enumerate(saved["param_groups"])}
-    state, groups, index = {}, [], 0
-    for g in opt.param_groups:
-        ids = list(range(index, index + len(g["params"])))
-        index += len(ids)
-        old = by_name.get(g.get("name"))
-        if old is not None:
-            if len(old["params"]) != len(ids):
-                raise CheckpointError(
-                    f"parameter group '{g.get('name')}' has {len(ids)} trainable tensors, the checkpoint's has "
-                    f"{len(old['params'])}: the model differs from the checkpoint's"
-                )
-            state.update({new: saved["state"][o] for new, o in zip(ids, old["params"]) if o in saved["state"]})
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} for i, s in state.items()}  # FSDP2: shard the moments
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-_PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
-
-
-def _check_plain(obj: Any, where: str) -> None:
-    """Refuse what ``torch.load(weights_only=True)`` could not read back (checked at save time,
-    where the culprit can still be named, not at resume time)."""
-    kind = type(obj)
-    if isinstance(obj, torch.Tensor):
-        if kind not in (torch.Tensor, nn.Parameter):
-            raise CheckpointError(f"{where}: a {kind.__name__} cannot go into a checkpoint; store a plain torch.Tensor")
-    elif kind in (dict, OrderedDict):
-        for k, v in obj.items():
-            _check_plain(k, f"{where} (a key)")
-            _check_plain(v, f"{where}[{k!r}]")
-    elif kind in (list, tuple, set):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-    elif kind not in _PLAIN:
-        raise CheckpointError(
-            f"{where}: a {kind.__module__}.{kind.__name__} cannot go into a checkpoint (state_dict hooks return only "
-            "tensors and plain Python values: dict, list, tuple, str, int, float, bool, None)"
-        )
 
 
 # --------------------------------------------------------------------------- reading
@@ -325,7 +189,7 @@ class Checkpoint:
 _META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
 
 
-def locate(path: str | os.PathLike) -> Path:
+def locate(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint)."""
     p = Path(path)
     if not p.exists():
@@ -343,7 +207,7 @@ def locate(path: str | os.PathLike) -> Path:
     return p / DIR / name
 
 
-def run_folder(path: str | os.PathLike) -> Path:
+def run_folder(path: str | os.PathLike[str]) -> Path:
     """The run folder that ``--resume path`` continues (the checkpoint must sit in its ``checkpoints/``)."""
     folder = locate(path)
     if folder.parent.name != DIR:
@@ -351,7 +215,7 @@ def run_folder(path: str | os.PathLike) -> Path:
     return folder.parent.parent
 
 
-def read(path: str | os.PathLike) -> Checkpoint:
+def read(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder: check its format and every file's checksum. Loads no tensor."""
     path = Path(path)
     meta_file = path / META
@@ -408,7 +272,7 @@ def _plugin_defaults(name: Any) -> dict[str, Any]:
         cls = resolve(name)
     except PluginError:
         return {}
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(constructor(cls)).parameters.values()
     return {p.name: p.default for p in params if p.name != "self" and p.default is not inspect.Parameter.empty}
 
 
@@ -423,7 +287,8 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     for role, entry in plugins.items():
         plugins[role] = [fill(e) for e in entry] if isinstance(entry, list) else fill(entry)
     out["plugins"] = plugins
-    return _jsonable(out)
+    filled: dict[str, Any] = _jsonable(out)
+    return filled
 
 
 def _is_fixed(key: str) -> bool:
@@ -445,7 +310,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
-def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig") -> Checkpoint:
+def open_for_resume(path: str | os.PathLike[str], run_dir: Path, config: RunConfig) -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
     folder, found_run = locate(path), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
@@ -464,14 +329,14 @@ def open_for_resume(path: str | os.PathLike, run_dir: Path, config: "RunConfig")
 # --------------------------------------------------------------------------- disk space
 
 
-def estimate_bytes(engine: "Engine") -> int:
+def estimate_bytes(engine: Engine) -> int:
     """About the size of one checkpoint: module weights plus two optimizer moments per trainable weight."""
-    weights = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
+    weights: int = sum(t.numel() * t.element_size() for _, m in _modules(engine) for t in m.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for g in engine.groups if g.lr > 0 for p in g.trainable())
     return weights + 2 * trainable
 
 
-def check_space(run_dir: Path, engine: "Engine", keep: int = 1) -> None:
+def check_space(run_dir: Path, engine: Engine, keep: int = 1) -> None:
     """Refuse to start when the output's file system cannot hold the run's checkpoints: ``keep`` of
     them plus the one being written before the oldest is pruned.  Checkpoints already in the run
     folder count as room (a resumed run keeps them instead of writing new ones; a fresh run deletes
@@ -498,7 +363,7 @@ def check_space(run_dir: Path, engine: "Engine", keep: int = 1) -> None:
 class Checkpointer:
     """Saves and restores the whole training state of one run folder."""
 
-    def __init__(self, run_dir: Path, engine: "Engine", loader: "ExampleLoader", keep: int, fingerprint: str):
+    def __init__(self, run_dir: Path, engine: Engine, loader: ExampleLoader, keep: int, fingerprint: str):
         self.dir = Path(run_dir) / DIR
         self.engine = engine
         self.loader = loader
@@ -530,7 +395,7 @@ class Checkpointer:
             if step > resumed.step:
                 shutil.rmtree(p)
         if self.latest_name() != resumed.path.name:
-            _write_atomic(self.dir / LATEST, resumed.path.name + "\n")
+            fileio.write_atomic(self.dir / LATEST, resumed.path.name + "\n", durable=True)
 
     def _prune(self) -> None:
         latest = self.latest_name()
@@ -540,15 +405,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def _plugin_states(self) -> dict[str, Any]:
-        states = {name: s for name, s in self.engine.call_all("state_dict") if s is not None}
-        _check_plain(states, "plugin state")  # names the plugin: plugin state['name']...
-        return states
-
     def check_plugin_states(self) -> None:
         """Ask every plugin for its state once, before training, so a state that cannot be saved is
         an error now and not at the first checkpoint hours later."""
-        self._plugin_states()
+        states = {name: s for name, s in self.engine.call_all("state_dict") if s is not None}
+        check_plain(states, "plugin state")  # names the plugin: plugin state['name']...
 
     def save(self, position: Position, loop: dict[str, Any]) -> Path:
         """Write a checkpoint for the current step; the data continues at ``position``.
@@ -565,21 +426,22 @@ class Checkpointer:
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
-        # every rank saves at the same steps; the replicas are identical, so rank 0 alone writes
-        generators = all_gather_object(None if eng.ctx.generator is None else eng.ctx.generator.get_state())
+        # every rank saves at the same steps (gathering generator states and FSDP2 shards is a collective);
+        # the replicas are identical, so rank 0 alone writes
+        engine_state = eng.state_dict(modules=False)
         full_modules: dict[str, dict[str, torch.Tensor]] | None = None
-        optimizer: dict[str, Any] | None = None
-        if eng.dist.strategy == "fsdp":  # gathering the shards is a collective: every rank takes part
-            full_modules = {name: _full_module_state(m) for name, m in _modules(eng)}
-            optimizer = _full_optimizer_state(eng.optimizer)
+        if eng.dist.strategy == "fsdp":
+            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
         if not eng.dist.is_main:  # rank 0 writes
             barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final
+        plugins = engine_state.pop("plugins")
+        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
         state = {
-            "engine": _engine_state(eng, generators, optimizer),
+            "engine": engine_state,
             "rng": _rng_state(),
-            "plugins": self._plugin_states(),
+            "plugins": plugins,
             "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
                          "batches": len(self.loader), "world_size": self.loader.world_size},
             "loop": loop,
@@ -592,8 +454,8 @@ class Checkpointer:
             if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(self.dir)
-            _write_atomic(self.dir / LATEST, final.name + "\n")
+            fileio.fsync_path(self.dir)
+            fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):
@@ -618,14 +480,14 @@ class Checkpointer:
                 save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
             else:
                 save_model(module, str(tmp / modules[name]))
-            _fsync(tmp / modules[name])
-        loose = _loose_params(eng)
+            fileio.fsync_path(tmp / modules[name])
+        loose = loose_params(eng.groups)
         if loose:
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
-            _fsync(tmp / MODULES / LOOSE)
+            fileio.fsync_path(tmp / MODULES / LOOSE)
         with open(tmp / STATE, "wb") as f:
             torch.save(state, f)
-        _fsync(tmp / STATE)
+        fileio.fsync_path(tmp / STATE)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
@@ -645,9 +507,9 @@ class Checkpointer:
             "files": {rel: _sha256(tmp / rel) for rel in files},
         }
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync(tmp / META)
-        _fsync(tmp / MODULES)
-        _fsync(tmp)
+        fileio.fsync_path(tmp / META)
+        fileio.fsync_path(tmp / MODULES)
+        fileio.fsync_path(tmp)
 
     # ------------------------------------------------------------------ restore
 
@@ -669,27 +531,11 @@ class Checkpointer:
     def _restore(self, ckpt: Checkpoint, state: dict[str, Any]) -> Restored:
         eng = self.engine
         _load_modules(eng, ckpt)
-        e = state["engine"]
-        _load_optimizer(eng.optimizer, e["optimizer"])
-        eng.global_step = int(e["global_step"])
-        eng.ctx.threshold = float(e["threshold"])
-        eng.precision.load_state_dict(e["precision"])
-        eng.grad_watch.load_state_dict(e["grad_watch"])
-        eng.guard.load_state_dict(e["guard"])
-        eng.health.load_state_dict(e["health"])
-        notes: list[str] = []
-        saved_gens = e.get("rank_generators") or [e["generator"]]
-        if len(saved_gens) != eng.ctx.world_size:
-            notes.append(f"checkpoint made by {len(saved_gens)} process(es), resumed by {eng.ctx.world_size}: "
-                         "the ranks' random draws differ from an uninterrupted run")
-        own = saved_gens[eng.ctx.rank] if eng.ctx.rank < len(saved_gens) else None
-        if eng.ctx.generator is not None and own is not None:
-            if e["generator_device"] == eng.ctx.generator.device.type:
-                eng.ctx.generator.set_state(own)
-            else:
-                notes.append(f"checkpoint made on {e['generator_device']}, resumed on {eng.device.type}: "
-                             "random draws differ from an uninterrupted run")
-        _load_plugin_states(eng, ckpt, state["plugins"])
+        saved = {**state["engine"], "plugins": state["plugins"]}
+        missing = [key for key in RESUME_KEYS if key not in saved]  # load_state_dict leaves absent keys alone
+        if missing:
+            raise KeyError(missing[0])  # -> "does not fit the model the config builds (KeyError: ...)"
+        notes = eng.load_state_dict(saved, source=str(ckpt.path))
         position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
         return Restored(position=position, loop=state["loop"], rng=state["rng"], notes=notes)
@@ -738,21 +584,21 @@ def _fitting(ckpt: Checkpoint) -> Iterator[None]:
         ) from None
 
 
-def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
+def _load_modules(engine: Engine, ckpt: Checkpoint) -> None:
+    """The parameter groups' modules from the checkpoint's safetensors files."""
     names = [n for n, _ in _modules(engine)]
     if sorted(names) != sorted(ckpt.meta["modules"]):
         raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
     for name, module in _modules(engine):
+        file = str(ckpt.path / ckpt.meta["modules"][name])
         try:
-            current = module.state_dict()
-            if any(_is_dtensor(v) for v in current.values()):  # FSDP2: every rank shards the full tensors
-                full = load_file(str(ckpt.path / ckpt.meta["modules"][name]), device="cpu")
-                module.load_state_dict({k: _shard_like(v, current.get(k)) for k, v in full.items()}, strict=True)
+            if any(is_dtensor(v) for v in module.state_dict().values()):  # FSDP2: every rank shards the full tensors
+                load_module(module, load_file(file, device="cpu"))
             else:
-                load_model(module, str(ckpt.path / ckpt.meta["modules"][name]), strict=True, device=str(engine.device))
+                load_model(module, file, strict=True, device=str(engine.device))
         except RuntimeError as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' does not fit the model the config builds: {_short(_one_line(exc))}") from None
-    loose = _loose_params(engine)
+    loose = loose_params(engine.groups)
     if loose:
         saved = load_file(str(ckpt.path / MODULES / LOOSE), device=str(engine.device))
         with torch.no_grad():
@@ -760,25 +606,7 @@ def _load_modules(engine: "Engine", ckpt: Checkpoint) -> None:
                 p.copy_(saved[key])
 
 
-def _load_plugin_states(engine: "Engine", ckpt: Checkpoint, saved: dict[str, Any]) -> None:
-    loaders = engine.implementers("load_state_dict")
-    orphans = sorted(set(saved) - set(loaders))
-    if orphans:
-        raise CheckpointError(
-            f"{ckpt.path}: holds state of plugin(s) {orphans} that no plugin of this config loads (a load_state_dict hook is missing)"
-        )
-    for name in loaders:
-        if name not in saved:
-            continue
-        try:
-            engine.call_plugin("load_state_dict", name, state=saved[name])
-        except ArcfwError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{ckpt.path}: plugin '{name}' could not load its state: {_short(_one_line(exc))}") from None
-
-
-def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
+def load_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint's trained model into a freshly built engine (``arcfw eval``).
 
     ``path`` is a run folder (its latest checkpoint) or a checkpoint folder.
@@ -790,7 +618,7 @@ def load_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
     state = ckpt.load_state()
     with _fitting(ckpt):
         _load_modules(engine, ckpt)
-        _load_plugin_states(engine, ckpt, state["plugins"])
+        engine.load_state_dict({"plugins": state["plugins"]}, source=str(ckpt.path))
     return ckpt
 
 
@@ -801,7 +629,7 @@ def _saved_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def init_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
+def init_weights(engine: Engine, path: str | os.PathLike) -> Checkpoint:
     """Start a new run from a checkpoint's weights (``arcfw run --init-from``).
 
     Loaded: the modules of every parameter group (and group parameters outside
@@ -825,7 +653,7 @@ def init_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
             saved = _saved_shapes(ckpt.path / saved_modules[name])
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' cannot be read: {_short(_one_line(exc))}") from None
-        now = {k: tuple((v.full_tensor() if _is_dtensor(v) else v).shape) for k, v in module.state_dict().items()}
+        now = {k: tuple((v.full_tensor() if is_dtensor(v) else v).shape) for k, v in module.state_dict().items()}
         for key in sorted(set(saved) | set(now)):
             if key not in now:
                 problems.append(f"{name}.{key} (checkpoint: {list(saved[key])}, now: absent)")
@@ -833,7 +661,7 @@ def init_weights(engine: "Engine", path: str | os.PathLike) -> Checkpoint:
                 problems.append(f"{name}.{key} (checkpoint: absent, now: {list(now[key])})")
             elif saved[key] != now[key]:
                 problems.append(f"{name}.{key} (checkpoint: {list(saved[key])}, now: {list(now[key])})")
-    loose = _loose_params(engine)
+    loose = loose_params(engine.groups)
     if loose:
         file = ckpt.path / MODULES / LOOSE
         saved = _saved_shapes(file) if file.is_file() else {}

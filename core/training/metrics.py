@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BATCH_KEYS = ("step", "epoch", "loss", "reward", "qwen_grad", "mask_ratio", "cell_acc")
+from arcfw.core.engine.context import Metric
+from arcfw.core.io import write_atomic
+
+#: the run file that lists the declared metrics (``arcfw plot`` draws from it)
+METRIC_SPECS = "metric_specs.json"
+
+#: keys of every batch record; the declared metrics (``Metric``) come beside them, NaN when a step has none
+BATCH_KEYS = ("step", "epoch", "batch", "loss", "loss_avg")
 
 
 def _clean(v: Any) -> Any:
@@ -42,9 +50,7 @@ class MetricsLog:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a killed process
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
@@ -52,9 +58,7 @@ class MetricsLog:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.summaries.append({k: _clean(v) for k, v in summary.items()})
-        tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summaries, indent=2), encoding="utf-8")
-        os.replace(tmp, self.summary_path)
+        write_atomic(self.summary_path, json.dumps(self.summaries, indent=2))
 
     def close(self) -> None:
         if not self._fh.closed:
@@ -77,20 +81,50 @@ class NullLog:
         pass
 
 
-def batch_line(rec: dict[str, Any]) -> str:
-    line = (
-        f"[Batch {rec['step']}] Reward: {rec.get('reward', float('nan')):.4f} | Loss: {rec['loss']:.4f} | "
-        f"Qwen_grad: {rec.get('qwen_grad', float('nan')):.4g} | Mask_ratio: {rec.get('mask_ratio', float('nan')):.3f}"
-    )
-    if "cell_acc" in rec:
-        line += f" | Cell_acc: {rec['cell_acc']:.3f}"
-    return line
+def _console(metrics: Sequence[Metric]) -> list[Metric]:
+    return sorted((m for m in metrics if m.console is not None), key=lambda m: m.console or 0)
 
 
-def epoch_line(s: dict[str, Any]) -> str:
-    return (
-        f"Epoch {s['epoch']} summary: batches {s['batches']} | avg loss {s['avg_loss']:.4f} | "
-        f"avg reward {s.get('avg_reward', float('nan')):.4f} | Qwen grad norm {s.get('avg_qwen_grad', float('nan')):.4g} | "
-        f"cell acc {s.get('cell_acc_first', float('nan')):.3f} -> {s.get('cell_acc_last', float('nan')):.3f} "
-        f"(accuracy improvement {s.get('acc_improvement', float('nan')):+.3f}) | skipped steps {s.get('skipped_steps', 0)}"
-    )
+def _value(v: Any, fmt: str) -> str:
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def batch_line(rec: dict[str, Any], metrics: Sequence[Metric]) -> str:
+    """``[Batch N] Name: value | ...`` for the declared metrics with a console position, in its order."""
+    parts = [f"{m.name.capitalize()}: {_value(rec.get(m.name, math.nan), m.fmt)}" for m in _console(metrics)]
+    return f"[Batch {rec['step']}] " + " | ".join(parts)
+
+
+def epoch_line(s: dict[str, Any], metrics: Sequence[Metric]) -> str:
+    """The epoch summary: every declared metric's aggregate (console-line metrics first)."""
+    shown = _console(metrics) + [m for m in metrics if m.console is None]
+    parts = [f"batches {s['batches']}"]
+    for m in shown:
+        keys = m.summary_keys()
+        if not keys or not all(k in s for k in keys):
+            continue
+        parts.append(f"{keys[0] if len(keys) == 1 else m.summary or m.name} " + " -> ".join(_value(s[k], m.fmt) for k in keys))
+    parts.append(f"skipped steps {s.get('skipped_steps', 0)}")
+    return f"Epoch {s['epoch']} summary: " + " | ".join(parts)
+
+
+def write_metric_specs(out_dir: Path, metrics: Sequence[Metric]) -> None:
+    """The run's declared metrics, for ``arcfw plot`` (which builds no plugin)."""
+    write_atomic(out_dir / METRIC_SPECS, json.dumps([dataclasses.asdict(m) for m in metrics], indent=1))
+
+
+def read_metric_specs(out_dir: Path) -> list[Metric]:
+    """The metrics a run declared; the loss alone for a run folder without the file."""
+    path = Path(out_dir) / METRIC_SPECS
+    if not path.is_file():
+        return [Metric("loss", plot="loss", console=0)]
+    fields = {f.name for f in dataclasses.fields(Metric)}
+    out = []
+    for d in json.loads(path.read_text(encoding="utf-8")):
+        d = {k: v for k, v in d.items() if k in fields}
+        d["grad_norm_of"] = tuple(d.get("grad_norm_of", ()))
+        out.append(Metric(**d))
+    return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from arcfw.core.engine.context import LossOutput
+from arcfw.core.engine.context import LossOutput, Metric
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
 
@@ -38,6 +38,11 @@ class FocalLoss(Plugin):
     name = "focal_loss"
     role = "loss"
     description = "Focal cross-entropy over every answer cell (example plugin package)"
+    # what the console line, the epoch summary and `arcfw plot` show of this plugin's metrics
+    metrics = (
+        Metric("focal_ema", console=45, epoch="last", plot="focal loss (EMA)"),
+        Metric("cell_acc", console=50, epoch="edges", fmt=".3f", plot="cell accuracy"),
+    )
 
     def __init__(self, gamma: float = 2.0, ema_momentum: float = 0.9):
         if gamma < 0:
