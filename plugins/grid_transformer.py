@@ -75,30 +75,19 @@ def query_cells(inp: np.ndarray, out_shape: tuple[int, int]) -> tuple[np.ndarray
 
 
 class _Attention(nn.Module):
-    """Multi-head attention; with ``match`` (cross-attention), each head adds ``sum_k beta[h, k] *
-    [view k of the cell == view k of the token]`` to its scores: a learned, per-view weight on
-    "same colour here as there", which makes a lookup such as a colour map one parameter away."""
-
-    def __init__(self, dim: int, heads: int, match: bool = False):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
-        self.beta = nn.Parameter(torch.zeros(heads, NUM_VIEWS)) if match else None
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor, key_mask: torch.Tensor,
-                match: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         h = self.heads
         q = self.q(x).view(B, N, h, D // h).transpose(1, 2)
         k, v = self.kv(mem).view(B, mem.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
-        mask = key_mask[:, None, None, :]
-        if self.beta is not None and match is not None:
-            cells, tokens = match  # one-hot view colours [B, N, K, 10] and [B, T, K, 10]
-            weighted = tokens[:, None] * self.beta[None, :, None, :, None].to(tokens.dtype)  # [B, h, T, K, 10]
-            bias = torch.einsum("bnkc,bhtkc->bhnt", cells, weighted)
-            mask = bias.masked_fill(~mask, float("-inf"))
+        mask = None if bool(key_mask.all()) else key_mask[:, None, None, :]  # no mask: the fast kernel
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(B, N, D))
 
@@ -107,15 +96,15 @@ class _Block(nn.Module):
     def __init__(self, dim: int, heads: int, mem_dim: int):
         super().__init__()
         self.norm_cross = nn.LayerNorm(dim)
-        self.cross = _Attention(dim, heads, match=True)
+        self.cross = _Attention(dim, heads)
         self.norm_self = nn.LayerNorm(dim)
         self.self_attn = _Attention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, mem, mem_mask, cell_mask, gamma, beta, match=None):
+    def forward(self, x, mem, mem_mask, cell_mask, gamma, beta):
         if mem is not None:
-            x = x + self.cross(self.norm_cross(x), mem, mem_mask, match)
+            x = x + self.cross(self.norm_cross(x), mem, mem_mask)
         h = self.norm_self(x)
         x = x + self.self_attn(h, h, cell_mask)
         h = self.norm_mlp(x) * (1 + gamma[:, None]) + beta[:, None]  # FiLM from the prompt
@@ -161,7 +150,7 @@ class GridTransformerNet(nn.Module):
         if mem_views is not None:
             match = (onehot, F.one_hot(mem_views, NO_CELL + 1)[..., :NUM_COLOURS].to(x.dtype))
         for i, block in enumerate(self.blocks):
-            x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1], match)
+            x = block(x, m, mem_mask, cell_mask, film[:, i, 0], film[:, i, 1])
         x = self.norm(x)
         pointed = torch.einsum("bnk,bnkc->bnc", self.pointer(x), onehot)
         logits = self.head(x) + pointed
