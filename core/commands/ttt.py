@@ -495,7 +495,8 @@ def run_ttt(
         done = box[0]
     finished = set(done or [])
     todo = [t for t in tasks if t.task_id not in finished][rank::world]
-    snapshot = Snapshot(engine)
+    with distributed.independent():  # this rank's own engine: its state is not gathered from the others
+        snapshot = Snapshot(engine)
     progress = Progress(out, tasks if main else [], quiet=quiet or not main)
     if main and finished:
         progress.write(f"{who}: resuming: {len(finished)} of {len(tasks)} tasks already finished")
