@@ -33,13 +33,14 @@ class SizeHead(nn.Module):
 
     def __init__(self, prompt_dim: int, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(prompt_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * MAX_SIDE))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        first, last = nn.Linear(prompt_dim, hidden), nn.Linear(hidden, 2 * MAX_SIDE)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(first, nn.GELU(), last)
         self.prior = nn.Parameter(torch.tensor([4.0, 2.0]))  # weights of the rule size and the input size
 
     def forward(self, prompt: torch.Tensor, rule: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        logits = self.mlp(prompt).view(prompt.shape[0], 2, MAX_SIDE).float()
+        logits: torch.Tensor = self.mlp(prompt).view(prompt.shape[0], 2, MAX_SIDE).float()
         sides = torch.arange(1, MAX_SIDE + 1, device=prompt.device)
         return logits + self.prior[0] * (rule[..., None] == sides) + self.prior[1] * (inp[..., None] == sides)
 
@@ -55,7 +56,8 @@ class SizeLearner:
 
     def logits(self, prompt: torch.Tensor, batch: Any) -> torch.Tensor:
         """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
-        return self.head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
+        logits: torch.Tensor = self.head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
+        return logits
 
     def shapes(self, prompt: torch.Tensor, batch: Any, k: int = 2) -> torch.Tensor:
         return top_shapes(self.logits(prompt, batch), k=k)
@@ -68,7 +70,7 @@ class SizeLearner:
             logits = self.logits(result.refined, result.batch)
             loss = F.cross_entropy(logits.reshape(-1, MAX_SIDE), (target - 1).reshape(-1)) * 2  # rows + columns
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         average_gradients(self.head.parameters())  # the size head stays the same on every rank
         self.optimizer.step()
         right = (top_shapes(logits.detach(), k=1)[:, 0] == target).all(1).float().mean()

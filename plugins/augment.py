@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from arcfw.core.data.batch import NUM_COLOURS, Example, Pair
-from arcfw.core.engine.context import View
+from arcfw.core.engine.context import Context, View
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
 
@@ -58,7 +58,8 @@ class Transform:
         g = np.rot90(grid, self.k % 4)
         if self.k >= 4:
             g = g.T
-        return np.asarray(self.colours, dtype=np.int64)[g]
+        out: np.ndarray = np.asarray(self.colours, dtype=np.int64)[g]
+        return out
 
     def invert(self, grid: np.ndarray) -> np.ndarray:
         g = np.argsort(self.colours)[grid]
@@ -66,13 +67,13 @@ class Transform:
             g = g.T
         return np.ascontiguousarray(np.rot90(g, -(self.k % 4)), dtype=np.int64)
 
+    def pair(self, p: Pair) -> Pair:
+        """The transform on both grids of ``p`` (the output if known)."""
+        return Pair(self.apply(p.input), None if p.output is None else self.apply(p.output))
+
     def example(self, ex: Example) -> Example:
         """The same transform on every grid of ``ex`` (demos, query input, query output if known)."""
-
-        def pair(p: Pair) -> Pair:
-            return Pair(self.apply(p.input), None if p.output is None else self.apply(p.output))
-
-        return Example(task_id=ex.task_id, pair_index=ex.pair_index, demos=tuple(pair(p) for p in ex.demos), query=pair(ex.query))
+        return Example(task_id=ex.task_id, pair_index=ex.pair_index, demos=tuple(self.pair(p) for p in ex.demos), query=self.pair(ex.query))
 
 
 def random_colours(rng: np.random.Generator) -> tuple[int, ...]:
@@ -104,13 +105,13 @@ class Augment(Plugin):
         return Transform(k, random_colours(rng) if self.colours else IDENTITY_COLOURS)
 
     @hookimpl
-    def augment_example(self, example, rng, ctx):
+    def augment_example(self, example: Example, rng: np.random.Generator, ctx: Context) -> Example | None:
         if rng.random() >= self.p:
             return None
         return self.draw(rng).example(example)
 
     @hookimpl
-    def test_time_views(self, example, ctx):
+    def test_time_views(self, example: Example, ctx: Context) -> list[View] | None:
         """``tta_views`` views: the 7 non-identity rotations/reflections in turn (each with its own
         colour permutation when ``colours``), seeded by the run seed and the example."""
         if not self.tta_views:

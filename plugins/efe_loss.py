@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from arcfw.core.data.batch import NUM_COLOURS, Batch
-from arcfw.core.engine.context import Context, LossOutput, Metric
-from arcfw.core.errors import ContractError
+from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
+from arcfw.core.errors import ContractError
 
 __all__ = ["MaskedEFELoss", "efe_loss"]
 
@@ -199,7 +199,8 @@ class MaskedEFELoss(Plugin):
     ``min_scale`` s in [0, 1], ``hard_cells``: ``wrong_or_unsure`` (default: a cell whose
     most likely colour is wrong is always hard, and the threshold adds the right but unsure
     ones) or ``threshold`` (only ``p(target) < threshold``).  Reads the hard-cell threshold
-    from ``ctx.threshold``.
+    from ``ctx.schedule["hard_cell_threshold"]`` (the curriculum's), :attr:`DEFAULT_THRESHOLD`
+    when no plugin fills the curriculum role.
     ε must be > 0: with ε = 0, q has zeros and KL(p‖q) is +inf for any non-one-hot p.
     The formula is written out in :func:`efe_loss`.
     """
@@ -211,6 +212,8 @@ class MaskedEFELoss(Plugin):
         Metric("mask_ratio", console=40, fmt=".3f", plot="mask ratio", stuck_at=1.0),
         Metric("cell_acc", epoch="edges", console=50, fmt=".3f", plot="cell accuracy"),
     )
+    #: the hard-cell threshold without a curriculum (the default curriculum's first value)
+    DEFAULT_THRESHOLD = 0.6
 
     def __init__(
         self,
@@ -232,7 +235,7 @@ class MaskedEFELoss(Plugin):
                 logits,
                 batch.targets,
                 batch.target_mask,
-                ctx.threshold,
+                float(ctx.schedule.get(THRESHOLD_KEY, self.DEFAULT_THRESHOLD)),
                 label_smoothing=self.label_smoothing,
                 ambiguity_weight=self.ambiguity_weight,
                 min_scale=self.min_scale,

@@ -474,7 +474,7 @@ def test_plugin_passes_hard_cells_through():
     logits = torch.tensor([[[_cell({0: 0.35, 1: 0.6})]]])
     ex = Example(task_id="t", pair_index=0, demos=(), query=Pair(input=np.zeros((1, 1), dtype=np.int64), output=np.zeros((1, 1), dtype=np.int64)))
     batch = collate([ex])
-    ctx = Context(device=torch.device("cpu"), threshold=0.3)
+    ctx = Context(device=torch.device("cpu"), schedule={THRESHOLD_KEY: 0.3})
     assert MaskedEFELoss().compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 1.0
     assert MaskedEFELoss(hard_cells="threshold").compute_loss(logits=logits, batch=batch, ctx=ctx).metrics["hard_cells"] == 0.0
 

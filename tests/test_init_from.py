@@ -45,11 +45,11 @@ def test_a_new_run_starts_from_the_checkpoints_weights_with_a_fresh_optimizer(pr
 def test_a_model_of_another_shape_is_refused_naming_the_keys(pretrained, tmp_path):
     root, _ = pretrained
     out = tmp_path / "new"
-    args = ["run", str(REPO / "configs" / "default.yaml"), *SETS, "--set", "plugins.predictor.channels=8", "--max-batches", "1",
+    args = ["run", str(REPO / "configs" / "default.yaml"), *SETS, "--set", "plugins.predictor.dim=8", "--max-batches", "1",
             "--out", str(out), "--init-from", str(root / "run"), "-q"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
-    assert "cannot initialise from it" in res.stderr and "agent.head.weight (checkpoint: [10, 16, 1, 1], now: [10, 8, 1, 1])" in res.stderr
+    assert "cannot initialise from it" in res.stderr and "agent.blocks.0.cross.q.weight (checkpoint: [16, 16], now: [8, 8])" in res.stderr
     assert not out.exists()  # nothing written
 
 

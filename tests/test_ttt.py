@@ -56,11 +56,16 @@ def config(**extra):
     return load_config(REPO / "configs" / "default.yaml", {**TINY, **TTT, **extra})
 
 
+def predictor(engine: Engine):
+    """The plugin in the predictor role (the default config's: grid_transformer)."""
+    return engine.plugins[next(n for n, r in engine.roles.items() if r == "predictor")]
+
+
 def state(engine: Engine) -> list[torch.Tensor]:
     """Every module parameter, the RL policy (weights, log_std, optimizer moments) and the size head."""
     out = [p.detach().clone() for g in engine.groups for m in g.modules for p in m.parameters()]
     rl = engine.plugins["rl_policy"]
-    out += [p.detach().clone() for p in rl.params] + [p.detach().clone() for p in engine.plugins["agent"].size_head.parameters()]
+    out += [p.detach().clone() for p in rl.params] + [p.detach().clone() for p in predictor(engine).size_head.parameters()]
     out += [v.clone() for s in rl.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return out
 
@@ -190,7 +195,7 @@ def test_every_task_starts_from_the_checkpoints_weights(pretrained, tasks, tmp_p
     mods = lambda e: [p for g in e.groups for m in g.modules for p in m.parameters()]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(mods(eng), mods(trained)))
     assert torch.equal(eng.plugins["rl_policy"].mu[2].weight, trained.plugins["rl_policy"].mu[2].weight)
-    assert torch.equal(eng.plugins["agent"].size_head.mlp[0].weight, trained.plugins["agent"].size_head.mlp[0].weight)
+    assert torch.equal(predictor(eng).size_head.mlp[0].weight, predictor(trained).size_head.mlp[0].weight)
     # the command: from the checkpoint, recorded in eval.json
     data = write_tasks(tmp_path / "tasks")
     res = CliRunner().invoke(main, ttt_args(data, tmp_path / "out", "--checkpoint", str(root / "run")))

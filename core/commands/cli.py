@@ -253,6 +253,7 @@ def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_ve
         if report is None:  # not rank 0: rank 0 reports for every rank
             return
     else:
+        assert checkpoint is not None  # refused above: eval without --ttt needs a checkpoint
         check_out_dir(out, overwrite, EVAL_FILES, "an evaluation")
         engine = Engine.from_config(cfg, out_dir=out)
         load_weights(engine, checkpoint)
@@ -326,7 +327,8 @@ def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device:
 @click.option("--max-side", type=int, default=10, show_default=True, help="Largest input grid side (scale/tile draw smaller inputs so outputs fit 30x30).")
 @click.option("--overwrite", is_flag=True, help="Replace the tasks of a folder that already holds files.")
 @click.option("--list", "list_", is_flag=True, help="List the families and exit.")
-def generate(families, tasks, out, seed, train_pairs, test_pairs, min_side, max_side, overwrite, list_) -> None:
+def generate(families: tuple[str, ...], tasks: int, out: Path | None, seed: int, train_pairs: int, test_pairs: int, min_side: int,
+             max_side: int, overwrite: bool, list_: bool) -> None:
     """Write synthetic tasks of rule FAMILY... ('all': every family) to --out as ARC JSON.
 
     Each task draws its rule's parameters once (a colour permutation, a shift...)

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.config import RunConfig
-from arcfw.core.engine.context import View
+from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.data.fingerprint import task_fingerprint
 from arcfw.core.data.tasks import load_tasks, test_examples
+from arcfw.core.engine.context import View
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ConfigError, DataError
 from arcfw.core.io import write_atomic

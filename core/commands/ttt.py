@@ -80,9 +80,11 @@ from arcfw.core.config import RunConfig
 from arcfw.core.data.batch import Example, Pair, Task, collate
 from arcfw.core.engine import distributed
 from arcfw.core.engine.context import View
-from arcfw.core.engine.engine import Engine, resolve_device, seed_everything
+from arcfw.core.engine.distributed import resolve_device
+from arcfw.core.engine.engine import Engine, seed_everything
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.errors import ConfigError, DataError, DistributedError, Interrupted, TrainingHalted
+from arcfw.core.io import write_atomic
 from arcfw.core.training import checkpoint as ckpt
 from arcfw.core.training.interrupt import StopSignals
 from arcfw.plugins.augment import DIHEDRAL, Transform, random_colours
@@ -131,41 +133,26 @@ def build_engine(cfg: RunConfig, out_dir: Path | None = None, device: torch.devi
 
 
 class Snapshot:
-    """Everything test-time training changes in an engine, copied in memory; :meth:`restore` puts it back.
+    """Everything test-time training changes in an engine, copied in memory (:meth:`Engine.state_dict`);
+    :meth:`restore` puts it back (:meth:`Engine.load_state_dict`).
 
     The modules of every parameter group (and group parameters outside them),
     the main optimizer, the precision scaler, every plugin's ``state_dict``
     hook (the RL policy with its optimizer, the size head, the prompt cache,
-    ...) and the threshold; the step counter goes back to 0 and the health
-    counters start afresh.  Deep copies: training never changes the snapshot.
-    (When the engine has ``state_dict()/load_state_dict()`` of its own, this
-    class becomes a thin wrapper around them.)
+    ...) and the schedule (the curriculum's threshold); the step and epoch
+    counters go back to 0 and the health counters start afresh.  The state
+    holds copies: training never changes the snapshot.
     """
 
     def __init__(self, engine: Engine):
-        self.modules = [{k: v.detach().clone() for k, v in m.state_dict().items()} for _, m in ckpt._modules(engine)]
-        self.loose = {k: p.detach().clone() for k, p in ckpt._loose_params(engine).items()}
-        self.optimizer = copy.deepcopy(engine.optimizer.state_dict())
-        self.precision = copy.deepcopy(engine.precision.state_dict())
-        self.plugins = {name: copy.deepcopy(s) for name, s in engine.call_all("state_dict") if s is not None}
-        self.threshold = engine.ctx.threshold
+        self.state = engine.state_dict()
 
     def restore(self, engine: Engine) -> None:
-        with torch.no_grad():
-            for (_, module), state in zip(ckpt._modules(engine), self.modules):
-                module.load_state_dict(state)
-            loose = ckpt._loose_params(engine)
-            for key, value in self.loose.items():
-                loose[key].copy_(value)
-        # load_state_dict keeps the given tensors (and steps update them in place): give it copies
-        engine.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        engine.load_state_dict(self.state, source="the test-time training snapshot")
         engine.optimizer.zero_grad(set_to_none=True)
-        engine.precision.load_state_dict(copy.deepcopy(self.precision))
-        for name, state in self.plugins.items():
-            engine.call_plugin("load_state_dict", name, state=copy.deepcopy(state))
         engine.global_step = 0
         ctx = engine.ctx
-        ctx.step, ctx.epoch, ctx.batch_index, ctx.threshold, ctx.no_grad_groups = 0, 0, 0, self.threshold, set()
+        ctx.step, ctx.epoch, ctx.no_grad_groups = 0, 0, set()
         reset_health(engine)
 
 
@@ -174,7 +161,7 @@ def reset_health(engine: Engine) -> None:
     w, g, h = engine.grad_watch, engine.guard, engine.health
     engine.grad_watch = GradientWatch(w.groups, w.patience)
     engine.guard = NonFiniteGuard(g.policy, g.max_consecutive)
-    engine.health = HealthMonitor(h.watched_group, h.flat_window, h.flat_tolerance)
+    engine.health = HealthMonitor(h.watched_group, h.flat_window, h.flat_tolerance, h.stuck)
 
 
 # --------------------------------------------------------------------------- one task
@@ -206,7 +193,7 @@ def training_examples(task: Task, views: list[Transform]) -> list[Example]:
     n = len(task.train)
     out = []
     for v, t in enumerate(views):
-        pairs = [Pair(t.apply(p.input), t.apply(p.output)) for p in task.train]
+        pairs = [t.pair(p) for p in task.train]  # demonstrations: both grids
         for i in range(n):
             out.append(Example(task.task_id, (v + 1) * n + i, tuple(pairs[:i] + pairs[i + 1 :]), pairs[i]))
     return out
@@ -242,6 +229,10 @@ class TaskResult:
 class Stop(Exception):
     """A stop signal arrived during a task (internal)."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
 
 def solve_task(
     engine: Engine, snapshot: Snapshot, task: Task, settings: Settings, *, seed: int, predict_batch: int,
@@ -271,7 +262,7 @@ def solve_task(
         if settings.seconds is not None and time.perf_counter() - t0 >= settings.seconds:
             break
         if stop is not None and stop.signum is not None:
-            raise Stop
+            raise Stop(stop.signum)
         while len(queue) < size:
             queue.extend(int(i) for i in rng.permutation(len(pool)))
         chosen, queue = queue[:size], queue[size:]
@@ -319,7 +310,7 @@ def result_path(out_dir: Path, task_id: str) -> Path:
 
 
 def write_result(out_dir: Path, result: TaskResult) -> None:
-    ckpt._write_atomic(result_path(out_dir, result.task_id), json.dumps(result.to_json()))
+    write_atomic(result_path(out_dir, result.task_id), json.dumps(result.to_json()))
 
 
 def read_result(out_dir: Path, task_id: str) -> TaskResult | None:
@@ -369,13 +360,13 @@ def prepare_out_dir(out: Path, record: dict[str, Any], tasks: list[Task], *, res
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for f in EVAL_FILES:
-                (out / f).unlink(missing_ok=True)
+            for name in EVAL_FILES:
+                (out / name).unlink(missing_ok=True)
             for f in folder.glob("*.json"):
                 f.unlink()
         for f in folder.glob("*.tmp"):
             f.unlink(missing_ok=True)
-        ckpt._write_atomic(folder / SETTINGS, json.dumps(record, indent=1))
+        write_atomic(folder / SETTINGS, json.dumps(record, indent=1))
     except OSError as exc:
         raise ConfigError("--out", [("out", f"cannot write to {out}: {exc.strerror or exc}")]) from None
     return [t.task_id for t in tasks if read_result(out, t.task_id) is not None]
@@ -504,7 +495,8 @@ def run_ttt(
         done = box[0]
     finished = set(done or [])
     todo = [t for t in tasks if t.task_id not in finished][rank::world]
-    snapshot = Snapshot(engine)
+    with distributed.independent():  # this rank's own engine: its state is not gathered from the others
+        snapshot = Snapshot(engine)
     progress = Progress(out, tasks if main else [], quiet=quiet or not main)
     if main and finished:
         progress.write(f"{who}: resuming: {len(finished)} of {len(tasks)} tasks already finished")
@@ -526,12 +518,12 @@ def run_ttt(
                         progress.poll()
             while main and progress.poll() < len(tasks):  # the other ranks' tasks
                 if stop.signum is not None:
-                    raise Stop
+                    raise Stop(stop.signum)
                 time.sleep(0.5)
-    except Stop:
+    except Stop as exc:
         progress.close()
         n = progress.poll() if main else len(finished) + len(mine)
-        signum = stop.signum
+        signum = exc.signum
         raise Interrupted(signum, f"{signal.Signals(signum).name}: stopped; {n} of {len(tasks)} tasks finished, "
                                   f"their results are in {out / TASKS_DIR}. Resume with: "
                                   f"{resume_command(command or [], world)}") from None
@@ -539,12 +531,19 @@ def run_ttt(
     figures = {"rank": rank, "tasks": len(mine), **peak_memory_mib(engine.device)}
     gathered = [figures]
     if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, figures)
+        every: list[Any] = [None] * world
+        torch.distributed.all_gather_object(every, figures)
         torch.distributed.destroy_process_group()
+        gathered = every
     if not main:
         return None
-    results = {t.task_id: read_result(out, t.task_id) for t in tasks}
+    results: dict[str, TaskResult] = {}
+    for t in tasks:  # every one is there: Progress.poll read them all
+        r = read_result(out, t.task_id)
+        if r is None:
+            raise DataError(f"the result of task {t.task_id} is missing or damaged; run the evaluation again with --resume",
+                            file=str(result_path(out, t.task_id)), task=t.task_id)
+        results[t.task_id] = r
     predictions: Predictions = {tid: r.attempts for tid, r in results.items()}
     seconds = [r.seconds for r in results.values()]
     section = {

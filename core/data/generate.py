@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,10 @@ from arcfw.core.data.tasks import MAX_SIDE, _parse_task
 from arcfw.core.errors import ConfigError
 
 Grid = np.ndarray
-Params = dict
+#: a family's parameters, drawn once per task (``Family.draw``)
+Params = dict[str, Any]
+#: a task as ARC JSON: ``{"train": [{"input": rows, "output": rows}, ...], "test": [...]}``
+TaskJSON = dict[str, Any]
 #: the file written beside the tasks; not ``*.json``, so the data loader never reads it as a task
 MANIFEST = "generate.yaml"
 
@@ -79,19 +83,19 @@ class InputGen:
     name: str
     doc: str
     min_side: int
-    task: Callable[[np.random.Generator, Params], dict]
-    grid: Callable[[np.random.Generator, int, int, dict], Grid]
+    task: Callable[[np.random.Generator, Params], dict[str, Any]]
+    grid: Callable[[np.random.Generator, int, int, dict[str, Any]], Grid]
 
 
-def _noise_grid(rng, h, w, ctx):
+def _noise_grid(rng: np.random.Generator, h: int, w: int, ctx: dict[str, Any]) -> Grid:
     return _scatter(rng, h, w, ctx["palette"], float(rng.uniform(0.3, 0.7)))
 
 
-def _sparse_grid(rng, h, w, ctx):
+def _sparse_grid(rng: np.random.Generator, h: int, w: int, ctx: dict[str, Any]) -> Grid:
     return _scatter(rng, h, w, ctx["palette"][:2], float(rng.uniform(0.1, 0.35)))
 
 
-def _object_grid(rng, h, w, ctx):
+def _object_grid(rng: np.random.Generator, h: int, w: int, ctx: dict[str, Any]) -> Grid:
     """One object: a bh x bw box (smaller than the grid) filled at 60% with palette colours, each of
     its border rows and columns touched, so the box is the bounding box of the non-background cells."""
     bh, bw = int(rng.integers(1, h)), int(rng.integers(1, w))
@@ -143,7 +147,8 @@ def _derangement(rng: np.random.Generator) -> Params:
 
 
 def _recolour(g: Grid, table: Sequence[int]) -> Grid:
-    return np.asarray(table, dtype=np.int64)[g]
+    out: Grid = np.asarray(table, dtype=np.int64)[g]
+    return out
 
 
 def _swap_table(a: int, b: int) -> list[int]:
@@ -280,7 +285,7 @@ def _check_options(tasks: int, train_pairs: int, test_pairs: int, min_side: int,
 
 def generate_task(
     family: str, index: int, *, seed: int = 0, train_pairs: int = 3, test_pairs: int = 1, min_side: int = 3, max_side: int = 10
-) -> dict:
+) -> TaskJSON:
     """Task ``index`` of ``family`` as ARC JSON (``{"train": [...], "test": [...]}``, grids as lists).
 
     Raises :class:`ConfigError` when the family cannot draw inputs within the sides asked for.
@@ -320,7 +325,7 @@ def generate(
     test_pairs: int = 1,
     min_side: int = 3,
     max_side: int = 10,
-) -> dict[str, dict]:
+) -> dict[str, TaskJSON]:
     """``{task_id: task}`` for ``tasks`` tasks of each family (ids :func:`task_id`)."""
     names = resolve_families(families)
     _check_options(tasks, train_pairs, test_pairs, min_side, max_side)
@@ -334,7 +339,7 @@ def task_id(family: str, index: int, seed: int = 0) -> str:
     return f"{family}-s{seed}-{index:04d}"
 
 
-def write_tasks(out: Path, tasks: dict[str, dict], *, overwrite: bool = False, manifest: str = "") -> list[Path]:
+def write_tasks(out: Path, tasks: dict[str, TaskJSON], *, overwrite: bool = False, manifest: str = "") -> list[Path]:
     """Write each task to ``out/ID.json`` (and ``manifest`` to ``out/generate.yaml``).
 
     A folder that already holds files is refused unless ``overwrite``; then its
@@ -363,7 +368,7 @@ def write_tasks(out: Path, tasks: dict[str, dict], *, overwrite: bool = False, m
     return paths
 
 
-def as_tasks(tasks: dict[str, dict]) -> list[Task]:
+def as_tasks(tasks: dict[str, TaskJSON]) -> list[Task]:
     """:func:`generate`'s output as validated :class:`~arcfw.core.data.batch.Task` objects, sorted by id
     (what ``load_tasks`` would read back from the folder), without writing files."""
     return [_parse_task(task_id, tasks[task_id], f"generated:{task_id}") for task_id in sorted(tasks)]

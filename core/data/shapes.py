@@ -102,6 +102,10 @@ def _components(grid: np.ndarray, bg: int) -> tuple[list[tuple[int, int, int]], 
     return out[0], out[1]
 
 
+#: a grid's cache key: its shape and its cells as bytes
+GridKey = tuple[tuple[int, int], bytes]
+
+
 def grid_features(grid: np.ndarray) -> dict[str, tuple[int, int]]:
     """Sizes ``(rows, cols)`` a grid offers for an output size to be made of.
 
@@ -120,7 +124,7 @@ def grid_features(grid: np.ndarray) -> dict[str, tuple[int, int]]:
     return dict(_features(*_key(grid)))
 
 
-def _key(grid: np.ndarray) -> tuple[tuple[int, int], bytes]:
+def _key(grid: np.ndarray) -> GridKey:
     """A grid's cache key: its shape and its cells as bytes (colours 0-9 fit one byte each)."""
     g = np.asarray(grid)
     return (int(g.shape[0]), int(g.shape[1])), g.astype(np.uint8).tobytes()
@@ -133,7 +137,9 @@ def _features(shape: tuple[int, int], data: bytes) -> tuple[tuple[str, tuple[int
     values, counts = np.unique(g, return_counts=True)
     bg = int(values[counts.argmax()])
     for c, n in zip(values.tolist(), counts.tolist()):
-        feats[f"colour_{c}"] = _bbox(g == c)
+        colour_box = _bbox(g == c)
+        if colour_box is not None:  # always: c is a colour of the grid
+            feats[f"colour_{c}"] = colour_box
         feats[f"count_{c}"] = (n, n)
     n = int((values != 0).sum())
     if n:
@@ -191,34 +197,58 @@ _COLOUR_PRIORITY = 6.5
 MAX_CANDIDATES = 16
 
 
-def _transforms() -> list[tuple[str, float, Callable[[int], int | None]]]:
+SideFn = Callable[[int], "int | None"]
+
+
+def _affine(k: int, b: int) -> SideFn:
+    """x -> k x + b."""
+    return lambda x: k * x + b
+
+
+def _divide(k: int, b: int) -> SideFn:
+    """x -> (x + b) / k when it divides, else None."""
+    return lambda x: None if (x + b) % k else (x + b) // k
+
+
+def _transforms() -> list[tuple[str, float, SideFn]]:
     """``(name, added priority, f)``: how an output side may follow from a feature's value x."""
-    out: list[tuple[str, float, Callable[[int], int | None]]] = [("", 0.0, lambda x: x)]
+    out: list[tuple[str, float, SideFn]] = [("", 0.0, lambda x: x)]
     for k in (2, 3, 4, 5):
-        out.append((f"*{k}", 2.0, lambda x, k=k: x * k))
-        out.append((f"/{k}", 2.0, lambda x, k=k: None if x % k else x // k))
+        out.append((f"*{k}", 2.0, _affine(k, 0)))
+        out.append((f"/{k}", 2.0, _divide(k, 0)))
     out.append(("^2", 2.5, lambda x: x * x))
     for b in (-4, -3, -2, -1, 1, 2, 3, 4):
-        out.append((f"{b:+d}", 3.0 + 0.1 * abs(b), lambda x, b=b: x + b))
+        out.append((f"{b:+d}", 3.0 + 0.1 * abs(b), _affine(1, b)))
     for k in (2, 3):
         for b in (-3, -2, -1, 1, 2, 3):
-            out.append((f"*{k}{b:+d}", 4.0 + 0.1 * abs(b), lambda x, k=k, b=b: k * x + b))
-            out.append((f"{b:+d}/{k}", 4.0 + 0.1 * abs(b), lambda x, k=k, b=b: None if (x + b) % k else (x + b) // k))
+            out.append((f"*{k}{b:+d}", 4.0 + 0.1 * abs(b), _affine(k, b)))
+            out.append((f"{b:+d}/{k}", 4.0 + 0.1 * abs(b), _divide(k, b)))
     return out
 
 
 _TRANSFORMS = _transforms()
 _T_INDEX = {name: (i, name, extra, t) for i, (name, extra, t) in enumerate(_TRANSFORMS)}
+#: a grid's features (:func:`grid_features`)
+Features = dict[str, tuple[int, int]]
 #: a rule is (priority, feature it reads, name, f(features of a grid) -> side or None)
-Rule = tuple[float, str, str, Callable[[dict], "int | None"]]
+Rule = tuple[float, str, str, Callable[[Features], "int | None"]]
 
 
-def _side_rules(demo_feats: list[dict], outs: list[int], side: int) -> list[Rule]:
+def _constant(v: int) -> Callable[[Features], int | None]:
+    return lambda f: v
+
+
+def _reading(name: str, d: int, t: SideFn) -> Callable[[Features], int | None]:
+    """t of side ``d`` of feature ``name`` (None when the grid lacks the feature)."""
+    return lambda f: t(f[name][d]) if name in f else None
+
+
+def _side_rules(demo_feats: list[Features], outs: list[int], side: int) -> list[Rule]:
     """Every rule for this side that maps each demo input's features to its output side (for one
     feature, only the simplest transform that fits)."""
     rules: list[Rule] = []
     if len(set(outs)) == 1:
-        rules.append((1.0, "const", f"const {outs[0]}", lambda f, v=outs[0]: v))
+        rules.append((1.0, "const", f"const {outs[0]}", _constant(outs[0])))
     bases = list(_BASES) + [
         (name, False, _COLOUR_PRIORITY + (0.5 if name.startswith("count_") else 0.0))
         for name in demo_feats[0]
@@ -233,11 +263,11 @@ def _side_rules(demo_feats: list[dict], outs: list[int], side: int) -> list[Rule
         if fit is not None:
             tag = f"{name}{'.T' if other else ''}"
             tname, extra, t = fit
-            rules.append((prio + extra, tag, tag + tname, lambda f, name=name, d=d, t=t: t(f[name][d]) if name in f else None))
+            rules.append((prio + extra, tag, tag + tname, _reading(name, d, t)))
     return rules
 
 
-def _fit(xs: list[int], outs: list[int]) -> tuple[str, float, Callable[[int], int | None]] | None:
+def _fit(xs: list[int], outs: list[int]) -> tuple[str, float, SideFn] | None:
     """The first of :data:`_TRANSFORMS` that maps every x to its output side, or None.  Only the
     transforms the first pair allows are tried (each is fixed by one pair), which is much faster."""
     x, o = xs[0], outs[0]
@@ -285,12 +315,12 @@ def explain_candidates(example: Example) -> list[tuple[float, tuple[int, int], s
     new example on one CPU core, nothing after (ARC-AGI-2 training: +4 s to the first epoch,
     23 MB held).
     """
-    demos = tuple((_key(p.input), tuple(int(v) for v in p.output.shape)) for p in example.demos if p.output is not None)
+    demos = tuple((_key(p.input), (int(p.output.shape[0]), int(p.output.shape[1]))) for p in example.demos if p.output is not None)
     return list(_explain(_key(example.query.input), demos))
 
 
 @functools.lru_cache(maxsize=8192)
-def _explain(query_key: tuple, demo_keys: tuple) -> tuple[tuple[float, tuple[int, int], str], ...]:
+def _explain(query_key: GridKey, demo_keys: tuple[tuple[GridKey, tuple[int, int]], ...]) -> tuple[tuple[float, tuple[int, int], str], ...]:
     """:func:`explain_candidates` from grid contents (cached: the same example costs once)."""
     query = dict(_features(*query_key))
     qh, qw = query["in"]
@@ -324,8 +354,8 @@ def _explain(query_key: tuple, demo_keys: tuple) -> tuple[tuple[float, tuple[int
             score = max(pr, pc) + 0.5 if tr == tc and tr not in ("query", "demo") else pr + pc
             add((h, w), score + (3.0 if square and h != w else 0.0), f"rows {nr}, cols {nc}")
     if square:  # a side one rule explains, used for both
-        for i, side in enumerate(per_side):
-            for p, _t, v, n in side:
+        for i, ranked_side in enumerate(per_side):
+            for p, _t, v, n in ranked_side:
                 add((v, v), 2 * p + 3.0, f"square, {('rows', 'cols')[i]} {n}")
     ranked = sorted(joint.items(), key=lambda kv: (kv[1][0], kv[0]))[:MAX_CANDIDATES]
     return tuple((score, hw, why) for hw, (score, why) in ranked)
@@ -373,14 +403,20 @@ def measure(examples: list[Example], k: int = 2) -> dict[str, float]:
     """Share of ``examples`` (with answers) whose output size is :func:`rule_candidates`' first, in
     its first ``k``, anywhere in it, and the query input's size (the baseline)."""
     n = len(examples)
-    ranked = [(rule_candidates(e), tuple(e.query.output.shape)) for e in examples]
+    ranked = [(rule_candidates(e), tuple(_answer(e).shape)) for e in examples]
     return {
         "n": n,
         "top1": sum(c[0] == y for c, y in ranked) / n,
         f"top{k}": sum(y in c[:k] for c, y in ranked) / n,
         "any": sum(y in c for c, y in ranked) / n,
-        "input_size": sum(tuple(e.query.input.shape) == tuple(e.query.output.shape) for e in examples) / n,
+        "input_size": sum(tuple(e.query.input.shape) == tuple(_answer(e).shape) for e in examples) / n,
     }
+
+
+def _answer(example: Example) -> np.ndarray:
+    if example.query.output is None:
+        raise ValueError(f"measure needs examples with answers; {example.key} has none")
+    return example.query.output
 
 
 if __name__ == "__main__":  # python -m arcfw.core.data.shapes [VERSION]: the figures in the module docstring

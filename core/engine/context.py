@@ -54,13 +54,6 @@ class Context:
     no_grad_groups: set[str] = field(default_factory=set)
 
     @property
-    def threshold(self) -> float:
-        """Compatibility alias of ``schedule["hard_cell_threshold"]`` (0.6 when no curriculum set it).
-
-        New code reads :attr:`schedule`; this alias goes once the default loss does."""
-        return float(self.schedule.get(THRESHOLD_KEY, 0.6))
-
-    @property
     def fused_optimizers(self) -> bool:
         """Whether torch's fused Adam/AdamW kernels run on this device (CPU and CUDA): pass it as
         ``fused=`` to a plugin's own optimizer; one kernel beats the per-tensor loop several times."""

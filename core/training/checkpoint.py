@@ -629,7 +629,7 @@ def _saved_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def init_weights(engine: Engine, path: str | os.PathLike) -> Checkpoint:
+def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     """Start a new run from a checkpoint's weights (``arcfw run --init-from``).
 
     Loaded: the modules of every parameter group (and group parameters outside
