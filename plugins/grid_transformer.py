@@ -178,7 +178,7 @@ class GridTransformer(Plugin):
     """Predicts the output grid by attending from its cells to the demonstrations' token states.
 
     Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
-    learning rate).  Parameter group ``predictor``.  Logs ``size_loss`` and ``size_acc``.
+    learning rate).  Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
     """
 
     name = "grid_transformer"
