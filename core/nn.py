@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arcfw.core.data.shapes import mask_shapes, rule_shapes, top_shapes
+from arcfw.core.data.shapes import mask_shapes, rule_candidate_shapes, rule_shapes, top_shapes
 from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.engine.distributed import average_gradients, broadcast_
 
@@ -59,8 +59,21 @@ class SizeLearner:
         logits: torch.Tensor = self.head(prompt.float(), rule_shapes(batch), mask_shapes(batch.input_mask))
         return logits
 
-    def shapes(self, prompt: torch.Tensor, batch: Any, k: int = 2) -> torch.Tensor:
-        return top_shapes(self.logits(prompt, batch), k=k)
+    def shapes(self, prompt: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The two attempts' sizes ``[B, 2, 2]``: the size the demonstrations imply first
+        (:func:`~arcfw.core.data.shapes.rule_candidate_shapes`), then the head's best size if it differs,
+        else the demonstrations' second candidate, else the head's runner-up.
+
+        The rule goes first because the head, which learns absolute sides from the prompt, generalises
+        worse than the rules do: after test-time training on one task's demonstrations it had learnt
+        their sizes, not the rule behind them (transposed sizes, benchmarks/README.md)."""
+        rule = rule_candidate_shapes(batch, 2)
+        head = top_shapes(self.logits(prompt, batch), k=2)
+        rows = []
+        for r, h in zip(rule.tolist(), head.tolist()):
+            second = h[0] if h[0] != r[0] else (r[1] if r[1] != r[0] else h[1])
+            rows.append([r[0], second])
+        return torch.tensor(rows, dtype=torch.long, device=rule.device)
 
     def update(self, result: Any) -> dict[str, float] | None:
         if not result.applied:  # a skipped step may carry non-finite values

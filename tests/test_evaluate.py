@@ -22,7 +22,7 @@ from arcfw.core.commands.evaluate import (
     submission,
 )
 from arcfw.core.data.batch import Example, Pair, Task, collate
-from arcfw.core.data.shapes import mask_shapes, rule_shape
+from arcfw.core.data.shapes import rule_candidates, rule_shape, top_shapes
 from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.errors import CheckpointError, ConfigError, ContractError
 from arcfw.core.training.checkpoint import load_weights
@@ -162,17 +162,28 @@ def _test_batch(tasks, shapes=None):
     return examples, collate(examples, shapes=shapes)
 
 
-def test_untrained_size_head_predicts_the_demo_rule_then_the_input_size(make_engine):
+def test_size_attempts_are_the_demo_rule_then_the_heads_best_or_the_next_rule(make_engine):
     eng = make_engine()
     examples, batch = _test_batch(eval_tasks(6))
+    pred = eng.plugins["grid_transformer"]
     with eng.evaluating():
-        sizes = eng.predict_shape(eng.eval_prompt(batch), batch)
+        prompt = eng.eval_prompt(batch)
+        sizes = eng.predict_shape(prompt, batch)
+        head = top_shapes(pred.size_logits(prompt, batch), k=2).tolist()
     assert sizes.dtype == torch.int64 and sizes.shape == (len(examples), 2, 2)
     assert sizes[:, 0].tolist() == [list(rule_shape(e)) for e in examples]
-    inputs = mask_shapes(batch.input_mask).tolist()
-    for (first, second), inp in zip(sizes.tolist(), inputs):
-        if first != inp:  # rows and columns are scored apart: the runner-up swaps one side to the input's
-            assert second != first and second in ([first[0], inp[1]], [inp[0], first[1]])
+    for e, (first, second), h in zip(examples, sizes.tolist(), head):
+        rules = [list(c) for c in rule_candidates(e, 2)]
+        want = h[0] if h[0] != first else (rules[1] if len(rules) > 1 and rules[1] != first else h[1])
+        assert second == want, (e.task_id, first, second, h, rules)
+    # a head that learnt another size offers it second, after the rule
+    with torch.no_grad():
+        pred.size_head.mlp[2].bias.view(2, -1)[:, 0] += 100.0  # side 1 x 1
+        sizes = eng.predict_shape(prompt, batch)
+    assert sizes[:, 0].tolist() == [list(rule_shape(e)) for e in examples]
+    for e, (first, second) in zip(examples, sizes.tolist()):
+        if first != [1, 1]:
+            assert second == [1, 1], (e.task_id, first, second)
 
 
 def test_size_head_does_not_see_the_canvas(make_engine):
