@@ -81,6 +81,7 @@ activations (``gradient_checkpointing``): those run the full forward.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -261,6 +262,114 @@ class _CellEncoder(nn.Module):
         return self.model(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+# --------------------------------------------------------------------------- the text encoding
+
+
+def _causal_mask_builder() -> Any:
+    """transformers' own causal-mask helper (``masking_utils.create_causal_mask``, the one
+    ``Qwen2Model.forward`` calls) as ``build(config, embeds, attention_mask, position_ids)``, with this
+    transformers version's argument names; None when the installed version has no such helper or it
+    asks for an argument this code does not know (the last-layer shortcut is then off)."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:
+        return None
+    params = inspect.signature(create_causal_mask).parameters
+    embeds = next((n for n in ("inputs_embeds", "input_embeds") if n in params), None)
+    cache = next((n for n in ("cache", "past_key_values") if n in params), None)
+    known = {"config", embeds, "attention_mask", cache, "position_ids", "cache_position"}
+    if embeds is None or cache is None or any(p.default is p.empty and n not in known for n, p in params.items()):
+        return None
+
+    def build(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        kwargs: dict[str, Any] = {"config": config, embeds: hidden, "attention_mask": attention_mask, cache: None}
+        if "position_ids" in params:
+            kwargs["position_ids"] = position_ids
+        if "cache_position" in params:  # transformers 4.x
+            kwargs["cache_position"] = position_ids[0]
+        return create_causal_mask(**kwargs)
+
+    return build
+
+
+def _last_token_layer(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                      last: torch.Tensor) -> torch.Tensor:
+    """A ``Qwen2DecoderLayer`` evaluated at position ``last[b]`` of each row only: ``[B, 1, D]``.
+
+    Same arithmetic as the layer's own forward at that position: RMSNorm, q/k/v
+    projections, rotary embedding, grouped-query attention over the positions up
+    to ``last[b]`` (causal; right padding lies after it), output projection,
+    residual, RMSNorm, MLP, residual.
+    """
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
+
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    hd = attn.head_dim
+    rows = torch.arange(B, device=hidden.device)
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x[rows, last]).view(B, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # [B, H_kv, L, hd]
+    v = attn.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # [B, L, hd]
+    cos_q, sin_q = cos[rows, last][:, None, None], sin[rows, last][:, None, None]
+    q = q * cos_q + rotate_half(q) * sin_q
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    visible = (torch.arange(L, device=hidden.device)[None, :] <= last[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=attn.scaling)
+    h = hidden[rows, last].unsqueeze(1) + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class _TextEncoder(nn.Module):
+    """The Qwen2 model of the ``text`` encoding as the parameter group's module (the one DDP wraps
+    and FSDP shards), with the last-layer shortcut.
+
+    It registers the model's children (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``) under
+    their own names, so its parameters, ``state_dict`` and checkpoints are exactly the model's; the
+    model itself (``self.qwen``, not a child) stays transformers' module, unchanged.
+
+    ``forward(input_ids, attention_mask, last=None)``:
+
+    - without ``last``: transformers' forward, the final hidden states ``[B, L, D]``;
+    - with ``last`` (``[B]``, the pooled position of each row): the final hidden state at those
+      positions ``[B, D]``, computed as ``Qwen2Model.forward`` computes it for every layer but the
+      last (token embedding, transformers' causal mask, rotary embeddings, each decoder layer called
+      as the model calls it), the final layer at the pooled positions only
+      (:func:`_last_token_layer`), then the final norm.  The caller passes ``last`` only where that
+      is exact (:meth:`QwenPrompt._shortcut_applies`).
+    """
+
+    def __init__(self, model: nn.Module, mask_builder: Any = None):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "qwen", model)  # a plain reference: its modules are registered above
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP shards each decoder layer
+        self._mask_builder = mask_builder
+
+    def train(self, mode: bool = True) -> _TextEncoder:
+        super().train(mode)
+        self.qwen.train(mode)  # the model's own flag too (its children are already done)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.qwen
+        if last is None:
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = model.embed_tokens(input_ids)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = self._mask_builder(model.config, hidden, attention_mask, position_ids)
+        position_embeddings = model.rotary_emb(hidden, position_ids)
+        for layer in model.layers[:-1]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings)
+        hidden = _last_token_layer(model.layers[-1], hidden, position_embeddings, last)  # [B, 1, D]
+        return model.norm(hidden)[:, 0]
+
+
 class QwenPrompt(Plugin):
     """Prompt embedding from a Qwen2 model reading the serialised demos and query input.
 
@@ -364,11 +473,11 @@ class QwenPrompt(Plugin):
         self._per_example = batching == "per_example"  # "auto" is resolved in configure
         self.last_layer_shortcut = bool(last_layer_shortcut)
         self._shortcut_layer: nn.Module | None = None  # the final decoder layer, when the shortcut applies
-        self._shortcut_last: torch.Tensor | None = None  # [B] pooled positions, set only during _forward
-        self._shortcut_ran = False
+        self._shortcut_ran = False  # whether the last text-encoding forward took the shortcut
 
         self.model: nn.Module | None = None
         self.encoder: _CellEncoder | None = None  # encoding "cells": the cell embedding and the model, one module
+        self.text_encoder: _TextEncoder | None = None  # encoding "text": the model's forward with the shortcut
         self._dropped_warned = False
         self._last_dropped: int | None = None  # demonstration pairs the token budget dropped, last step
         self.tokenizer: Any = None
@@ -441,7 +550,8 @@ class QwenPrompt(Plugin):
             self._prompts.clear()
         else:
             self._build_symbol_ids()
-            self._install_shortcut(model)
+            self._shortcut_layer = self._shortcut_layer_of(model)
+            self.text_encoder = _TextEncoder(model, _causal_mask_builder() if self._shortcut_layer is not None else None)
         ctx.prompt_dim = int(model.config.hidden_size)
 
     def _load_tokenizer(self) -> Any:
@@ -506,7 +616,8 @@ class QwenPrompt(Plugin):
         if self.encoder is not None:
             params = [p for p in self.encoder.parameters() if p.requires_grad]
             return [ParamGroup(name=GROUP, params=params, lr=3e-4, modules=[self.encoder], module_attr="encoder")]
-        return [ParamGroup(name=GROUP, params=list(self.model.parameters()), lr=3e-4, modules=[self.model], module_attr="model")]
+        return [ParamGroup(name=GROUP, params=list(self.text_encoder.parameters()), lr=3e-4, modules=[self.text_encoder],
+                           module_attr="text_encoder")]
 
     # ------------------------------------------------------------------ serialisation
 
@@ -750,18 +861,14 @@ class QwenPrompt(Plugin):
         return self._forward(*self.encode_batch(examples, device)), None
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
+        """Prompts ``[B, D]`` of a right-padded batch (encoding "text")."""
         self._shortcut_ran = False
+        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
         if self._shortcut_applies():
-            self._shortcut_last = last
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            self._shortcut_last = None
-        hidden = out.last_hidden_state  # [B, L, D], or [B, 1, D] (the pooled token) after the shortcut
-        if self._shortcut_ran:
-            pooled = hidden[:, 0]
-        elif self.pooling == "last":
+            self._shortcut_ran = True
+            return self.text_encoder(input_ids, attention_mask, last).float()
+        hidden = self.text_encoder(input_ids, attention_mask)  # [B, L, D]
+        if self.pooling == "last":
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -770,72 +877,40 @@ class QwenPrompt(Plugin):
 
     # ------------------------------------------------------------------ last-layer shortcut
 
-    def _install_shortcut(self, model: nn.Module) -> None:
-        """Route the final decoder layer through :meth:`_last_token_layer` when that is exact
-        for this model (module docstring); otherwise leave the model as it is."""
-        self._shortcut_layer = None
+    def _shortcut_layer_of(self, model: nn.Module) -> nn.Module | None:
+        """The final decoder layer when the last-layer shortcut is exact for this model and these
+        settings (module docstring), else None."""
         if not self.last_layer_shortcut or self.pooling != "last" or self.gradient_checkpointing:
-            return
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+            return None
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
-        layers = getattr(model, "layers", None)
-        if not layers or type(layers[-1]) is not Qwen2DecoderLayer:
-            return  # another architecture (AutoModel may load one): its last layer may differ
-        layer = layers[-1]
-        attn = layer.self_attn
-        if getattr(attn, "sliding_window", None) is not None or float(getattr(attn, "attention_dropout", 0.0) or 0.0) > 0:
-            return
-        full_forward = layer.forward
-        plugin = self
-
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            last = plugin._shortcut_last
-            hidden = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
-            embeddings = kwargs.get("position_embeddings")
-            if last is None or hidden is None or embeddings is None or kwargs.get("use_cache"):
-                return full_forward(*args, **kwargs)  # not from _forward, or a calling convention we do not know
-            plugin._shortcut_ran = True
-            return plugin._last_token_layer(layer, hidden, embeddings, last)
-
-        layer.forward = forward  # an instance attribute: parameters, state_dict and save_pretrained are unchanged
-        self._shortcut_layer = layer
+        if type(model) is not Qwen2Model or not len(model.layers):
+            return None  # another architecture (AutoModel may load one): its forward may differ
+        if any(type(layer) is not Qwen2DecoderLayer or getattr(layer.self_attn, "sliding_window", None) is not None
+               for layer in model.layers):
+            return None
+        if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or ()):
+            return None
+        if float(getattr(model.layers[-1].self_attn, "attention_dropout", 0.0) or 0.0) > 0:
+            return None
+        if _causal_mask_builder() is None:
+            return None  # a transformers version without a causal-mask helper this code can call
+        return model.layers[-1]
 
     def _shortcut_applies(self) -> bool:
-        # DDP and FSDP call the model's own forward, so the shortcut runs inside them (their
-        # gradient hooks see the same parameters); a compiled model (compile: true) runs the full forward
-        return self._shortcut_layer is not None and all(
-            getattr(m, "_compiled_call_impl", None) is None for m in (self.model, unwrap(self.model))
-        )
+        """Whether this forward may take the shortcut: it applies to the model (``_shortcut_layer``),
+        nothing is compiled (``compile: true`` compiles the text encoder; a compiled module runs
+        transformers' full forward), and the final layer is still a plain ``Qwen2DecoderLayer``
+        (FSDP shards each decoder layer on its own, which makes it an ``FSDPQwen2DecoderLayer``
+        whose parameters are gathered only when the layer itself is called: the full forward)."""
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    @staticmethod
-    def _last_token_layer(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                          last: torch.Tensor) -> torch.Tensor:
-        """A ``Qwen2DecoderLayer`` evaluated at position ``last[b]`` of each row only: ``[B, 1, D]``.
-
-        Same arithmetic as the layer's own forward at that position: RMSNorm, q/k/v
-        projections, rotary embedding, grouped-query attention over the positions up
-        to ``last[b]`` (causal; right padding lies after it), output projection,
-        residual, RMSNorm, MLP, residual.
-        """
-        from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
-
-        attn = layer.self_attn
-        B, L, _ = hidden.shape
-        hd = attn.head_dim
-        rows = torch.arange(B, device=hidden.device)
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x[rows, last]).view(B, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # [B, H_kv, L, hd]
-        v = attn.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
-        cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # [B, L, hd]
-        cos_q, sin_q = cos[rows, last][:, None, None], sin[rows, last][:, None, None]
-        q = q * cos_q + rotate_half(q) * sin_q
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-        visible = (torch.arange(L, device=hidden.device)[None, :] <= last[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=attn.scaling)
-        h = hidden[rows, last].unsqueeze(1) + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        if self._shortcut_layer is None or self.text_encoder is None:
+            return False
+        encoder = unwrap(self.text_encoder)
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in (self.text_encoder, encoder, self.model)):
+            return False
+        return type(encoder.layers[-1]) is Qwen2DecoderLayer
 
     @hookimpl
     def post_step_update(self, result: Any, ctx: Context) -> dict[str, float] | None:
