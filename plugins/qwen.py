@@ -1,81 +1,81 @@
-"""Qwen2 prompt model: serialise an example's grids into tokens and pool a Qwen2 hidden state.
+"""Qwen2 prompt model: a transformers ``Qwen2Model`` reads an example's demonstrations and query input.
 
-The prompt role.  Each example is written as one token sequence::
+The prompt role.  The model is random (a :class:`~transformers.Qwen2Config` with the plugin's
+sizes, initialised from the global torch RNG) or loaded with ``AutoModel.from_pretrained`` from a
+local folder (float32 master weights; nothing is downloaded).  The query's output grid is never read.
 
-    for every demo pair:  <in> rows <out> rows
-    then the query:       <query> <in> rows <out>
+**Encodings** (``encoding``):
 
-where a grid's rows are its colour digits each followed by a row end ``"\\n"``.
-The query's output grid is never serialised (it is the target).  The sequence
-runs through a ``transformers`` :class:`~transformers.Qwen2Model` (random,
-from :class:`~transformers.Qwen2Config` with the plugin's sizes, or loaded with
-``AutoModel.from_pretrained``) and the hidden state of the last token (or the
-masked mean over the tokens) is the prompt embedding ``[B, hidden_size]``.
+- ``"cells"`` (default): one token per cell.  Every output cell of every demonstration pair
+  carries its output colour, the colour of each view of the pair's input at that cell
+  (:mod:`arcfw.core.data.views`), whether each view equals the output there, its position, segment
+  and pair (:func:`cell_features`); then every query input cell (output unknown); then a summary
+  token.  The token embeddings are the plugin's own (:class:`CellEmbedding`, the sum of the
+  features' embeddings), fed to the model as ``inputs_embeds``; :class:`_CellEncoder` holds the
+  embedding and the model.  The hook returns a :class:`TaskEncoding`: the prompt ``[B, D]`` (the
+  summary token's final state, or the mean over the tokens) and every token's state ``[B, T, D]``,
+  with each token's view colours and output colour in ``meta``.  An example longer than
+  ``max_tokens`` loses whole demonstration pairs from the front (never the query), counted in the
+  metric ``demos_dropped`` and warned about once.
+- ``"text"``: each example as one token sequence::
 
-Without ``pretrained`` the vocabulary is the compact grid vocabulary of
-:func:`build_grid_tokenizer` (16 tokens).  With ``pretrained`` the checkpoint's
-own tokenizer is used; every symbol (a colour, the row end, a marker) is
-mapped to its token ids once, so the ids of an example are a concatenation of
-per-symbol ids, never a tokenisation of the whole text.
+      for every demo pair:  <in> rows <out> rows
+      then the query:       <query> <in> rows <out>
 
-**Prompt cache** (``cache_every``, default 10 as in the original script, which
-cached Qwen's prompt "every 10 batches").  The cache is keyed *per example*
-(``example.key``, checked against a digest of its grids): every pair has its own
-task and query, so one example's prompt is never reused for another one (the
-original reused one prompt for the next batches, whatever their task).
+  where a grid's rows are its colour digits each followed by a row end ``"\\n"``.  Without
+  ``pretrained`` the vocabulary is the compact grid vocabulary of :func:`build_grid_tokenizer`
+  (16 tokens); with it, the checkpoint's own tokenizer, every symbol (a colour, the row end, a
+  marker) mapped to its token ids once, so an example's ids are a concatenation of per-symbol ids.
+  Longer than ``max_tokens``: whole demo pairs are dropped from the front; a query alone still too
+  long keeps its last ``max_tokens`` ids.  The ids run through :class:`_TextEncoder` and the hook returns the
+  prompt ``[B, D]``: the final hidden state of the last token, or the masked mean.
 
-- *Qwen trainable*: a training step reuses an example's prompt while it is
-  younger than ``cache_every`` optimizer steps, then recomputes it (a
-  *refresh*).  A reused prompt is stale (Qwen has moved on since) and carries
-  **no gradient**: Qwen learns only from the prompts recomputed in a step.  When
-  every prompt of a batch comes from the cache, the plugin puts ``"qwen"`` in
-  ``ctx.no_grad_groups``, so the first-step path check, the zero-gradient watch
-  and the health monitor do not count that step against Qwen, and the optimizer
-  leaves Qwen untouched (no gradient, so no update and no weight decay).
-  Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
-- *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is
-  reused for as long as Qwen's weights stay the same (checked with the
-  parameters' identities and version counters, so loading other weights
-  invalidates it).
-- ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False)
-  never uses it, and neither does a run of several processes (a rank that
-  skipped Qwen's forward would leave the others waiting in DDP's or FSDP's
-  collectives).  ``post_step_update`` reports ``prompt_cached`` (share of the
-  batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of
-  a reused stale prompt, in steps).  Young entries go into checkpoints, so a
-  resumed run reuses the same prompts as the uninterrupted one.
+**Prompt cache** (``cache_every``, default 10).  The cache is keyed *per example*
+(``example.key``, checked against a digest of its grids), so one example's prompt is never reused
+for another one.
 
-A prompt is only reused when *the same example* comes back within
-``cache_every`` steps: small task sets (test-time training on one task, a few
-``data.max_tasks``) or, with Qwen frozen, every epoch after the first.  One
-shuffled pass over a large set (the default config: 3232 examples, each seen
-once) never hits the cache.  Caching only the demonstrations' encoding (a KV
-prefix) so that the query keeps its gradient was considered and left out: it has
-the same hit rate, saves less per hit (the query is a third of the tokens on
-average and still attends over the whole prefix) and trains Qwen on a partial
-gradient that skips the demonstrations.  ``benchmarks/README.md`` has the figures.
+- *Qwen trainable*: a training step reuses an example's prompt while it is younger than
+  ``cache_every`` optimizer steps, then recomputes it (a *refresh*).  A reused prompt is stale and
+  carries **no gradient**: Qwen learns only from the prompts recomputed in a step.  When every
+  prompt of a batch comes from the cache, the plugin puts ``"qwen"`` in ``ctx.no_grad_groups``, so
+  the first-step path check, the zero-gradient watch and the health monitor do not count that step
+  against Qwen, and the optimizer leaves Qwen untouched (no gradient, so no update and no weight
+  decay).  Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
+- *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is reused for as long
+  as Qwen's weights stay the same (checked with the parameters' identities and version counters,
+  so loading other weights invalidates it).
+- ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False) never uses it, and
+  neither does a run of several processes (a rank that skipped Qwen's forward would leave the
+  others waiting in DDP's or FSDP's collectives).  ``post_step_update`` reports ``prompt_cached``
+  (share of the batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of a
+  reused stale prompt, in steps).  Young entries go into checkpoints, so a resumed run reuses the
+  same prompts as the uninterrupted one.
 
-**Batching** (``batching``): ``"padded"`` runs one forward over the
-right-padded batch with an attention mask; ``"per_example"`` runs one unpadded
-forward per example (the same prompts: padding is masked out either way).  On
-CPU a padded, masked batch is slower per example than separate forwards (the
-masked attention kernel computes the full square instead of the causal
-triangle, over the longest sequence of the batch), so ``"auto"`` (the default)
-picks ``"per_example"`` on CPU and ``"padded"`` elsewhere.
+A prompt is only reused when *the same example* comes back within ``cache_every`` steps.  Where
+that happens, the figures and the design's history (the original script's cache, a KV-prefix cache
+that was not built) are in ``benchmarks/README.md``.
 
-**Last-layer shortcut** (``last_layer_shortcut``, default on).  With
-``pooling: "last"`` the prompt is the final layer's output at one position per
-example, and nothing else of the final layer is used.  So the final decoder
-layer is computed for that position only: its keys and values for every token
-(needed by the one query), its attention, MLP and residuals for the pooled token
-alone.  The earlier layers run as transformers runs them.  The prompt and its
-gradients are the same as the full forward's (to float rounding; a test checks
-it, batched and padded), and the step does about 40% less Qwen work on the
-default sizes (2 layers; on a 24-layer model about 1/24 less).  It applies to a
-plain ``Qwen2Model`` whose last layer is a standard ``Qwen2DecoderLayer``
-without sliding-window attention or attention dropout, also inside DDP and FSDP,
-and not while the model is compiled (``compile: true``) or recomputing
-activations (``gradient_checkpointing``): those run the full forward.
+**Batching** (``batching``): ``"padded"`` runs one forward over the right-padded batch with an
+attention mask; ``"per_example"`` runs one unpadded forward per example (the same prompts: padding
+is masked out either way).  ``"auto"`` (the default) picks ``"per_example"`` on CPU, where a
+padded, masked batch is slower per example, and ``"padded"`` elsewhere.
+
+**Last-layer shortcut** (encoding ``"text"``, ``last_layer_shortcut``, default on).  With
+``pooling: "last"`` the prompt is the final layer's output at one position per example.
+:class:`_TextEncoder`, the parameter group's module (the one DDP wraps and FSDP shards; its
+parameters and ``state_dict`` are the model's), then runs the forward itself: the token embedding,
+transformers' own causal mask (``masking_utils.create_causal_mask``), the rotary embeddings and
+every decoder layer but the last, each called as ``Qwen2Model.forward`` calls it; the final layer
+for the pooled positions only (:func:`_last_token_layer`: its keys and values for every token, its
+attention, MLP and residuals for the pooled token alone); then the final norm.  No transformers
+module is modified: ``self.model`` is transformers' model as loaded.  The prompt and its gradients
+are the full forward's (to float rounding; tested padded, per example, with sdpa and eager
+attention, and under bf16 autocast).  The full forward runs instead with ``pooling: "mean"``,
+``gradient_checkpointing``, ``compile: true``, a model other than a plain ``Qwen2Model`` whose
+layers are all ``Qwen2DecoderLayer``, sliding-window attention, attention dropout in the last layer, a
+transformers without a mask helper this code can call, and under FSDP (each decoder layer is
+sharded on its own and gathers its parameters only when called).  ``benchmarks/README.md`` has the
+speed figures.
 """
 
 from __future__ import annotations
@@ -391,8 +391,8 @@ class QwenPrompt(Plugin):
     - ``cache_every``: reuse an example's prompt for fewer than this many steps
       (1: no cache); the gradient semantics are in the module docstring.
     - ``batching``: ``"auto"``, ``"padded"`` or ``"per_example"`` (module docstring).
-    - ``last_layer_shortcut``: with ``pooling: "last"``, compute the final layer for the
-      pooled token only (exact; module docstring).  ``false`` always runs the full forward.
+    - ``last_layer_shortcut``: with ``encoding: "text"`` and ``pooling: "last"``, compute the final
+      layer for the pooled token only (exact; module docstring).  ``false`` always runs the full forward.
     """
 
     name = "qwen"
