@@ -1,86 +1,87 @@
-"""Qwen2 prompt model: serialise an example's grids into tokens and pool a Qwen2 hidden state.
+"""Qwen2 prompt model: a transformers ``Qwen2Model`` reads an example's demonstrations and query input.
 
-The prompt role.  Each example is written as one token sequence::
+The prompt role.  The model is random (a :class:`~transformers.Qwen2Config` with the plugin's
+sizes, initialised from the global torch RNG) or loaded with ``AutoModel.from_pretrained`` from a
+local folder (float32 master weights; nothing is downloaded).  The query's output grid is never read.
 
-    for every demo pair:  <in> rows <out> rows
-    then the query:       <query> <in> rows <out>
+**Encodings** (``encoding``):
 
-where a grid's rows are its colour digits each followed by a row end ``"\\n"``.
-The query's output grid is never serialised (it is the target).  The sequence
-runs through a ``transformers`` :class:`~transformers.Qwen2Model` (random,
-from :class:`~transformers.Qwen2Config` with the plugin's sizes, or loaded with
-``AutoModel.from_pretrained``) and the hidden state of the last token (or the
-masked mean over the tokens) is the prompt embedding ``[B, hidden_size]``.
+- ``"cells"`` (default): one token per cell.  Every output cell of every demonstration pair
+  carries its output colour, the colour of each view of the pair's input at that cell
+  (:mod:`arcfw.core.data.views`), whether each view equals the output there, its position, segment
+  and pair (:func:`cell_features`); then every query input cell (output unknown); then a summary
+  token.  The token embeddings are the plugin's own (:class:`CellEmbedding`, the sum of the
+  features' embeddings), fed to the model as ``inputs_embeds``; :class:`_CellEncoder` holds the
+  embedding and the model.  The hook returns a :class:`TaskEncoding`: the prompt ``[B, D]`` (the
+  summary token's final state, or the mean over the tokens) and every token's state ``[B, T, D]``,
+  with each token's view colours and output colour in ``meta``.  An example longer than
+  ``max_tokens`` loses whole demonstration pairs from the front (never the query), counted in the
+  metric ``demos_dropped`` and warned about once.
+- ``"text"``: each example as one token sequence::
 
-Without ``pretrained`` the vocabulary is the compact grid vocabulary of
-:func:`build_grid_tokenizer` (16 tokens).  With ``pretrained`` the checkpoint's
-own tokenizer is used; every symbol (a colour, the row end, a marker) is
-mapped to its token ids once, so the ids of an example are a concatenation of
-per-symbol ids, never a tokenisation of the whole text.
+      for every demo pair:  <in> rows <out> rows
+      then the query:       <query> <in> rows <out>
 
-**Prompt cache** (``cache_every``, default 10 as in the original script, which
-cached Qwen's prompt "every 10 batches").  The cache is keyed *per example*
-(``example.key``, checked against a digest of its grids): every pair has its own
-task and query, so one example's prompt is never reused for another one (the
-original reused one prompt for the next batches, whatever their task).
+  where a grid's rows are its colour digits each followed by a row end ``"\\n"``.  Without
+  ``pretrained`` the vocabulary is the compact grid vocabulary of :func:`build_grid_tokenizer`
+  (16 tokens); with it, the checkpoint's own tokenizer, every symbol (a colour, the row end, a
+  marker) mapped to its token ids once, so an example's ids are a concatenation of per-symbol ids.
+  Longer than ``max_tokens``: whole demo pairs are dropped from the front; a query alone still too
+  long keeps its last ``max_tokens`` ids.  The ids run through :class:`_TextEncoder` and the hook returns the
+  prompt ``[B, D]``: the final hidden state of the last token, or the masked mean.
 
-- *Qwen trainable*: a training step reuses an example's prompt while it is
-  younger than ``cache_every`` optimizer steps, then recomputes it (a
-  *refresh*).  A reused prompt is stale (Qwen has moved on since) and carries
-  **no gradient**: Qwen learns only from the prompts recomputed in a step.  When
-  every prompt of a batch comes from the cache, the plugin puts ``"qwen"`` in
-  ``ctx.no_grad_groups``, so the first-step path check, the zero-gradient watch
-  and the health monitor do not count that step against Qwen, and the optimizer
-  leaves Qwen untouched (no gradient, so no update and no weight decay).
-  Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
-- *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is
-  reused for as long as Qwen's weights stay the same (checked with the
-  parameters' identities and version counters, so loading other weights
-  invalidates it).
-- ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False)
-  never uses it, and neither does a run of several processes (a rank that
-  skipped Qwen's forward would leave the others waiting in DDP's or FSDP's
-  collectives).  ``post_step_update`` reports ``prompt_cached`` (share of the
-  batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of
-  a reused stale prompt, in steps).  Young entries go into checkpoints, so a
-  resumed run reuses the same prompts as the uninterrupted one.
+**Prompt cache** (``cache_every``, default 10).  The cache is keyed *per example*
+(``example.key``, checked against a digest of its grids), so one example's prompt is never reused
+for another one.
 
-A prompt is only reused when *the same example* comes back within
-``cache_every`` steps: small task sets (test-time training on one task, a few
-``data.max_tasks``) or, with Qwen frozen, every epoch after the first.  One
-shuffled pass over a large set (the default config: 3232 examples, each seen
-once) never hits the cache.  Caching only the demonstrations' encoding (a KV
-prefix) so that the query keeps its gradient was considered and left out: it has
-the same hit rate, saves less per hit (the query is a third of the tokens on
-average and still attends over the whole prefix) and trains Qwen on a partial
-gradient that skips the demonstrations.  ``benchmarks/README.md`` has the figures.
+- *Qwen trainable*: a training step reuses an example's prompt while it is younger than
+  ``cache_every`` optimizer steps, then recomputes it (a *refresh*).  A reused prompt is stale and
+  carries **no gradient**: Qwen learns only from the prompts recomputed in a step.  When every
+  prompt of a batch comes from the cache, the plugin puts ``"qwen"`` in ``ctx.no_grad_groups``, so
+  the first-step path check, the zero-gradient watch and the health monitor do not count that step
+  against Qwen, and the optimizer leaves Qwen untouched (no gradient, so no update and no weight
+  decay).  Staleness (steps since the prompt was computed) is at most ``cache_every - 1``.
+- *Qwen frozen* (``optimizer.lr.qwen: 0``): a cached prompt is exact, so it is reused for as long
+  as Qwen's weights stay the same (checked with the parameters' identities and version counters,
+  so loading other weights invalidates it).
+- ``cache_every: 1`` turns the cache off; evaluation (``ctx.training`` False) never uses it, and
+  neither does a run of several processes (a rank that skipped Qwen's forward would leave the
+  others waiting in DDP's or FSDP's collectives).  ``post_step_update`` reports ``prompt_cached``
+  (share of the batch's prompts taken from the cache) and ``prompt_staleness`` (largest age of a
+  reused stale prompt, in steps).  Young entries go into checkpoints, so a resumed run reuses the
+  same prompts as the uninterrupted one.
 
-**Batching** (``batching``): ``"padded"`` runs one forward over the
-right-padded batch with an attention mask; ``"per_example"`` runs one unpadded
-forward per example (the same prompts: padding is masked out either way).  On
-CPU a padded, masked batch is slower per example than separate forwards (the
-masked attention kernel computes the full square instead of the causal
-triangle, over the longest sequence of the batch), so ``"auto"`` (the default)
-picks ``"per_example"`` on CPU and ``"padded"`` elsewhere.
+A prompt is only reused when *the same example* comes back within ``cache_every`` steps.  Where
+that happens, the figures and the design's history (the original script's cache, a KV-prefix cache
+that was not built) are in ``benchmarks/README.md``.
 
-**Last-layer shortcut** (``last_layer_shortcut``, default on).  With
-``pooling: "last"`` the prompt is the final layer's output at one position per
-example, and nothing else of the final layer is used.  So the final decoder
-layer is computed for that position only: its keys and values for every token
-(needed by the one query), its attention, MLP and residuals for the pooled token
-alone.  The earlier layers run as transformers runs them.  The prompt and its
-gradients are the same as the full forward's (to float rounding; a test checks
-it, batched and padded), and the step does about 40% less Qwen work on the
-default sizes (2 layers; on a 24-layer model about 1/24 less).  It applies to a
-plain ``Qwen2Model`` whose last layer is a standard ``Qwen2DecoderLayer``
-without sliding-window attention or attention dropout, also inside DDP and FSDP,
-and not while the model is compiled (``compile: true``) or recomputing
-activations (``gradient_checkpointing``): those run the full forward.
+**Batching** (``batching``): ``"padded"`` runs one forward over the right-padded batch with an
+attention mask; ``"per_example"`` runs one unpadded forward per example (the same prompts: padding
+is masked out either way).  ``"auto"`` (the default) picks ``"per_example"`` on CPU, where a
+padded, masked batch is slower per example, and ``"padded"`` elsewhere.
+
+**Last-layer shortcut** (encoding ``"text"``, ``last_layer_shortcut``, default on).  With
+``pooling: "last"`` the prompt is the final layer's output at one position per example.
+:class:`_TextEncoder`, the parameter group's module (the one DDP wraps and FSDP shards; its
+parameters and ``state_dict`` are the model's), then runs the forward itself: the token embedding,
+transformers' own causal mask (``masking_utils.create_causal_mask``), the rotary embeddings and
+every decoder layer but the last, each called as ``Qwen2Model.forward`` calls it; the final layer
+for the pooled positions only (:func:`_last_token_layer`: its keys and values for every token, its
+attention, MLP and residuals for the pooled token alone); then the final norm.  No transformers
+module is modified: ``self.model`` is transformers' model as loaded.  The prompt and its gradients
+are the full forward's (to float rounding; tested padded, per example, with sdpa and eager
+attention, and under bf16 autocast).  The full forward runs instead with ``pooling: "mean"``,
+``gradient_checkpointing``, ``compile: true``, a model other than a plain ``Qwen2Model`` whose
+layers are all ``Qwen2DecoderLayer``, sliding-window attention, attention dropout in the last layer, a
+transformers without a mask helper this code can call, and under FSDP (each decoder layer is
+sharded on its own and gathers its parameters only when called).  ``benchmarks/README.md`` has the
+speed figures.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -261,6 +262,114 @@ class _CellEncoder(nn.Module):
         return self.model(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+# --------------------------------------------------------------------------- the text encoding
+
+
+def _causal_mask_builder() -> Any:
+    """transformers' own causal-mask helper (``masking_utils.create_causal_mask``, the one
+    ``Qwen2Model.forward`` calls) as ``build(config, embeds, attention_mask, position_ids)``, with this
+    transformers version's argument names; None when the installed version has no such helper or it
+    asks for an argument this code does not know (the last-layer shortcut is then off)."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:
+        return None
+    params = inspect.signature(create_causal_mask).parameters
+    embeds = next((n for n in ("inputs_embeds", "input_embeds") if n in params), None)
+    cache = next((n for n in ("cache", "past_key_values") if n in params), None)
+    known = {"config", embeds, "attention_mask", cache, "position_ids", "cache_position"}
+    if embeds is None or cache is None or any(p.default is p.empty and n not in known for n, p in params.items()):
+        return None
+
+    def build(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        kwargs: dict[str, Any] = {"config": config, embeds: hidden, "attention_mask": attention_mask, cache: None}
+        if "position_ids" in params:
+            kwargs["position_ids"] = position_ids
+        if "cache_position" in params:  # transformers 4.x
+            kwargs["cache_position"] = position_ids[0]
+        return create_causal_mask(**kwargs)
+
+    return build
+
+
+def _last_token_layer(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                      last: torch.Tensor) -> torch.Tensor:
+    """A ``Qwen2DecoderLayer`` evaluated at position ``last[b]`` of each row only: ``[B, 1, D]``.
+
+    Same arithmetic as the layer's own forward at that position: RMSNorm, q/k/v
+    projections, rotary embedding, grouped-query attention over the positions up
+    to ``last[b]`` (causal; right padding lies after it), output projection,
+    residual, RMSNorm, MLP, residual.
+    """
+    from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
+
+    attn = layer.self_attn
+    B, L, _ = hidden.shape
+    hd = attn.head_dim
+    rows = torch.arange(B, device=hidden.device)
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x[rows, last]).view(B, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # [B, H_kv, L, hd]
+    v = attn.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # [B, L, hd]
+    cos_q, sin_q = cos[rows, last][:, None, None], sin[rows, last][:, None, None]
+    q = q * cos_q + rotate_half(q) * sin_q
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    visible = (torch.arange(L, device=hidden.device)[None, :] <= last[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=attn.scaling)
+    h = hidden[rows, last].unsqueeze(1) + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class _TextEncoder(nn.Module):
+    """The Qwen2 model of the ``text`` encoding as the parameter group's module (the one DDP wraps
+    and FSDP shards), with the last-layer shortcut.
+
+    It registers the model's children (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``) under
+    their own names, so its parameters, ``state_dict`` and checkpoints are exactly the model's; the
+    model itself (``self.qwen``, not a child) stays transformers' module, unchanged.
+
+    ``forward(input_ids, attention_mask, last=None)``:
+
+    - without ``last``: transformers' forward, the final hidden states ``[B, L, D]``;
+    - with ``last`` (``[B]``, the pooled position of each row): the final hidden state at those
+      positions ``[B, D]``, computed as ``Qwen2Model.forward`` computes it for every layer but the
+      last (token embedding, transformers' causal mask, rotary embeddings, each decoder layer called
+      as the model calls it), the final layer at the pooled positions only
+      (:func:`_last_token_layer`), then the final norm.  The caller passes ``last`` only where that
+      is exact (:meth:`QwenPrompt._shortcut_applies`).
+    """
+
+    def __init__(self, model: nn.Module, mask_builder: Any = None):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "qwen", model)  # a plain reference: its modules are registered above
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP shards each decoder layer
+        self._mask_builder = mask_builder
+
+    def train(self, mode: bool = True) -> _TextEncoder:
+        super().train(mode)
+        self.qwen.train(mode)  # the model's own flag too (its children are already done)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.qwen
+        if last is None:
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = model.embed_tokens(input_ids)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = self._mask_builder(model.config, hidden, attention_mask, position_ids)
+        position_embeddings = model.rotary_emb(hidden, position_ids)
+        for layer in model.layers[:-1]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings)
+        hidden = _last_token_layer(model.layers[-1], hidden, position_embeddings, last)  # [B, 1, D]
+        return model.norm(hidden)[:, 0]
+
+
 class QwenPrompt(Plugin):
     """Prompt embedding from a Qwen2 model reading the serialised demos and query input.
 
@@ -282,8 +391,8 @@ class QwenPrompt(Plugin):
     - ``cache_every``: reuse an example's prompt for fewer than this many steps
       (1: no cache); the gradient semantics are in the module docstring.
     - ``batching``: ``"auto"``, ``"padded"`` or ``"per_example"`` (module docstring).
-    - ``last_layer_shortcut``: with ``pooling: "last"``, compute the final layer for the
-      pooled token only (exact; module docstring).  ``false`` always runs the full forward.
+    - ``last_layer_shortcut``: with ``encoding: "text"`` and ``pooling: "last"``, compute the final
+      layer for the pooled token only (exact; module docstring).  ``false`` always runs the full forward.
     """
 
     name = "qwen"
@@ -364,11 +473,11 @@ class QwenPrompt(Plugin):
         self._per_example = batching == "per_example"  # "auto" is resolved in configure
         self.last_layer_shortcut = bool(last_layer_shortcut)
         self._shortcut_layer: nn.Module | None = None  # the final decoder layer, when the shortcut applies
-        self._shortcut_last: torch.Tensor | None = None  # [B] pooled positions, set only during _forward
-        self._shortcut_ran = False
+        self._shortcut_ran = False  # whether the last text-encoding forward took the shortcut
 
         self.model: nn.Module | None = None
         self.encoder: _CellEncoder | None = None  # encoding "cells": the cell embedding and the model, one module
+        self.text_encoder: _TextEncoder | None = None  # encoding "text": the model's forward with the shortcut
         self._dropped_warned = False
         self._last_dropped: int | None = None  # demonstration pairs the token budget dropped, last step
         self.tokenizer: Any = None
@@ -441,7 +550,8 @@ class QwenPrompt(Plugin):
             self._prompts.clear()
         else:
             self._build_symbol_ids()
-            self._install_shortcut(model)
+            self._shortcut_layer = self._shortcut_layer_of(model)
+            self.text_encoder = _TextEncoder(model, _causal_mask_builder() if self._shortcut_layer is not None else None)
         ctx.prompt_dim = int(model.config.hidden_size)
 
     def _load_tokenizer(self) -> Any:
@@ -506,7 +616,8 @@ class QwenPrompt(Plugin):
         if self.encoder is not None:
             params = [p for p in self.encoder.parameters() if p.requires_grad]
             return [ParamGroup(name=GROUP, params=params, lr=3e-4, modules=[self.encoder], module_attr="encoder")]
-        return [ParamGroup(name=GROUP, params=list(self.model.parameters()), lr=3e-4, modules=[self.model], module_attr="model")]
+        return [ParamGroup(name=GROUP, params=list(self.text_encoder.parameters()), lr=3e-4, modules=[self.text_encoder],
+                           module_attr="text_encoder")]
 
     # ------------------------------------------------------------------ serialisation
 
@@ -750,18 +861,14 @@ class QwenPrompt(Plugin):
         return self._forward(*self.encode_batch(examples, device)), None
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
+        """Prompts ``[B, D]`` of a right-padded batch (encoding "text")."""
         self._shortcut_ran = False
+        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token
         if self._shortcut_applies():
-            self._shortcut_last = last
-        try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            self._shortcut_last = None
-        hidden = out.last_hidden_state  # [B, L, D], or [B, 1, D] (the pooled token) after the shortcut
-        if self._shortcut_ran:
-            pooled = hidden[:, 0]
-        elif self.pooling == "last":
+            self._shortcut_ran = True
+            return self.text_encoder(input_ids, attention_mask, last).float()
+        hidden = self.text_encoder(input_ids, attention_mask)  # [B, L, D]
+        if self.pooling == "last":
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -770,72 +877,40 @@ class QwenPrompt(Plugin):
 
     # ------------------------------------------------------------------ last-layer shortcut
 
-    def _install_shortcut(self, model: nn.Module) -> None:
-        """Route the final decoder layer through :meth:`_last_token_layer` when that is exact
-        for this model (module docstring); otherwise leave the model as it is."""
-        self._shortcut_layer = None
+    def _shortcut_layer_of(self, model: nn.Module) -> nn.Module | None:
+        """The final decoder layer when the last-layer shortcut is exact for this model and these
+        settings (module docstring), else None."""
         if not self.last_layer_shortcut or self.pooling != "last" or self.gradient_checkpointing:
-            return
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+            return None
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
-        layers = getattr(model, "layers", None)
-        if not layers or type(layers[-1]) is not Qwen2DecoderLayer:
-            return  # another architecture (AutoModel may load one): its last layer may differ
-        layer = layers[-1]
-        attn = layer.self_attn
-        if getattr(attn, "sliding_window", None) is not None or float(getattr(attn, "attention_dropout", 0.0) or 0.0) > 0:
-            return
-        full_forward = layer.forward
-        plugin = self
-
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            last = plugin._shortcut_last
-            hidden = args[0] if len(args) == 1 else kwargs.get("hidden_states") if not args else None
-            embeddings = kwargs.get("position_embeddings")
-            if last is None or hidden is None or embeddings is None or kwargs.get("use_cache"):
-                return full_forward(*args, **kwargs)  # not from _forward, or a calling convention we do not know
-            plugin._shortcut_ran = True
-            return plugin._last_token_layer(layer, hidden, embeddings, last)
-
-        layer.forward = forward  # an instance attribute: parameters, state_dict and save_pretrained are unchanged
-        self._shortcut_layer = layer
+        if type(model) is not Qwen2Model or not len(model.layers):
+            return None  # another architecture (AutoModel may load one): its forward may differ
+        if any(type(layer) is not Qwen2DecoderLayer or getattr(layer.self_attn, "sliding_window", None) is not None
+               for layer in model.layers):
+            return None
+        if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or ()):
+            return None
+        if float(getattr(model.layers[-1].self_attn, "attention_dropout", 0.0) or 0.0) > 0:
+            return None
+        if _causal_mask_builder() is None:
+            return None  # a transformers version without a causal-mask helper this code can call
+        return model.layers[-1]
 
     def _shortcut_applies(self) -> bool:
-        # DDP and FSDP call the model's own forward, so the shortcut runs inside them (their
-        # gradient hooks see the same parameters); a compiled model (compile: true) runs the full forward
-        return self._shortcut_layer is not None and all(
-            getattr(m, "_compiled_call_impl", None) is None for m in (self.model, unwrap(self.model))
-        )
+        """Whether this forward may take the shortcut: it applies to the model (``_shortcut_layer``),
+        nothing is compiled (``compile: true`` compiles the text encoder; a compiled module runs
+        transformers' full forward), and the final layer is still a plain ``Qwen2DecoderLayer``
+        (FSDP shards each decoder layer on its own, which makes it an ``FSDPQwen2DecoderLayer``
+        whose parameters are gathered only when the layer itself is called: the full forward)."""
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    @staticmethod
-    def _last_token_layer(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                          last: torch.Tensor) -> torch.Tensor:
-        """A ``Qwen2DecoderLayer`` evaluated at position ``last[b]`` of each row only: ``[B, 1, D]``.
-
-        Same arithmetic as the layer's own forward at that position: RMSNorm, q/k/v
-        projections, rotary embedding, grouped-query attention over the positions up
-        to ``last[b]`` (causal; right padding lies after it), output projection,
-        residual, RMSNorm, MLP, residual.
-        """
-        from transformers.models.qwen2.modeling_qwen2 import repeat_kv, rotate_half
-
-        attn = layer.self_attn
-        B, L, _ = hidden.shape
-        hd = attn.head_dim
-        rows = torch.arange(B, device=hidden.device)
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x[rows, last]).view(B, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # [B, H_kv, L, hd]
-        v = attn.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
-        cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # [B, L, hd]
-        cos_q, sin_q = cos[rows, last][:, None, None], sin[rows, last][:, None, None]
-        q = q * cos_q + rotate_half(q) * sin_q
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-        visible = (torch.arange(L, device=hidden.device)[None, :] <= last[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=attn.scaling)
-        h = hidden[rows, last].unsqueeze(1) + attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        if self._shortcut_layer is None or self.text_encoder is None:
+            return False
+        encoder = unwrap(self.text_encoder)
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in (self.text_encoder, encoder, self.model)):
+            return False
+        return type(encoder.layers[-1]) is Qwen2DecoderLayer
 
     @hookimpl
     def post_step_update(self, result: Any, ctx: Context) -> dict[str, float] | None:

@@ -64,8 +64,13 @@ def test_train_mode_prompt_dim_and_param_group():
     assert plugin.model.config.max_position_embeddings >= plugin.max_tokens
     assert plugin.model.config.vocab_size == len(build_grid_tokenizer())
     (group,) = plugin.parameter_groups(ctx)
-    assert group.name == "qwen" and group.lr == 3e-4 and group.modules == [plugin.model]
-    assert len(group.params) == len(list(plugin.model.parameters())) > 0
+    # the group's module is the text encoder (DDP wraps it): the model's own parameters and state_dict
+    assert group.name == "qwen" and group.lr == 3e-4 and group.modules == [plugin.text_encoder]
+    assert group.module_attr == "text_encoder" and getattr(plugin, group.module_attr) is group.modules[0]
+    assert [id(p) for p in group.params] == [id(p) for p in plugin.model.parameters()] and group.params
+    assert plugin.text_encoder.state_dict().keys() == plugin.model.state_dict().keys()
+    plugin.text_encoder.eval()  # what the engine does to evaluate: the model follows
+    assert not plugin.model.training and not any(m.training for m in plugin.model.modules())
 
 
 def test_init_follows_global_seed():
@@ -232,14 +237,16 @@ def test_from_pretrained_round_trip(tmp_path):
 # ------------------------------------------------------------------ last-layer shortcut
 
 
-@pytest.mark.parametrize("batching", ["padded", "per_example"])
-def test_last_layer_shortcut_same_prompt_and_grads_as_full_forward(batching):
+@pytest.mark.parametrize("batching,attn", [("padded", "sdpa"), ("per_example", "sdpa"), ("padded", "eager")])
+def test_last_layer_shortcut_same_prompt_and_grads_as_full_forward(batching, attn):
     """The shortcut (final layer at the pooled token only) against transformers' full forward,
-    on a padded batch of different lengths: same prompts, same gradients for every parameter."""
+    on a padded batch of different lengths: same prompts, same gradients for every parameter
+    (eager attention takes another mask format from transformers' mask helper)."""
     exs = mixed_examples()
     out = []
     for shortcut in (False, True):
-        plugin, ctx = configured(seed=3, num_layers=3, batching=batching, last_layer_shortcut=shortcut)
+        plugin, ctx = configured(seed=3, num_layers=3, batching=batching, last_layer_shortcut=shortcut,
+                                 attn_implementation=attn)
         assert (plugin._shortcut_layer is not None) == shortcut
         prompt = plugin.generate_prompt(collate(exs), ctx)
         assert plugin._shortcut_ran == shortcut  # the shortcut really ran (or really did not)
@@ -253,12 +260,40 @@ def test_last_layer_shortcut_same_prompt_and_grads_as_full_forward(batching):
         torch.testing.assert_close(short_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_last_layer_shortcut_under_bf16_autocast():
+    """Under bf16 autocast (precision: bf16-mixed) the shortcut's prompt is float32 and as close to
+    the fp32 prompt as the full forward's is, with gradients to the last layer."""
+    exs = mixed_examples()
+    prompts = {}
+    for shortcut, precision in ((False, "fp32"), (False, "bf16"), (True, "bf16")):
+        plugin, ctx = configured(seed=3, num_layers=2, batching="padded", last_layer_shortcut=shortcut)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            prompt = plugin.generate_prompt(collate(exs), ctx)
+        assert plugin._shortcut_ran == shortcut and prompt.dtype == torch.float32
+        prompt.square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.model.layers[-1].parameters())
+        prompts[shortcut, precision] = prompt.detach()
+    ref = prompts[False, "fp32"]
+    full_err = (prompts[False, "bf16"] - ref).abs().max()
+    short_err = (prompts[True, "bf16"] - ref).abs().max()
+    assert 0 < full_err < 0.1 and short_err < 2 * full_err
+
+
 def test_last_layer_shortcut_leaves_the_model_itself_unchanged():
     """Outside the plugin's own forward the model is transformers' model as it was: full output,
-    same state_dict keys."""
+    same state_dict keys, no module's forward replaced (also after a forward with the shortcut)."""
+    from transformers import Qwen2Model
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
     plugin, ctx = configured(num_layers=2)
     plain, _ = configured(num_layers=2, last_layer_shortcut=False)
     assert plugin._shortcut_layer is not None
+    plugin.generate_prompt(collate(mixed_examples()), ctx)
+    assert plugin._shortcut_ran
+    assert type(plugin.model) is Qwen2Model
+    assert all(type(layer) is Qwen2DecoderLayer for layer in plugin.model.layers)
+    for name, m in plugin.model.named_modules():
+        assert "forward" not in vars(m), f"{name or 'the model'} has an instance attribute 'forward'"
     assert plugin.model.state_dict().keys() == plain.model.state_dict().keys()
     ids, mask = plugin.encode_batch(mixed_examples(), CPU)
     with torch.no_grad():
@@ -278,5 +313,7 @@ def test_last_layer_shortcut_off_where_it_does_not_apply(kw):
 
 def test_last_layer_shortcut_not_used_when_compiled():
     plugin, ctx = configured()
-    plugin.model.compile()  # what compile: true does; nothing is compiled until a call
+    assert plugin._shortcut_applies()
+    (group,) = plugin.parameter_groups(ctx)
+    group.modules[0].compile()  # what compile: true does; nothing is compiled until a call
     assert not plugin._shortcut_applies()
