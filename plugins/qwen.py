@@ -84,8 +84,9 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,9 +98,9 @@ from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.data.views import NO_CELL, NUM_VIEWS, grid_views
 from arcfw.core.engine.context import Context, Metric, ParamGroup, TaskEncoding
 from arcfw.core.engine.distributed import unwrap
-from arcfw.core.errors import PluginError, first_line
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
+from arcfw.core.errors import PluginError, first_line
 
 #: marker texts of the serialisation (tokens of the compact vocabulary; plain text for other tokenizers)
 IN_MARK = "<in>"
