@@ -19,6 +19,7 @@ from torch import nn
 from arcfw.core.data.shapes import mask_shapes, rule_candidate_shapes, rule_shapes, top_shapes
 from arcfw.core.data.tasks import MAX_SIDE
 from arcfw.core.engine.distributed import average_gradients, broadcast_
+from arcfw.core.engine.hookspecs import hookimpl
 
 
 class SizeHead(nn.Module):
@@ -96,3 +97,41 @@ class SizeLearner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head.load_state_dict(state["size_head"])
         self.optimizer.load_state_dict(state["size_optimizer"])
+
+
+class SizePredictor:
+    """Mixin for a predictor plugin with a :class:`SizeLearner` in ``self.sizes`` (built in its
+    ``configure``): implements ``predict_shape``, the size head's ``post_step_update`` and the
+    ``state_dict`` / ``load_state_dict`` that put it into checkpoints."""
+
+    sizes: SizeLearner | None = None
+
+    @property
+    def size_head(self) -> SizeHead:
+        assert self.sizes is not None, "configure() builds the size head"
+        return self.sizes.head
+
+    def size_logits(self, prompt: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
+        assert self.sizes is not None, "configure() builds the size head"
+        return self.sizes.logits(prompt, batch)
+
+    @hookimpl
+    def predict_shape(self, prompt: torch.Tensor, batch: Any, ctx: Any) -> torch.Tensor:
+        assert self.sizes is not None, "configure() builds the size head"
+        return self.sizes.shapes(prompt, batch)
+
+    @hookimpl
+    def post_step_update(self, result: Any, ctx: Any) -> dict[str, float] | None:
+        assert self.sizes is not None, "configure() builds the size head"
+        return self.sizes.update(result)
+
+    @hookimpl
+    def state_dict(self, ctx: Any) -> dict[str, Any]:
+        assert self.sizes is not None, "configure() builds the size head"
+        return self.sizes.state_dict()
+
+    @hookimpl
+    def load_state_dict(self, state: dict[str, Any], ctx: Any) -> None:
+        assert self.sizes is not None, "configure() builds the size head"
+        self.sizes.load_state_dict(state)

@@ -10,7 +10,7 @@ from arcfw.core.data.batch import NUM_COLOURS
 from arcfw.core.engine.context import ParamGroup
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.nn import SizeHead, SizeLearner
+from arcfw.core.nn import SizeLearner, SizePredictor
 
 
 class _Block(nn.Module):
@@ -54,7 +54,7 @@ class AgentNet(nn.Module):
         return self.head(x).permute(0, 2, 3, 1)  # [B, H, W, 10]
 
 
-class GridAgent(Plugin):
+class GridAgent(SizePredictor, Plugin):
     """Predicts the query's output grid, cell by cell, from its input grid and the refined prompt.
 
     Its :class:`SizeHead` predicts the output grid's size at evaluation
@@ -85,10 +85,6 @@ class GridAgent(Plugin):
         self.net = AgentNet(ctx.prompt_dim, self.channels, self.layers).to(ctx.device)
         self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.channels, self.size_lr, ctx.device, ctx.fused_optimizers)
 
-    @property
-    def size_head(self) -> SizeHead:
-        return self.sizes.head
-
     @hookimpl
     def parameter_groups(self, ctx):
         return [ParamGroup(name="agent", params=list(self.net.parameters()), lr=1e-3, modules=[self.net], module_attr="net")]
@@ -96,23 +92,3 @@ class GridAgent(Plugin):
     @hookimpl
     def predict(self, prompt, batch, ctx):
         return self.net(prompt, batch.inputs, batch.canvas_mask)
-
-    def size_logits(self, prompt, batch) -> torch.Tensor:
-        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
-        return self.sizes.logits(prompt, batch)
-
-    @hookimpl
-    def predict_shape(self, prompt, batch, ctx):
-        return self.sizes.shapes(prompt, batch)
-
-    @hookimpl
-    def post_step_update(self, result, ctx):
-        return self.sizes.update(result)
-
-    @hookimpl
-    def state_dict(self, ctx):
-        return self.sizes.state_dict()
-
-    @hookimpl
-    def load_state_dict(self, state, ctx):
-        self.sizes.load_state_dict(state)

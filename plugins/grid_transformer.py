@@ -51,7 +51,7 @@ from arcfw.core.data.views import NO_CELL, NUM_VIEWS, grid_views
 from arcfw.core.engine.context import ParamGroup
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
-from arcfw.core.nn import SizeLearner
+from arcfw.core.nn import SizeLearner, SizePredictor
 
 _OFF_VIEW = 1  # 0: padding (a feature that is absent)
 _OFF_POS = _OFF_VIEW + NUM_VIEWS * (NO_CELL + 1)
@@ -174,7 +174,7 @@ class GridTransformerNet(nn.Module):
         return torch.einsum("bnt,btc->bnc", weights, out)
 
 
-class GridTransformer(Plugin):
+class GridTransformer(SizePredictor, Plugin):
     """Predicts the output grid by attending from its cells to the demonstrations' token states.
 
     Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
@@ -203,10 +203,6 @@ class GridTransformer(Plugin):
         self._mem_dim = ctx.prompt_dim
         self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads).to(ctx.device)
         self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.dim, self.size_lr, ctx.device, ctx.fused_optimizers)
-
-    @property
-    def size_head(self):
-        return self.sizes.head
 
     @hookimpl
     def parameter_groups(self, ctx):
@@ -248,23 +244,3 @@ class GridTransformer(Plugin):
         logits = self.net(prompt, feats, views, cell_mask, mem, mem_mask, mem_views, mem_outputs)
         H, W = batch.canvas
         return logits.view(batch.size, H, W, NUM_COLOURS)
-
-    def size_logits(self, prompt, batch) -> torch.Tensor:
-        """``[B, 2, 30]`` logits of the output's rows and columns (reads no answer, no canvas)."""
-        return self.sizes.logits(prompt, batch)
-
-    @hookimpl
-    def predict_shape(self, prompt, batch, ctx):
-        return self.sizes.shapes(prompt, batch)
-
-    @hookimpl
-    def post_step_update(self, result, ctx):
-        return self.sizes.update(result)
-
-    @hookimpl
-    def state_dict(self, ctx):
-        return self.sizes.state_dict()
-
-    @hookimpl
-    def load_state_dict(self, state, ctx):
-        self.sizes.load_state_dict(state)
