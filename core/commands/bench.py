@@ -224,6 +224,6 @@ def check_json_target(path: Path | None) -> None:
     if path is None:
         return
     if path.is_dir():
-        raise ConfigError("--json", [("json", f"is a folder, not a file: {path}")])
+        raise ConfigError("--json", [("", f"is a folder, not a file: {path}")])
     if not path.parent.is_dir():
-        raise ConfigError("--json", [("json", f"folder does not exist: {path.parent}")])
+        raise ConfigError("--json", [("", f"folder does not exist: {path.parent}")])

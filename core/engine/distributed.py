@@ -49,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
+        raise ConfigError("device", [("", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
     return torch.device(name)
 
 
@@ -286,7 +286,7 @@ def _shard(g: ParamGroup) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # pragma: no cover - torch < 2.6
-        raise ConfigError("distributed.strategy", [("distributed.strategy", "fsdp needs torch >= 2.6 (FSDP2 fully_shard)")]) from None
+        raise ConfigError("distributed.strategy", [("", "fsdp needs torch >= 2.6 (FSDP2 fully_shard)")]) from None
     for module in g.modules:
         names = {id(p): n for n, p in module.named_parameters()}
         split = set(getattr(module, "_no_split_modules", None) or ())

@@ -139,7 +139,7 @@ class Engine:
             self.plugins[name] = plugin
             self.roles[name] = spec.role
         if problems:
-            raise ConfigError(self.config.source, problems)
+            raise self.config.error(problems)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -160,6 +160,8 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
+        # the resolved config names every group's learning rate (OUT/config.yaml, checkpoints, `arcfw config`)
+        self.config.set_learning_rates({g.name: g.lr for g in self.groups})
         self.metrics = self._collect_metrics()  # declared: the engine's, then every plugin's in role order
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
@@ -200,8 +202,7 @@ class Engine:
         overrides = self.config["optimizer"]["lr"]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise ConfigError(
-                self.config.source,
+            raise self.config.error(
                 [(f"optimizer.lr.{u}", f"no parameter group named '{u}' (groups: {', '.join(names) or 'none'})") for u in unknown],
             )
         for g in groups:
