@@ -74,7 +74,7 @@ def startup_lines(
         + (f", {world_size} processes" if world_size > 1 else ""),
         f"arcfw: parameters {_count(total_tr)} trainable, {_count(total_fr)} frozen: {groups or 'no parameter group'}",
         f"arcfw: data {source}{limit}: {tasks} tasks, {pairs} pairs; batch size {cfg['batch_size']}{per_rank}, "
-        f"{batches} batches per epoch x {cfg['epochs']} epochs{budget}",
+        f"{batches} batches per epoch x {cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''}{budget}",
         f"arcfw: output {out_dir}",
         f"arcfw: start {start}",
     ]
