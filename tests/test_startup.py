@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 
+import torch
+import yaml
+
 from click.testing import CliRunner
 from conftest import REPO, TINY
 
 from arcfw.core.commands.cli import main
 from arcfw.core.config import load_config
 from arcfw.core.data.tasks import load_tasks, make_examples
+from arcfw.core.engine.distributed import resolve_threads
 from arcfw.core.engine.engine import Engine
 from arcfw.core.training.startup import _count, parameter_counts
 
@@ -56,3 +60,29 @@ def test_quiet_silences_the_summary(tmp_path):
     res = run("--out", str(tmp_path / "run"), "-q")
     assert res.exit_code == 0, res.output
     assert summary_lines(res.output) == []
+
+
+def test_threads_auto_is_one_on_cpu_and_shown(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)  # as torch starts on a 2-core machine
+    try:
+        res = run("--out", str(tmp_path / "run"))
+        assert res.exit_code == 0, res.output
+        assert summary_lines(res.output)[0] == "arcfw: device cpu, precision fp32, 1 CPU thread (threads: null, auto)"
+        assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["threads"] == 1  # the count used
+        torch.set_num_threads(2)
+        assert resolve_threads(None, torch.device("cpu")) == 1
+        assert resolve_threads(3, torch.device("cpu")) == 3
+        assert resolve_threads(None, torch.device("cuda")) == 2  # torch's own on a GPU
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert resolve_threads(None, torch.device("cpu")) == 2  # the user's choice
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bench_header_names_the_threads():
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(main, ["bench", DEFAULT, "--warmup", "0", "--steps", "1", "--set", "threads=1", *sets])
+    assert res.exit_code == 0, res.output
+    assert "(cpu, 1 CPU thread, batch size 1, 0 warm-up + 1 timed steps)" in res.output.splitlines()[0]

@@ -53,6 +53,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_threads(threads: int | None, device: torch.device) -> int:
+    """The CPU threads of this process (``torch.set_num_threads``) for config ``threads``.
+
+    ``null`` (auto): **1** on CPU, where the small models arcfw trains on a CPU gain little from a
+    second thread on a quiet machine and lose several times over when another process wants the
+    cores (benchmarks/README.md, "Threads"); the count ``OMP_NUM_THREADS`` gives when it is set; and
+    torch's own default (one per core) on CUDA, where the CPU only feeds the GPU.  A number is used
+    as given.
+    """
+    if threads is not None:
+        return threads
+    if "OMP_NUM_THREADS" in os.environ or device.type != "cpu":
+        return torch.get_num_threads()
+    return 1
+
+
 # --------------------------------------------------------------------------- helpers plugins may call
 
 

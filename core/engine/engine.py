@@ -24,7 +24,7 @@ from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
 from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, TaskEncoding, View
-from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device
+from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
@@ -91,8 +91,11 @@ class Engine:
         self.device = device or (dist.device if dist else resolve_device(cfg["device"]))
         self.dist = dist or Dist(device=self.device)
         self.check_contracts = bool(cfg["health"]["check_contracts"])
-        if cfg["threads"] is not None:  # CPU threads of this process (torch's default: one per core)
-            torch.set_num_threads(cfg["threads"])
+        self.threads_auto = cfg["threads"] is None
+        threads = resolve_threads(cfg["threads"], self.device)  # null: 1 on CPU (see resolve_threads)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        cfg["threads"] = threads  # the resolved config names the count used
         self.precision = Precision(cfg["precision"], self.device)
         self.ctx = Context(device=self.device, seed=cfg["seed"], out_dir=out_dir, rank=self.dist.rank, world_size=self.dist.world_size)
         self.listeners: list[Listener] = []

@@ -40,9 +40,10 @@ def parameter_counts(engine: Engine) -> list[tuple[str, str, int, int, float]]:
     return rows
 
 
-def threads_text(device: torch.device) -> str:
+def threads_text(device: torch.device, auto: bool = False) -> str:
     n = torch.get_num_threads()
-    return f"{n} CPU thread{'s' if n != 1 else ''}" + (" (host side)" if device.type != "cpu" else "")
+    notes = [n for n, on in (("host side", device.type != "cpu"), ("threads: null, auto", auto)) if on]
+    return f"{n} CPU thread{'s' if n != 1 else ''}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def startup_lines(
@@ -70,7 +71,7 @@ def startup_lines(
     budget = f", at most {cfg['max_batches']} batches" if cfg.get("max_batches") else ""
     device = engine.device
     return [
-        f"arcfw: device {device}, precision {cfg['precision']}, {threads_text(device)}"
+        f"arcfw: device {device}, precision {cfg['precision']}, {threads_text(device, getattr(engine, 'threads_auto', False))}"
         + (f", {world_size} processes" if world_size > 1 else ""),
         f"arcfw: parameters {_count(total_tr)} trainable, {_count(total_fr)} frozen: {groups or 'no parameter group'}",
         f"arcfw: data {source}{limit}: {tasks} tasks, {pairs} pairs; batch size {cfg['batch_size']}{per_rank}, "
