@@ -321,10 +321,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] | 
     problems: list[tuple[str, str]] = []
     if user_plugins is not None and not isinstance(user_plugins, dict):
         problems.append(("plugins", f"expected a mapping of role -> plugin, got {type(user_plugins).__name__}"))
-    texts = [Override(f"{k}={v}") for k, v in overrides.items()] if isinstance(overrides, dict) else [
-        o if isinstance(o, Override) else Override(o) for o in overrides]
+    texts = [] if isinstance(overrides, dict) else [o if isinstance(o, Override) else Override(o) for o in overrides]
     items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in texts]
-    origins = [(k, o.label) for (k, _), o in zip(items, texts)]
+    # options of the command line (strings) are named in messages; a program's dict of overrides is not
+    origins = [] if isinstance(overrides, dict) else [(k, o.label) for (k, _), o in zip(items, texts)]
     # `--set plugins.ROLE.name=other` switches the role to another plugin: the old plugin's parameters
     # go with it (they would be unknown to the new one); switches first, so that other --set options
     # of that section, before or after the switch, apply to the new plugin

@@ -26,7 +26,7 @@ from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import ConfigError
+from arcfw.core.errors import ConfigError, Interrupted
 from arcfw.core.io import write_atomic
 from arcfw.core.training import checkpoint
 from arcfw.core.training.checkpoint import Checkpointer
@@ -148,15 +148,29 @@ class Trainer:
                 if self._rng is not None:
                     checkpoint.set_rng_state(self._rng)  # last, so that nothing draws between restore and step
                 self._run()
-        except BaseException:
+        except BaseException as exc:
+            self._end("stopped" if isinstance(exc, Interrupted) else "failed", raise_errors=False)
             self.book.close()
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
                 shutil.rmtree(self.out_dir, ignore_errors=True)
             raise
         finally:
             self.dist.close()
+        self._end("finished")
         self.book.close()
         return self.book.log.summaries
+
+    def _end(self, status: str, raise_errors: bool = True) -> None:
+        """``on_train_end(status)`` of every plugin (loggers close their files); the first error of an
+        implementation is raised once all were called (not while another error is on its way)."""
+        first: BaseException | None = None
+        for impl in self.engine._impls.get("on_train_end", []):
+            try:
+                self.engine.call_plugin("on_train_end", impl.plugin, status=status)
+            except Exception as exc:  # noqa: BLE001 - every logger gets to close its files
+                first = first or exc
+        if first is not None and raise_errors:
+            raise first
 
     def _run(self) -> None:
         eng, epochs = self.engine, self.cfg["epochs"]
