@@ -7,7 +7,6 @@ import re
 
 import torch
 import yaml
-
 from click.testing import CliRunner
 from conftest import REPO, TINY
 

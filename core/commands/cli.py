@@ -85,7 +85,7 @@ def run_overrides(
     remembers its option, which a bad value's message names (``--epochs 0: must be > 0``)."""
     from arcfw.core.config import Override
 
-    out = []
+    out: list[str] = []
     for flag, key, value in (
         ("--epochs", "epochs", epochs),
         ("--max-batches", "max_batches", max_batches),

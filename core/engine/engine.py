@@ -33,7 +33,6 @@ from arcfw.core.engine.steps import STEP_ORDER, order_text
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
-    ConfigError,
     ContractError,
     GradientPathError,
     OrderError,
