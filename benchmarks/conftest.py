@@ -29,6 +29,7 @@ if str(BENCH) not in sys.path:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--compile", action="store_true", help="also run the torch.compile benchmarks (minutes of compiling)")
+    parser.addoption("--busy", action="store_true", help="test_threads.py: time beside one competing busy process")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

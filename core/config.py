@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 import sys
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ DEFAULTS: dict[str, Any] = {
     # arcfw eval --ttt (docs/evaluation.md): per task, `steps` optimizer steps and/or at most `seconds`;
     # lr: learning rates per parameter group during TTT (default: optimizer.lr); views: augmented copies
     # of the task trained on and voted over; batch_size: examples per TTT step
-    "ttt": {"steps": 32, "seconds": None, "lr": {}, "views": 8, "batch_size": 8, "augment": True},
+    "ttt": {"steps": 60, "seconds": None, "lr": {}, "views": 8, "batch_size": 8, "augment": True},
     "plugins": {
         "prompt": {"name": "qwen"},
         "refine": {"name": "rl_policy"},
@@ -148,6 +149,50 @@ DEFAULTS: dict[str, Any] = {
         "extra": [],
     },
 }
+
+
+class Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-4`` (no dot) is a float, as in YAML 1.2 and
+    Python, not the string ``'1e-4'``."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
+class Override(str):
+    """A ``key=value`` override that remembers the command-line option it came from (``--set
+    key=value``, ``--epochs 3``), so that a bad value is blamed on that option, not on the file."""
+
+    label: str
+
+    def __new__(cls, text: str, label: str | None = None) -> Override:
+        obj = super().__new__(cls, text)
+        obj.label = label or f"--set {text}"
+        return obj
+
+
+def blame(source: str, problems: Sequence[tuple[str, str]], origins: Sequence[tuple[str, str]]) -> ConfigError:
+    """A :class:`ConfigError` in which every problem whose key an override set (``origins``: dotted
+    key and the label of the option that set it, in command-line order) names that option instead
+    of ``source``: ``--set epochs=x: expected int, got str 'x'``."""
+    out: list[tuple[str, str]] = []
+    for key, msg in problems:
+        label = None
+        for okey, olabel in origins:  # the last option that set this key (or a section above or below it) wins
+            if key == okey or key.startswith((f"{okey}.", f"{okey}[")) or okey.startswith(f"{key}."):
+                label = olabel if key == okey or okey.startswith(f"{key}.") else f"{olabel} ({key})"
+        out.append((label, msg) if label is not None else (f"{source}: {key}" if key else source, msg))
+    if all(not k.startswith("-") for k, _ in out):
+        return ConfigError(source, list(problems))
+    return ConfigError("", out)
 
 
 @dataclass
@@ -169,6 +214,11 @@ class RunConfig:
     data: dict[str, Any]
     source: str
     plugins: list[PluginSpec]
+    origins: list[tuple[str, str]] = field(default_factory=list)  # dotted key -> command-line option that set it
+
+    def error(self, problems: Sequence[tuple[str, str]]) -> ConfigError:
+        """A config error about ``problems`` (dotted key, message), blaming the option that set a key."""
+        return blame(self.source, problems, self.origins)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -182,6 +232,11 @@ class RunConfig:
     def dump(self) -> str:
         return yaml.safe_dump(self.data, sort_keys=False)
 
+    def set_learning_rates(self, lrs: dict[str, float]) -> None:
+        """Record the learning rate every parameter group got (known once the engine is built), so
+        that ``optimizer.lr`` in ``OUT/config.yaml`` names every group."""
+        self.data["optimizer"]["lr"] = {k: float(v) for k, v in lrs.items()}
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -193,7 +248,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(str(path), [("", "is a folder, not a YAML file")])
     try:
-        data = yaml.safe_load(p.read_text())
+        data = parse_yaml(p.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -209,9 +264,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError("--set", [(text, "expected dotted.key=value")])
+        raise ConfigError("", [(getattr(text, "label", f"--set {text}"), "expected dotted.key=value")])
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -266,7 +321,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] | 
     problems: list[tuple[str, str]] = []
     if user_plugins is not None and not isinstance(user_plugins, dict):
         problems.append(("plugins", f"expected a mapping of role -> plugin, got {type(user_plugins).__name__}"))
-    items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides))
+    texts = [] if isinstance(overrides, dict) else [o if isinstance(o, Override) else Override(o) for o in overrides]
+    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in texts]
+    # options of the command line (strings) are named in messages; a program's dict of overrides is not
+    origins = [] if isinstance(overrides, dict) else [(k, o.label) for (k, _), o in zip(items, texts)]
     # `--set plugins.ROLE.name=other` switches the role to another plugin: the old plugin's parameters
     # go with it (they would be unknown to the new one); switches first, so that other --set options
     # of that section, before or after the switch, apply to the new plugin
@@ -284,8 +342,62 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] | 
     _check_semantics(data, problems, base_dir)
     specs = _check_plugins(data.get("plugins"), problems)
     if problems:
-        raise ConfigError(source, problems)
-    return RunConfig(data=data, source=source, plugins=specs)
+        raise blame(source, problems, origins)
+    _fill_plugin_defaults(data["plugins"], specs)
+    return RunConfig(data=data, source=source, plugins=specs, origins=origins)
+
+
+def plugin_defaults(cls: type) -> dict[str, Any]:
+    """The keyword parameters of a plugin's constructor that have a default, with that default."""
+    init = constructor(cls)
+    if init is object.__init__:
+        return {}
+    params = inspect.signature(init).parameters.values()
+    return {
+        p.name: copy.deepcopy(p.default)
+        for p in params
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not inspect.Parameter.empty
+    }
+
+
+def _yaml_value(value: Any) -> Any:
+    """``value`` as YAML can hold it (tuples as lists), or raise TypeError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_yaml_value(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _yaml_value(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def _fill_plugin_defaults(section: dict[str, Any], specs: list[PluginSpec]) -> None:
+    """Write every plugin's parameters into its config section: those the config gave, then the
+    constructor's defaults of the others (so the resolved config names every value the plugin got).
+    A default YAML cannot hold (an object) is left out: the plugin gets it again from its constructor."""
+    by_key = {s.key: s for s in specs}
+
+    def full(entry: Any, key: str) -> Any:
+        spec = by_key.get(key)
+        if spec is None:
+            return entry
+        out: dict[str, Any] = {"name": spec.name}
+        for pname, default in plugin_defaults(spec.cls).items():  # constructor order
+            if pname in spec.params:
+                out[pname] = spec.params[pname]
+                continue
+            try:
+                out[pname] = _yaml_value(default)
+            except TypeError:
+                continue
+        out.update({k: v for k, v in spec.params.items() if k not in out})  # required ones, a **kwargs plugin's
+        return out
+
+    for role, entry in list(section.items()):
+        if role == EXTRA_ROLE and isinstance(entry, list):
+            section[role] = [full(e, f"plugins.{role}[{i}]") for i, e in enumerate(entry)]
+        elif entry is not None:
+            section[role] = full(entry, f"plugins.{role}")
 
 
 # --------------------------------------------------------------------------- validation

@@ -36,12 +36,13 @@ class ConfigError(ArcfwError):
     def __init__(self, source: str, problems: list[tuple[str, str]]):
         self.source = source
         self.problems = list(problems)
+        where = f"{source}: " if source else ""  # no source: each key names its own origin
         if len(self.problems) == 1:
             key, msg = self.problems[0]
-            text = f"{source}: {key}: {msg}" if key else f"{source}: {msg}"
+            text = f"{where}{key}: {msg}" if key else f"{where}{msg}"
         else:
             parts = [f"({i}) {k}: {m}" if k else f"({i}) {m}" for i, (k, m) in enumerate(self.problems, 1)]
-            text = f"{source}: {len(self.problems)} problems: " + "; ".join(parts)
+            text = f"{where}{len(self.problems)} problems: " + "; ".join(parts)
         super().__init__(text)
 
 

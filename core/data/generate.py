@@ -347,17 +347,17 @@ def write_tasks(out: Path, tasks: dict[str, TaskJSON], *, overwrite: bool = Fals
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError("--out", [("out", f"output path exists and is not a folder: {out}")])
+        raise ConfigError("--out", [("", f"output path exists and is not a folder: {out}")])
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError("--out", [("out", f"{out} already holds files; pass --overwrite to replace its tasks or use another --out")])
+            raise ConfigError("--out", [("", f"{out} already holds files; pass --overwrite to replace its tasks or use another --out")])
         for old in [*out.glob("*.json"), out / MANIFEST]:
             if old.is_file():
                 old.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError("--out", [("out", f"cannot create output folder {out}: {e.strerror}")]) from None
+        raise ConfigError("--out", [("", f"cannot create output folder {out}: {e.strerror}")]) from None
     paths = []
     for task_id, task in tasks.items():
         path = out / f"{task_id}.json"

@@ -49,8 +49,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", [("device", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
+        raise ConfigError("device", [("", "cuda requested but torch.cuda.is_available() is False (use auto or cpu)")])
     return torch.device(name)
+
+
+def resolve_threads(threads: int | None, device: torch.device) -> int:
+    """The CPU threads of this process (``torch.set_num_threads``) for config ``threads``.
+
+    ``null`` (auto): **1** on CPU, where the small models arcfw trains on a CPU gain little from a
+    second thread on a quiet machine and lose several times over when another process wants the
+    cores (benchmarks/README.md, "Threads"); the count ``OMP_NUM_THREADS`` gives when it is set; and
+    torch's own default (one per core) on CUDA, where the CPU only feeds the GPU.  A number is used
+    as given.
+    """
+    if threads is not None:
+        return threads
+    if "OMP_NUM_THREADS" in os.environ or device.type != "cpu":
+        return torch.get_num_threads()
+    return 1
 
 
 # --------------------------------------------------------------------------- helpers plugins may call
@@ -286,7 +302,7 @@ def _shard(g: ParamGroup) -> None:
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # pragma: no cover - torch < 2.6
-        raise ConfigError("distributed.strategy", [("distributed.strategy", "fsdp needs torch >= 2.6 (FSDP2 fully_shard)")]) from None
+        raise ConfigError("distributed.strategy", [("", "fsdp needs torch >= 2.6 (FSDP2 fully_shard)")]) from None
     for module in g.modules:
         names = {id(p): n for n, p in module.named_parameters()}
         split = set(getattr(module, "_no_split_modules", None) or ())

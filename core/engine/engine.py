@@ -24,7 +24,7 @@ from arcfw.core.data import shapes
 from arcfw.core.data.batch import Batch, Example
 from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, TaskEncoding, View
-from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device
+from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
@@ -33,7 +33,6 @@ from arcfw.core.engine.steps import STEP_ORDER, order_text
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
-    ConfigError,
     ContractError,
     GradientPathError,
     OrderError,
@@ -91,8 +90,11 @@ class Engine:
         self.device = device or (dist.device if dist else resolve_device(cfg["device"]))
         self.dist = dist or Dist(device=self.device)
         self.check_contracts = bool(cfg["health"]["check_contracts"])
-        if cfg["threads"] is not None:  # CPU threads of this process (torch's default: one per core)
-            torch.set_num_threads(cfg["threads"])
+        self.threads_auto = cfg["threads"] is None
+        threads = resolve_threads(cfg["threads"], self.device)  # null: 1 on CPU (see resolve_threads)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        cfg["threads"] = threads  # the resolved config names the count used
         self.precision = Precision(cfg["precision"], self.device)
         self.ctx = Context(device=self.device, seed=cfg["seed"], out_dir=out_dir, rank=self.dist.rank, world_size=self.dist.world_size)
         self.listeners: list[Listener] = []
@@ -139,7 +141,7 @@ class Engine:
             self.plugins[name] = plugin
             self.roles[name] = spec.role
         if problems:
-            raise ConfigError(self.config.source, problems)
+            raise self.config.error(problems)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -160,6 +162,8 @@ class Engine:
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
+        # the resolved config names every group's learning rate (OUT/config.yaml, checkpoints, `arcfw config`)
+        self.config.set_learning_rates({g.name: g.lr for g in self.groups})
         self.metrics = self._collect_metrics()  # declared: the engine's, then every plugin's in role order
         self.dist.wrap(self.groups, self.plugins)  # DDP / FSDP before the optimizer sees the parameters
         self.precision.check_parameters(self.groups)
@@ -200,8 +204,7 @@ class Engine:
         overrides = self.config["optimizer"]["lr"]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise ConfigError(
-                self.config.source,
+            raise self.config.error(
                 [(f"optimizer.lr.{u}", f"no parameter group named '{u}' (groups: {', '.join(names) or 'none'})") for u in unknown],
             )
         for g in groups:

@@ -284,6 +284,16 @@ def log_metrics(record: dict[str, Any], ctx: Context) -> None:
     """
 
 
+@hookspec
+def on_train_end(status: str, ctx: Context) -> None:
+    """Called once when ``arcfw run`` ends, on every rank, after the last record was logged:
+    ``status`` is ``"finished"`` (the epochs or ``max_batches`` are done), ``"stopped"`` (Ctrl-C or
+    SIGTERM; the checkpoint is saved) or ``"failed"`` (an error ends the run; it is raised after
+    this hook).  For loggers to flush and close their files.  All implementations; an
+    implementation's own error is raised after every implementation was called.
+    """
+
+
 # --------------------------------------------------------------------------- state
 
 

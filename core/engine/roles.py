@@ -68,6 +68,7 @@ HOOK_TABLE: dict[str, HookRule] = {
         HookRule("on_epoch_start", Combine.ALL),
         HookRule("on_epoch_end", Combine.COLLECTED),
         HookRule("log_metrics", Combine.ALL),
+        HookRule("on_train_end", Combine.ALL),
         HookRule("state_dict", Combine.PER_PLUGIN),
         HookRule("load_state_dict", Combine.PER_PLUGIN),
     )

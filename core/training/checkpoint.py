@@ -215,6 +215,19 @@ def run_folder(path: str | os.PathLike[str]) -> Path:
     return folder.parent.parent
 
 
+def results_folder(path: str | os.PathLike[str], prefix: str) -> Path:
+    """Where an evaluation of checkpoint ``path`` writes by default, beside what it evaluated:
+    ``RUN/PREFIX`` for a run folder (its latest checkpoint), ``RUN/PREFIX-step-N`` for one of its
+    checkpoint folders, ``PARENT/PREFIX-NAME`` for a checkpoint folder outside a run."""
+    p = Path(path)
+    if not (p / META).exists():
+        locate(p)  # a run folder with a checkpoint, or a clear error
+        return p / prefix
+    if p.parent.name == DIR:
+        return p.parent.parent / f"{prefix}-{p.name}"
+    return p.parent / f"{prefix}-{p.name}"
+
+
 def read(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder: check its format and every file's checksum. Loads no tensor."""
     path = Path(path)

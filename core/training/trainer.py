@@ -26,7 +26,7 @@ from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
 from arcfw.core.engine.engine import Engine
-from arcfw.core.errors import ConfigError
+from arcfw.core.errors import ConfigError, Interrupted
 from arcfw.core.io import write_atomic
 from arcfw.core.training import checkpoint
 from arcfw.core.training.checkpoint import Checkpointer
@@ -34,6 +34,7 @@ from arcfw.core.training.interrupt import StopSignals
 from arcfw.core.training.logbook import Logbook
 from arcfw.core.training.metrics import MetricsLog, NullLog, write_metric_specs
 from arcfw.core.training.schedule import SaveSchedule
+from arcfw.core.training.startup import startup_lines
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "metric_specs.json")
 
@@ -42,7 +43,7 @@ def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FIL
     """Refuse an output folder that is a file, cannot be written, or already holds ``what`` (one of
     ``files``) unless ``overwrite``."""
     if out.exists() and not out.is_dir():
-        raise ConfigError("--out", [("out", f"output path exists and is not a folder: {out}")])
+        raise ConfigError("--out", [("", f"output path exists and is not a folder: {out}")])
     if out.is_dir() and any((out / f).exists() for f in files) and not overwrite:
         raise ConfigError(
             "--out", [("out", f"{out} already holds {what}; pass --overwrite to replace it or use another --out")]
@@ -51,9 +52,9 @@ def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FIL
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError("--out", [("out", f"cannot create output folder {out}: {parent} is a file")])
+        raise ConfigError("--out", [("", f"cannot create output folder {out}: {parent} is a file")])
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError("--out", [("out", f"cannot write output folder {out}: no write permission in {parent}")])
+        raise ConfigError("--out", [("", f"cannot write output folder {out}: no write permission in {parent}")])
 
 
 class Trainer:
@@ -101,7 +102,7 @@ class Trainer:
         self.init_from = None
         if init_from is not None:
             if resume is not None:
-                raise ConfigError("--init-from", [("init_from", "cannot be combined with --resume (a resumed run has its own weights)")])
+                raise ConfigError("--init-from", [("", "cannot be combined with --resume (a resumed run has its own weights)")])
             self.init_from = checkpoint.init_weights(self.engine, init_from)
         augment = self.engine.augment_example if self.engine.implements("augment_example") else None
         self.loader = ExampleLoader(
@@ -117,19 +118,26 @@ class Trainer:
         self.saves = SaveSchedule(self.checkpoints, c["every"], len(self.loader), self.book.state_dict, self.resume_command)
         self.start_epoch = self.start_batch = 0
         self._rng: dict[str, Any] | None = None
+        start = f"fresh (seed {self.cfg['seed']})"
+        notes: list[str] = []
         if self.resumed is not None:
             restored = self.checkpoints.restore(self.resumed)
             self.engine.ctx.resumed_step = self.resumed.step
             self.start_epoch, self.start_batch = restored.position.epoch, restored.position.batch
             self.book.load_state_dict(restored.loop)
             self._rng = restored.rng
-            self.book.print(f"arcfw: resuming from {self.resumed.path} (step {self.engine.global_step}, "
-                            f"epoch {self.start_epoch}, batch {self.start_batch})")
-            for note in restored.notes:
-                self.book.print(f"warning: {note}")
+            start = (f"resuming from {self.resumed.path} (step {self.engine.global_step}, "
+                     f"epoch {self.start_epoch}, batch {self.start_batch})")
+            notes = list(restored.notes)
         if self.init_from is not None:
-            self.book.print(f"arcfw: model initialised from {self.init_from.path} (step {self.init_from.step}); "
-                            "optimizer and plugin states start fresh")
+            start = (f"model initialised from {self.init_from.path} (step {self.init_from.step}); "
+                     "optimizer and plugin states start fresh")
+        for line in startup_lines(self.engine, self.cfg, tasks=len(self.tasks), pairs=len(self.examples),
+                                  batches=len(self.loader), out_dir=self.out_dir, start=start,
+                                  world_size=self.dist.world_size):
+            self.book.print(line)
+        for note in notes:
+            self.book.print(f"warning: {note}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -140,15 +148,29 @@ class Trainer:
                 if self._rng is not None:
                     checkpoint.set_rng_state(self._rng)  # last, so that nothing draws between restore and step
                 self._run()
-        except BaseException:
+        except BaseException as exc:
+            self._end("stopped" if isinstance(exc, Interrupted) else "failed", raise_errors=False)
             self.book.close()
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
                 shutil.rmtree(self.out_dir, ignore_errors=True)
             raise
         finally:
             self.dist.close()
+        self._end("finished")
         self.book.close()
         return self.book.log.summaries
+
+    def _end(self, status: str, raise_errors: bool = True) -> None:
+        """``on_train_end(status)`` of every plugin (loggers close their files); the first error of an
+        implementation is raised once all were called (not while another error is on its way)."""
+        first: BaseException | None = None
+        for impl in self.engine._impls.get("on_train_end", []):
+            try:
+                self.engine.call_plugin("on_train_end", impl.plugin, status=status)
+            except Exception as exc:  # noqa: BLE001 - every logger gets to close its files
+                first = first or exc
+        if first is not None and raise_errors:
+            raise first
 
     def _run(self) -> None:
         eng, epochs = self.engine, self.cfg["epochs"]
@@ -215,7 +237,7 @@ class Trainer:
         except OSError as exc:
             if created:
                 shutil.rmtree(self.out_dir, ignore_errors=True)
-            raise ConfigError("--out", [("out", f"cannot write to {self.out_dir}: {exc.strerror or exc}")]) from None
+            raise ConfigError("--out", [("", f"cannot write to {self.out_dir}: {exc.strerror or exc}")]) from None
         return created
 
     def _on_signal(self, signum: int) -> None:
