@@ -269,3 +269,87 @@ class GradOfNoGroup(Plugin):
 
     name = "grad_of_no_group"
     metrics = (Metric("g", grad_norm_of=("nope",)),)
+
+
+# --------------------------------------------------------------------------- issue 13: every hook call attributed
+
+
+class RaisingPolicy(GaussianRefinePolicy):
+    """An ordinary bug inside a step hook: a ValueError in refine."""
+
+    name = "raising_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        raise ValueError("policy scale must be positive, got -1.0\n(second line of the message)")
+
+
+class RaisingConfigure(GaussianRefinePolicy):
+    """An ordinary bug inside a setup hook: a KeyError in configure."""
+
+    name = "raising_configure"
+
+    @hookimpl
+    def configure(self, ctx):
+        raise KeyError("hidden_dim")
+
+
+class RaisingEpochStart(Plugin):
+    """An ordinary bug inside a loop hook: on_epoch_start."""
+
+    name = "raising_epoch_start"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        return {}["epoch"]
+
+
+class RaisingShapeAgent(GridTransformer):
+    """An ordinary bug inside an evaluation hook: predict_shape divides by zero."""
+
+    name = "raising_shape_agent"
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return 1 // 0
+
+
+class DetachedBackwardPolicy(GaussianRefinePolicy):
+    """backward() in a hook on a value without a gradient path ("element 0 of tensors does not require grad")."""
+
+    name = "detached_backward_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        (prompt.detach() ** 2).mean().backward()
+        return super().refine(prompt, batch, ctx)
+
+
+class StaleGraphPolicy(GaussianRefinePolicy):
+    """Keeps its output (main graph) from one step and backpropagates it in the next one's refine
+    ("Trying to backward through the graph a second time")."""
+
+    name = "stale_graph_policy"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kept = None
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        if self.kept is not None:
+            self.kept.pow(2).mean().backward()
+        out = super().refine(prompt, batch, ctx)
+        self.kept = out
+        return out
+
+
+class HalfAtEpochStartQwen(QwenPrompt):
+    """Qwen cast to fp16 at epoch start (after the engine checked dtypes at configure): under
+    fp16-mixed the GradScaler fails with the original "Attempting to unscale FP16 gradients"."""
+
+    name = "half_at_epoch_start_qwen"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        self.model.half()

@@ -1,0 +1,102 @@
+"""Issue 13: every hook call is attributed, the batch belongs to the engine, the step order holds on
+the parameters.  Each case is a faulty plugin (tests/faulty_plugins.py) and asserts the one-line error
+and the plugin it names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from arcfw.core.engine.engine import Engine
+from arcfw.core.errors import ContractError, GradientPathError, HookFailure, OrderError, PrecisionError
+
+from conftest import REPO, TINY
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text, text
+    return text
+
+
+# 1. every hook call is attributed ------------------------------------------------
+
+
+def test_exception_in_a_step_hook_names_plugin_hook_and_error(make_engine, batches):
+    eng = make_engine({"plugins.refine.name": "faulty_plugins:RaisingPolicy"})
+    with pytest.raises(HookFailure) as err:
+        eng.train_step(batches(1)[0])
+    assert one_line(err.value) == ("plugin 'faulty_plugins:RaisingPolicy' failed in hook 'refine': "
+                                   "ValueError: policy scale must be positive, got -1.0")
+    assert isinstance(err.value.__cause__, ValueError)  # the traceback --debug prints
+
+
+def test_exception_in_configure_names_the_plugin(tiny_config):
+    with pytest.raises(HookFailure) as err:
+        Engine.from_config(tiny_config({"plugins.refine.name": "faulty_plugins:RaisingConfigure"}))
+    assert one_line(err.value) == "plugin 'faulty_plugins:RaisingConfigure' failed in hook 'configure': KeyError: 'hidden_dim'"
+
+
+def test_exception_in_a_loop_hook_names_the_plugin(make_engine):
+    eng = make_engine({"plugins.extra": [{"name": "faulty_plugins:RaisingEpochStart"}]})
+    with pytest.raises(HookFailure, match=r"^plugin 'faulty_plugins:RaisingEpochStart' failed in hook 'on_epoch_start': KeyError: 'epoch'$"):
+        eng.call_all("on_epoch_start", epoch=0)
+
+
+def test_exception_in_an_evaluation_hook_names_the_plugin(make_engine, batches):
+    eng = make_engine({"plugins.predictor.name": "faulty_plugins:RaisingShapeAgent"})
+    b = batches(1)[0]
+    with eng.evaluating():
+        prompt, enc = eng.eval_encode(b)
+        with pytest.raises(HookFailure) as err:
+            eng.predict_shape(prompt, b, enc)
+    assert one_line(err.value) == ("plugin 'faulty_plugins:RaisingShapeAgent' failed in hook 'predict_shape': "
+                                   "ZeroDivisionError: integer division or modulo by zero")
+
+
+def test_backward_on_a_detached_value_is_a_gradient_path_error(make_engine, batches):
+    eng = make_engine({"plugins.refine.name": "faulty_plugins:DetachedBackwardPolicy"})
+    with pytest.raises(GradientPathError) as err:
+        eng.train_step(batches(1)[0])
+    msg = one_line(err.value)
+    assert "plugin 'faulty_plugins:DetachedBackwardPolicy' called backward() in hook 'refine'" in msg
+    assert "does not require grad" in msg
+
+
+def test_backward_through_a_freed_graph_in_a_hook_is_a_step_order_error(make_engine, batches):
+    eng = make_engine({"plugins.refine.name": "faulty_plugins:StaleGraphPolicy"})
+    bs = batches(2)
+    eng.train_step(bs[0])
+    with pytest.raises(OrderError) as err:
+        eng.train_step(bs[1])
+    msg = one_line(err.value)
+    assert "plugin 'faulty_plugins:StaleGraphPolicy' called backward() in hook 'refine'" in msg
+    assert "backward through the graph a second time" in msg
+
+
+def test_fp16_cast_at_epoch_start_is_a_precision_error_naming_the_plugin(make_engine, batches):
+    eng = make_engine({"precision": "fp16-mixed", "plugins.prompt.name": "faulty_plugins:HalfAtEpochStartQwen"})
+    eng.call_all("on_epoch_start", epoch=0)
+    with pytest.raises(PrecisionError) as err:
+        eng.train_step(batches(1)[0])
+    msg = one_line(err.value)
+    assert "'qwen' (plugin 'faulty_plugins:HalfAtEpochStartQwen') has float16 trainable parameters" in msg
+    assert "Attempting to unscale FP16 gradients" in msg and "bf16-mixed" in msg
+
+
+def test_cli_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "arcfw", "run", str(REPO / "configs/default.yaml"), "--max-batches", "1",
+           "--out", str(tmp_path / "run"), *sets, "--set", "plugins.refine.name=faulty_plugins:RaisingPolicy"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert plain.returncode == 2, plain.stderr
+    line = ("arcfw: plugin error: plugin 'faulty_plugins:RaisingPolicy' failed in hook 'refine': "
+            "ValueError: policy scale must be positive, got -1.0\n")
+    assert line in plain.stderr and plain.stderr.count("arcfw:") == 1, plain.stderr  # (after the progress bar)
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, env=env)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "raise ValueError" in debug.stderr
