@@ -100,3 +100,78 @@ def test_cli_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
     assert "Traceback" not in plain.stderr
     debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, env=env)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "raise ValueError" in debug.stderr
+
+
+# 2. the batch belongs to the engine -------------------------------------------------
+
+
+@pytest.mark.parametrize(("over", "plugin", "hook", "field", "how"), [
+    ({"plugins.refine.name": "faulty_plugins:FloatTargetsPolicy"}, "faulty_plugins:FloatTargetsPolicy", "refine",
+     "targets", "replaced by a float32 tensor"),
+    ({"plugins.predictor.name": "faulty_plugins:InputEditingPredictor"}, "faulty_plugins:InputEditingPredictor", "predict",
+     "inputs", "changed in place"),
+    ({"plugins.loss.name": "faulty_plugins:MaskWideningLoss"}, "faulty_plugins:MaskWideningLoss", "compute_loss",
+     "target_mask", "changed in place"),
+    ({"plugins.extra": [{"name": "faulty_plugins:TargetEditingExtra"}]}, "faulty_plugins:TargetEditingExtra",
+     "post_step_update", "targets", "changed in place"),
+])
+def test_a_hook_that_changes_the_batch_is_named(make_engine, batches, over, plugin, hook, field, how):
+    eng = make_engine(over)
+    with pytest.raises(ContractError) as err:
+        eng.train_step(batches(1)[0])
+    msg = one_line(err.value)
+    assert msg.startswith(f"plugin '{plugin}' broke the contract of hook '{hook}': expected batch.{field} left as the engine made it")
+    assert f"got batch.{field} {how}" in msg
+    assert "efe_loss" not in msg  # not the next plugin
+
+
+def test_float_targets_blame_the_plugin_that_made_them_not_the_loss(make_engine, batches):
+    b = batches(1)[0]
+    eng = make_engine({"plugins.refine.name": "faulty_plugins:FloatTargetsPolicy"})
+    with pytest.raises(ContractError, match="'faulty_plugins:FloatTargetsPolicy' broke the contract of hook 'refine'"):
+        eng.train_step(b)
+    # with the per-step checks off, the loss's own check is what is left (and names itself)
+    b = batches(1)[0]
+    eng = make_engine({"plugins.refine.name": "faulty_plugins:FloatTargetsPolicy", "health.check_contracts": False})
+    with pytest.raises(ContractError, match="'efe_loss' broke the contract of hook 'compute_loss'"):
+        eng.train_step(b)
+
+
+# 3. the step order holds on the parameters --------------------------------------------
+
+
+@pytest.mark.parametrize(("over", "plugin", "hook", "says"), [
+    ({"plugins.predictor.name": "faulty_plugins:HandDecayPredictor"}, "faulty_plugins:HandDecayPredictor",
+     "post_step_update", "changed trainable parameters of group 'agent'"),
+    ({"plugins.predictor.name": "faulty_plugins:OwnFusedOptimizerPredictor"}, "faulty_plugins:OwnFusedOptimizerPredictor",
+     "post_step_update", "reached the trainable parameters of group 'agent'"),
+    ({"plugins.refine.name": "faulty_plugins:BackwardInRefinePolicy"}, "faulty_plugins:BackwardInRefinePolicy",
+     "refine", "reached the trainable parameters of group 'qwen'"),
+    ({"plugins.loss.name": "faulty_plugins:EagerBackwardLoss"}, "faulty_plugins:EagerBackwardLoss",
+     "compute_loss", "reached the trainable parameters of group"),
+])
+def test_a_plugin_that_trains_main_parameters_itself_is_named(make_engine, batches, over, plugin, hook, says):
+    eng = make_engine({**over, "plugins.prompt.cache_every": 1})
+    with pytest.raises(OrderError) as err:
+        eng.train_step(batches(1)[0])
+    msg = one_line(err.value)
+    assert msg.startswith(f"plugin '{plugin}'") and f"hook '{hook}'" in msg and says in msg, msg
+    assert "the step order is hard_cell_threshold -> generate_prompt" in msg
+
+
+def test_the_engine_own_steps_and_a_checkpoint_load_are_not_violations(make_engine, batches):
+    eng = make_engine({"plugins.prompt.cache_every": 1})
+    saved = eng.state_dict()
+    bs = batches(3)
+    eng.train_step(bs[0])
+    eng.load_state_dict(saved)  # the parameters change outside any step: the next step starts from them
+    for b in bs:
+        eng.train_step(b)
+    assert eng.global_step == 3  # restored to 0, then three steps
+
+
+def test_check_contracts_false_switches_the_per_step_checks_off(make_engine, batches):
+    eng = make_engine({"plugins.predictor.name": "faulty_plugins:HandDecayPredictor", "health.check_contracts": False})
+    for b in batches(2):
+        eng.train_step(b)
+    assert eng.global_step == 2

@@ -30,6 +30,7 @@ from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
+from arcfw.core.engine.watch import BatchWatch, ParamWatch
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
@@ -101,6 +102,8 @@ class Engine:
         self.global_step = 0  # optimizer steps attempted
         self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
         self._first_step_checked = False
+        self._batch_watch: BatchWatch | None = None  # set while a step runs (health.check_contracts)
+        self._param_watch: ParamWatch | None = None  # built with the optimizer (health.check_contracts)
         self._stages = {s: getattr(self, f"_stage_{s.name.lower()}") for s in STEP_ORDER}
         self._build_plugins()
 
@@ -168,6 +171,8 @@ class Engine:
         if self.config["compile"]:
             self._compile_modules()
         self.optimizer = self._build_optimizer()
+        if self.check_contracts and self.dist.strategy != "fsdp":  # FSDP2 swaps sharded/unsharded parameters
+            self._param_watch = ParamWatch(self.groups)
         h = self.config["health"]
         trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
         self.grad_watch = GradientWatch(trainable, h["patience"])
@@ -385,12 +390,38 @@ class Engine:
 
     def _invoke(self, hook: str, impl: _Impl, **kwargs: Any) -> Any:
         """:meth:`_call` without the listener event (the predictor run inside post_step_update)."""
+        pw = self._param_watch
+        if pw is not None:
+            outer, pw.current = pw.current, (impl.plugin, hook)
         try:
-            return impl(**kwargs)
-        except ArcfwError:
+            out = impl(**kwargs)
+        except ArcfwError as exc:
+            self._after_hook(impl.plugin, hook, exc)  # a changed batch explains the hook's own error best
             raise
         except Exception as exc:
+            self._after_hook(impl.plugin, hook, exc)
             raise self._attribute(impl.plugin, hook, exc) from exc
+        finally:
+            if pw is not None:
+                pw.current = outer
+        self._after_hook(impl.plugin, hook)
+        return out
+
+    def _after_hook(self, plugin: str, hook: str, cause: BaseException | None = None) -> None:
+        """The batch and the main parameters as the engine left them (:mod:`arcfw.core.engine.watch`):
+        inside a step, the batch's tensors and the parameters' versions; always, no backward into the
+        main parameters while a hook runs."""
+        try:
+            if self._batch_watch is not None:
+                self._batch_watch.check(plugin, hook)
+                if self._param_watch is not None:
+                    self._param_watch.check(plugin, hook)
+            elif self._param_watch is not None and self._param_watch.stray is not None:
+                self._param_watch.check(plugin, hook)
+        except ArcfwError as err:
+            if cause is not None:
+                raise err from cause
+            raise
 
     def _attribute(self, plugin: str, hook: str, exc: Exception) -> ArcfwError:
         """One line for an exception raised inside ``plugin``'s ``hook``.  PyTorch's messages for the
@@ -451,10 +482,17 @@ class Engine:
         self.ctx.step = self.global_step
         self.ctx.no_grad_groups = set()
         s = _Step(batch=batch)
-        for stage in STEP_ORDER:
-            if self.listeners:
-                self._emit(f"stage:{stage.value}")
-            self._stages[stage](s)
+        if self.check_contracts:
+            self._batch_watch = BatchWatch(batch)
+            if self._param_watch is not None:
+                self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+        try:
+            for stage in STEP_ORDER:
+                if self.listeners:
+                    self._emit(f"stage:{stage.value}")
+                self._stages[stage](s)
+        finally:
+            self._batch_watch = None
         self.global_step += 1
         self._first_step_checked = True
         return s.metrics
@@ -599,6 +637,8 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
             self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value)
+        if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
+            self._param_watch.snapshot()
         s.metrics["grad_norm"] = total_norm
         for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
             if m.grad_norm_of:

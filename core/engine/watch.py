@@ -91,7 +91,8 @@ class ParamWatch:
             group, plugin, hook = self.stray
             self.stray = None
             raise OrderError(
-                f"plugin '{plugin}' backpropagated into the trainable parameters of group '{group}' in hook '{hook}': "
+                f"plugin '{plugin}' called backward() in hook '{hook}' and it reached the trainable parameters of group "
+                f"'{group}': "
                 f"only the engine runs backward and steps the main optimizer (the step order is {order_text()}). "
                 "Return the loss from compute_loss; for an update of your own, keep your own parameters out of the "
                 "engine's groups (or detach the main model's outputs)"
