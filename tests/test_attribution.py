@@ -175,3 +175,25 @@ def test_check_contracts_false_switches_the_per_step_checks_off(make_engine, bat
     for b in batches(2):
         eng.train_step(b)
     assert eng.global_step == 2
+
+
+# arcfw check fails on each, naming the plugin -----------------------------------------
+
+
+@pytest.mark.parametrize("key,plugin", [
+    ("plugins.refine.name", "RaisingPolicy"),
+    ("plugins.refine.name", "FloatTargetsPolicy"),
+    ("plugins.refine.name", "BackwardInRefinePolicy"),
+    ("plugins.predictor.name", "HandDecayPredictor"),
+    ("plugins.predictor.name", "OwnFusedOptimizerPredictor"),
+])
+def test_arcfw_check_fails_naming_the_plugin(key, plugin):
+    from click.testing import CliRunner
+
+    from arcfw.core.commands.cli import main
+
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    res = CliRunner().invoke(main, ["check", str(REPO / "configs/default.yaml"), *sets, "--set", f"{key}=faulty_plugins:{plugin}"])
+    assert res.exit_code == 1, res.output
+    failed = [line for line in res.output.splitlines() if line.startswith("FAIL")]
+    assert failed and any(f"plugin 'faulty_plugins:{plugin}'" in line for line in failed), res.output
