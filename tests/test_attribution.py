@@ -77,8 +77,20 @@ def test_backward_through_a_freed_graph_in_a_hook_is_a_step_order_error(make_eng
     assert "backward through the graph a second time" in msg
 
 
-def test_fp16_cast_at_epoch_start_is_a_precision_error_naming_the_plugin(make_engine, batches):
-    eng = make_engine({"precision": "fp16-mixed", "plugins.prompt.name": "faulty_plugins:HalfAtEpochStartQwen"})
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
+def test_a_trainable_model_cast_in_a_hook_is_a_precision_error_in_every_mode(make_engine, batches, precision):
+    eng = make_engine({"precision": precision, "plugins.prompt.name": "faulty_plugins:HalfAtEpochStartQwen"})
+    with pytest.raises(PrecisionError) as err:
+        eng.call_all("on_epoch_start", epoch=0)
+    msg = one_line(err.value)
+    assert msg.startswith("plugin 'faulty_plugins:HalfAtEpochStartQwen' changed the trainable parameters of group 'qwen'")
+    assert "in hook 'on_epoch_start' from float32 on cpu to float16 on cpu" in msg
+
+
+def test_gradscaler_fp16_failure_is_translated_naming_the_plugin(make_engine, batches):
+    # with the per-step checks off, the cast reaches GradScaler: its message is translated, not shown raw
+    eng = make_engine({"precision": "fp16-mixed", "plugins.prompt.name": "faulty_plugins:HalfAtEpochStartQwen",
+                       "health.check_contracts": False})
     eng.call_all("on_epoch_start", epoch=0)
     with pytest.raises(PrecisionError) as err:
         eng.train_step(batches(1)[0])

@@ -416,8 +416,10 @@ class Engine:
                 self._batch_watch.check(plugin, hook)
                 if self._param_watch is not None:
                     self._param_watch.check(plugin, hook)
-            elif self._param_watch is not None and self._param_watch.stray is not None:
-                self._param_watch.check(plugin, hook)
+            elif self._param_watch is not None:
+                if self._param_watch.stray is not None:
+                    self._param_watch.check(plugin, hook)
+                self._param_watch.check_layout(plugin, hook)
         except ArcfwError as err:
             if cause is not None:
                 raise err from cause
@@ -485,6 +487,7 @@ class Engine:
         if self.check_contracts:
             self._batch_watch = BatchWatch(batch)
             if self._param_watch is not None:
+                self._param_watch.check_layout(None, None)
                 self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
         try:
             for stage in STEP_ORDER:

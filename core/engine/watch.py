@@ -23,7 +23,7 @@ import torch
 from arcfw.core.engine import contracts
 from arcfw.core.engine.context import ParamGroup
 from arcfw.core.engine.steps import order_text
-from arcfw.core.errors import ContractError, OrderError
+from arcfw.core.errors import ContractError, OrderError, PrecisionError
 
 #: The batch tensors a hook may read but never change.
 BATCH_FIELDS = ("inputs", "input_mask", "targets", "target_mask", "canvas_mask")
@@ -71,6 +71,7 @@ class ParamWatch:
         self.versions: list[int] = []
         self.current: tuple[str, str] | None = None  # (plugin, hook) running now, None while the engine runs
         self.stray: tuple[str, str, str] | None = None  # (group, plugin, hook) of a gradient outside the engine's backward
+        self.layout = self._layout()  # dtype and device index, as the engine checked them at configure
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad(name, plugin)) for name, plugin, p in self.params]
         self.snapshot()
 
@@ -80,6 +81,28 @@ class ParamWatch:
                 self.stray = (group, *self.current)
 
         return hook
+
+    def _layout(self) -> list[tuple[torch.dtype, int]]:
+        return [(p.dtype, p.get_device()) for p in self.tensors]
+
+    def check_layout(self, plugin: str | None, hook: str | None) -> None:
+        """The parameters' dtypes and devices as at configure (a module cast in a hook is named);
+        ``plugin`` None: checked when a step starts, after code outside any hook ran."""
+        layout = self._layout()
+        if layout == self.layout:
+            return
+        i = next(i for i, (a, b) in enumerate(zip(layout, self.layout)) if a != b)
+        group, owner, p = self.params[i]
+        was = f"{str(self.layout[i][0]).replace('torch.', '')} on {'cpu' if self.layout[i][1] < 0 else f'device {self.layout[i][1]}'}"
+        now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
+        who = f"plugin '{plugin}' changed" if plugin else "something outside the plugins' hooks changed"
+        where = f" in hook '{hook}'" if hook else " between two steps"
+        self.layout = layout
+        raise PrecisionError(
+            f"{who} the trainable parameters of group '{group}' (plugin '{owner}'){where} from {was} to {now}: the engine checked them against the precision mode at configure; a trainable "
+            "model cast to float16/bfloat16 trains low-precision master weights (or fails in fp16-mixed's GradScaler). "
+            "Keep trainable models in float32 on the run's device; bf16-mixed/fp16-mixed autocast the math"
+        )
 
     def snapshot(self) -> None:
         """The parameters as the engine left them (after its optimizer step, a load, between steps)."""
@@ -97,6 +120,7 @@ class ParamWatch:
                 "Return the loss from compute_loss; for an update of your own, keep your own parameters out of the "
                 "engine's groups (or detach the main model's outputs)"
             )
+        self.check_layout(plugin, hook)
         versions = [p._version for p in self.tensors]
         if versions != self.versions:
             changed = next(i for i, (a, b) in enumerate(zip(versions, self.versions)) if a != b)
