@@ -99,6 +99,17 @@ def test_gradscaler_fp16_failure_is_translated_naming_the_plugin(make_engine, ba
     assert "Attempting to unscale FP16 gradients" in msg and "bf16-mixed" in msg
 
 
+def test_a_dtype_mismatch_from_a_cast_model_names_the_cast_group(make_engine, batches):
+    # checks off, fp32: the half model meets float inputs inside a hook; the raw "mat1 and mat2 must have
+    # the same dtype" is translated into the precision error naming the group that is no longer float32
+    eng = make_engine({"plugins.prompt.name": "faulty_plugins:HalfAtEpochStartQwen", "health.check_contracts": False})
+    eng.call_all("on_epoch_start", epoch=0)
+    with pytest.raises(PrecisionError) as err:
+        eng.train_step(batches(1)[0])
+    msg = one_line(err.value)
+    assert "mixed dtypes" in msg and "parameter group 'qwen' (plugin 'faulty_plugins:HalfAtEpochStartQwen') no longer holds float32" in msg
+
+
 def test_cli_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
     sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "arcfw", "run", str(REPO / "configs/default.yaml"), "--max-batches", "1",

@@ -41,6 +41,7 @@ from arcfw.core.errors import (
     OrderError,
     PluginError,
     PrecisionError,
+    first_line,
 )
 
 Listener = Callable[[str, str | None], None]
@@ -453,6 +454,16 @@ class Engine:
             )
         if "Attempting to unscale FP16 gradients" in text:
             return self._fp16_error(f"plugin '{plugin}' hook '{hook}'")
+        if any(k in text for k in ("must have the same dtype", "expected scalar type", "Input type", "expected both inputs to have same dtype")):
+            low = [g for g in self.groups if g.lr > 0 and any(p.dtype != torch.float32 for p in g.trainable())]
+            if low:
+                names = ", ".join(f"'{g.name}' (plugin '{g.plugin}')" for g in low)
+                return PrecisionError(
+                    f"plugin '{plugin}' failed in hook '{hook}' on mixed dtypes ({type(exc).__name__}: "
+                    f"{' '.join(first_line(exc).split())[:200]}) because parameter group {names} no longer holds float32 "
+                    "trainable parameters (cast after configure, e.g. .half() at epoch start). Keep trainable models "
+                    "in float32; bf16-mixed/fp16-mixed autocast the math"
+                )
         if "Inference tensors cannot be saved for backward" in text:
             return GradientPathError(
                 f"plugin '{plugin}' made a tensor under torch.inference_mode() in hook '{hook}' that the backward "
