@@ -63,6 +63,19 @@ class PluginError(ArcfwError):
     kind = "plugin error"
 
 
+class HookFailure(PluginError):
+    """An ordinary exception raised inside a plugin's hook: one line naming the plugin, the hook and the
+    error (the original exception is chained, so ``--debug`` shows its full traceback)."""
+
+    kind = "plugin error"
+
+    def __init__(self, plugin: str, hook: str, exc: BaseException):
+        self.plugin, self.hook, self.original = plugin, hook, exc
+        text = " ".join(first_line(exc).split())
+        text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+        super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {type(exc).__name__}: {text}")
+
+
 class ContractError(ArcfwError):
     """A hook implementation returned something that breaks the hook's contract."""
 

@@ -269,3 +269,185 @@ class GradOfNoGroup(Plugin):
 
     name = "grad_of_no_group"
     metrics = (Metric("g", grad_norm_of=("nope",)),)
+
+
+# --------------------------------------------------------------------------- issue 13: every hook call attributed
+
+
+class RaisingPolicy(GaussianRefinePolicy):
+    """An ordinary bug inside a step hook: a ValueError in refine."""
+
+    name = "raising_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        raise ValueError("policy scale must be positive, got -1.0\n(second line of the message)")
+
+
+class RaisingConfigure(GaussianRefinePolicy):
+    """An ordinary bug inside a setup hook: a KeyError in configure."""
+
+    name = "raising_configure"
+
+    @hookimpl
+    def configure(self, ctx):
+        raise KeyError("hidden_dim")
+
+
+class RaisingEpochStart(Plugin):
+    """An ordinary bug inside a loop hook: on_epoch_start."""
+
+    name = "raising_epoch_start"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        return {}["epoch"]
+
+
+class RaisingShapeAgent(GridTransformer):
+    """An ordinary bug inside an evaluation hook: predict_shape divides by zero."""
+
+    name = "raising_shape_agent"
+
+    @hookimpl
+    def predict_shape(self, prompt, batch, ctx):
+        return 1 // 0
+
+
+class DetachedBackwardPolicy(GaussianRefinePolicy):
+    """backward() in a hook on a value without a gradient path ("element 0 of tensors does not require grad")."""
+
+    name = "detached_backward_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        (prompt.detach() ** 2).mean().backward()
+        return super().refine(prompt, batch, ctx)
+
+
+class StaleGraphPolicy(GaussianRefinePolicy):
+    """Keeps its output (main graph) from one step and backpropagates it in the next one's refine
+    ("Trying to backward through the graph a second time")."""
+
+    name = "stale_graph_policy"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kept = None
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        if self.kept is not None:
+            self.kept.pow(2).mean().backward()
+        out = super().refine(prompt, batch, ctx)
+        self.kept = out
+        return out
+
+
+class HalfAtEpochStartQwen(QwenPrompt):
+    """Qwen cast to fp16 at epoch start (after the engine checked dtypes at configure): under
+    fp16-mixed the GradScaler fails with the original "Attempting to unscale FP16 gradients"."""
+
+    name = "half_at_epoch_start_qwen"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        self.model.half()
+
+
+# --------------------------------------------------------------------------- issue 13: the batch belongs to the engine
+
+
+class FloatTargetsPolicy(GaussianRefinePolicy):
+    """Makes the batch's targets float in refine: the loss plugin downstream would be blamed."""
+
+    name = "float_targets_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        batch.targets = batch.targets.float()
+        return super().refine(prompt, batch, ctx)
+
+
+class InputEditingPredictor(GridTransformer):
+    """Writes into the batch's inputs in place (a 'normalisation' of colours) before predicting."""
+
+    name = "input_editing_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        batch.inputs.clamp_(max=5)
+        return super().predict(prompt, batch, ctx, encoding)
+
+
+class MaskWideningLoss(MaskedEFELoss):
+    """Widens the target mask in place so that the loss counts padding cells too."""
+
+    name = "mask_widening_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        batch.target_mask |= batch.canvas_mask
+        return super().compute_loss(logits, batch, ctx)
+
+
+class TargetEditingExtra(Plugin):
+    """An extra plugin that changes the targets after the step (others' post-step metrics would read them)."""
+
+    name = "target_editing_extra"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        result.batch.targets.zero_()
+        return {}
+
+
+# --------------------------------------------------------------------------- issue 13: step order on the parameters
+
+
+class HandDecayPredictor(GridTransformer):
+    """Decays its own main-optimizer weights by hand in post_step_update (under no_grad)."""
+
+    name = "hand_decay_predictor"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.mul_(0.999)
+        return super().post_step_update(result, ctx)
+
+
+class OwnFusedOptimizerPredictor(GridTransformer):
+    """Trains its main-optimizer weights a second time with its own fused optimizer in post_step_update
+    (fused kernels do not bump version counters; the gradient it needs does show)."""
+
+    name = "own_fused_optimizer_predictor"
+
+    @hookimpl
+    def configure(self, ctx):
+        super().configure(ctx)
+        self.own = torch.optim.Adam(self.net.parameters(), lr=1e-3, fused=True)
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        with torch.enable_grad():
+            logits = self.predict(result.refined, result.batch, ctx, result.encoding)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), result.batch.targets.flatten())
+            self.own.zero_grad(set_to_none=True)
+            loss.backward()
+            self.own.step()
+            self.own.zero_grad(set_to_none=True)
+        return super().post_step_update(result, ctx)
+
+
+class BackwardInRefinePolicy(GaussianRefinePolicy):
+    """Calls backward inside a forward hook (a 'prompt norm' penalty, applied eagerly) with retain_graph,
+    so the engine's backward still works and nothing crashes: the gradient lands twice on Qwen."""
+
+    name = "backward_in_refine_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        prompt.pow(2).mean().backward(retain_graph=True)
+        return super().refine(prompt, batch, ctx)

@@ -30,13 +30,17 @@ from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
+from arcfw.core.engine.watch import BatchWatch, ParamWatch
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
     ContractError,
     GradientPathError,
+    HookFailure,
     OrderError,
     PluginError,
+    PrecisionError,
+    first_line,
 )
 
 Listener = Callable[[str, str | None], None]
@@ -101,6 +105,8 @@ class Engine:
         self.global_step = 0  # optimizer steps attempted
         self.last_norms: dict[str, float] = {}  # gradient norm per trainable group, last step (before clipping)
         self._first_step_checked = False
+        self._batch_watch: BatchWatch | None = None  # set while a step runs (health.check_contracts)
+        self._param_watch: ParamWatch | None = None  # built with the optimizer (health.check_contracts)
         self._stages = {s: getattr(self, f"_stage_{s.name.lower()}") for s in STEP_ORDER}
         self._build_plugins()
 
@@ -158,7 +164,7 @@ class Engine:
 
         # configure in role order, then collect parameter groups
         for impl in self._impls["configure"]:
-            impl(ctx=self.ctx)
+            self._call("configure", impl, ctx=self.ctx)
         if self.ctx.prompt_dim is None:
             raise PluginError(f"prompt plugin '{self._impls['generate_prompt'][0].plugin}' did not set ctx.prompt_dim in configure()")
         self.groups = self._collect_groups()
@@ -170,6 +176,8 @@ class Engine:
         if self.config["compile"]:
             self._compile_modules()
         self.optimizer = self._build_optimizer()
+        if self.check_contracts and self.dist.strategy != "fsdp":  # FSDP2 swaps sharded/unsharded parameters
+            self._param_watch = ParamWatch(self.groups)
         h = self.config["health"]
         trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
         self.grad_watch = GradientWatch(trainable, h["patience"])
@@ -185,7 +193,7 @@ class Engine:
     def _collect_groups(self) -> list[ParamGroup]:
         groups: list[ParamGroup] = []
         for impl in self._impls.get("parameter_groups", []):
-            result = impl(ctx=self.ctx) or []
+            result = self._call("parameter_groups", impl, ctx=self.ctx) or []
             if not isinstance(result, (list, tuple)) or not all(isinstance(g, ParamGroup) for g in result):
                 raise ContractError(impl.plugin, "parameter_groups", "a list of ParamGroup", contracts.describe(result))
             for g in result:
@@ -361,9 +369,8 @@ class Engine:
                 continue
             try:
                 self.call_plugin("load_state_dict", name, state=state.copy_tree(saved[name]))
-            except ArcfwError:
-                raise
-            except Exception as exc:
+            except HookFailure as failure:
+                exc = failure.original
                 text = " ".join(str(exc).split()) or type(exc).__name__
                 text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
                 raise CheckpointError(f"{source}: plugin '{name}' could not load its state: {text}") from None
@@ -379,9 +386,111 @@ class Engine:
             fn(event, plugin)
 
     def _call(self, hook: str, impl: _Impl, **kwargs: Any) -> Any:
+        """Every call of a plugin's hook goes through here: an exception inside it is attributed
+        to the plugin and the hook (:meth:`_attribute`); the engine's own ArcfwErrors pass unchanged."""
         if self.listeners:
             self._emit(hook, impl.plugin)
-        return impl(**kwargs)
+        return self._invoke(hook, impl, **kwargs)
+
+    def _invoke(self, hook: str, impl: _Impl, **kwargs: Any) -> Any:
+        """:meth:`_call` without the listener event (the predictor run inside post_step_update)."""
+        pw = self._param_watch
+        if pw is not None:
+            outer, pw.current = pw.current, (impl.plugin, hook)
+        try:
+            out = impl(**kwargs)
+        except ArcfwError as exc:
+            self._after_hook(impl.plugin, hook, exc)  # a changed batch explains the hook's own error best
+            raise
+        except Exception as exc:
+            self._after_hook(impl.plugin, hook, exc)
+            raise self._attribute(impl.plugin, hook, exc) from exc
+        finally:
+            if pw is not None:
+                pw.current = outer
+        self._after_hook(impl.plugin, hook)
+        return out
+
+    def _after_hook(self, plugin: str, hook: str, cause: BaseException | None = None) -> None:
+        """The batch and the main parameters as the engine left them (:mod:`arcfw.core.engine.watch`):
+        inside a step, the batch's tensors and the parameters' versions; always, no backward into the
+        main parameters while a hook runs."""
+        try:
+            if self._batch_watch is not None:
+                self._batch_watch.check(plugin, hook)
+                if self._param_watch is not None:
+                    self._param_watch.check(plugin, hook)
+            elif self._param_watch is not None:
+                if self._param_watch.stray is not None:
+                    self._param_watch.check(plugin, hook)
+                self._param_watch.check_layout(plugin, hook)
+        except ArcfwError as err:
+            if cause is not None:
+                raise err from cause
+            raise
+
+    def _attribute(self, plugin: str, hook: str, exc: Exception) -> ArcfwError:
+        """One line for an exception raised inside ``plugin``'s ``hook``.  PyTorch's messages for the
+        original script's failures are translated into the guarantee they break."""
+        text = str(exc)
+        if "backward through the graph a second time" in text or (
+            hook == "post_step_update" and "does not require grad and does not have a grad_fn" in text
+        ):
+            if hook == "post_step_update":
+                return OrderError(
+                    f"plugin '{plugin}' tried to backpropagate through the main graph in post_step_update. "
+                    f"The step order is {order_text()}: by post_step_update the engine has already run backward "
+                    "and stepped the optimizer, and the graph is freed. Build the update from the detached values "
+                    "in `result` (recompute what you need under your own graph), and keep only .detach()ed tensors "
+                    "from refine/generate_prompt"
+                )
+            return OrderError(
+                f"plugin '{plugin}' called backward() in hook '{hook}' through a graph that was already freed "
+                f"(PyTorch: Trying to backward through the graph a second time). The step order is {order_text()}: "
+                "only the engine runs backward on the main graph; keep no tensors of one step's graph for the next"
+            )
+        if "does not require grad and does not have a grad_fn" in text:
+            return GradientPathError(
+                f"plugin '{plugin}' called backward() in hook '{hook}' on a value with no gradient path (PyTorch: "
+                "element 0 of tensors does not require grad): it was computed under torch.no_grad()/"
+                "torch.inference_mode() or from .detach()ed/.item() values"
+            )
+        if "Attempting to unscale FP16 gradients" in text:
+            return self._fp16_error(f"plugin '{plugin}' hook '{hook}'")
+        if any(k in text for k in ("must have the same dtype", "expected scalar type", "Input type", "expected both inputs to have same dtype")):
+            low = [g for g in self.groups if g.lr > 0 and any(p.dtype != torch.float32 for p in g.trainable())]
+            if low:
+                names = ", ".join(f"'{g.name}' (plugin '{g.plugin}')" for g in low)
+                return PrecisionError(
+                    f"plugin '{plugin}' failed in hook '{hook}' on mixed dtypes ({type(exc).__name__}: "
+                    f"{' '.join(first_line(exc).split())[:200]}) because parameter group {names} no longer holds float32 "
+                    "trainable parameters (cast after configure, e.g. .half() at epoch start). Keep trainable models "
+                    "in float32; bf16-mixed/fp16-mixed autocast the math"
+                )
+        if "Inference tensors cannot be saved for backward" in text:
+            return GradientPathError(
+                f"plugin '{plugin}' made a tensor under torch.inference_mode() in hook '{hook}' that the backward "
+                "needs (PyTorch: Inference tensors cannot be saved for backward): use torch.no_grad() for values "
+                "that need no gradient, and nothing of the kind on the path to the loss"
+            )
+        return HookFailure(plugin, hook, exc)
+
+    def _fp16_error(self, where: str) -> PrecisionError:
+        """The precision error for GradScaler's "Attempting to unscale FP16 gradients", naming the
+        plugin(s) whose trainable groups hold float16 parameters (the original script's bug)."""
+        culprits = [g for g in self.groups if g.lr > 0 and any(p.dtype == torch.float16 for p in g.trainable())]
+        if not culprits:
+            return PrecisionError(
+                f"{where}: GradScaler found float16 gradients (PyTorch: Attempting to unscale FP16 gradients): "
+                "fp16-mixed trains float32 master weights; load every trainable model in float32"
+            )
+        names = ", ".join(f"'{g.name}' (plugin '{g.plugin}')" for g in culprits)
+        return PrecisionError(
+            f"parameter group {names} has float16 trainable parameters, which fp16-mixed cannot train "
+            "(GradScaler cannot unscale FP16 gradients; PyTorch: Attempting to unscale FP16 gradients) - they were "
+            "cast after configure (e.g. .half() at epoch start). Fix: keep the model in float32 (mixed precision "
+            "keeps fp32 master weights and autocasts the math), or use precision: bf16-mixed"
+        )
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One step, stage by stage in :data:`STEP_ORDER`. Returns the step's metrics."""
@@ -389,10 +498,18 @@ class Engine:
         self.ctx.step = self.global_step
         self.ctx.no_grad_groups = set()
         s = _Step(batch=batch)
-        for stage in STEP_ORDER:
-            if self.listeners:
-                self._emit(f"stage:{stage.value}")
-            self._stages[stage](s)
+        if self.check_contracts:
+            self._batch_watch = BatchWatch(batch)
+            if self._param_watch is not None:
+                self._param_watch.check_layout(None, None)
+                self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+        try:
+            for stage in STEP_ORDER:
+                if self.listeners:
+                    self._emit(f"stage:{stage.value}")
+                self._stages[stage](s)
+        finally:
+            self._batch_watch = None
         self.global_step += 1
         self._first_step_checked = True
         return s.metrics
@@ -503,7 +620,12 @@ class Engine:
 
     def _stage_optimizer_step(self, s: _Step) -> None:
         opt = self.optimizer
-        self.precision.unscale(opt)
+        try:
+            self.precision.unscale(opt)
+        except ValueError as exc:
+            if "Attempting to unscale FP16 gradients" not in str(exc):
+                raise
+            raise self._fp16_error("optimizer_step") from exc
         live = [g for g in self.groups if g.lr > 0]
         grads = [[p.grad for p in g.trainable() if p.grad is not None] for g in live]
         norms = [full_tensor(torch.nn.utils.get_total_norm(gs)) if gs else torch.zeros((), device=self.device) for gs in grads]
@@ -532,6 +654,8 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
             self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value)
+        if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
+            self._param_watch.snapshot()
         s.metrics["grad_norm"] = total_norm
         for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
             if m.grad_norm_of:
@@ -555,19 +679,7 @@ class Engine:
         )
         del s.loss  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
-            try:
-                out = self._call("post_step_update", impl, result=result, ctx=self.ctx)
-            except RuntimeError as exc:
-                text = str(exc)
-                if "backward through the graph a second time" in text or "does not require grad and does not have a grad_fn" in text:
-                    raise OrderError(
-                        f"plugin '{impl.plugin}' tried to backpropagate through the main graph in post_step_update. "
-                        f"The step order is {order_text()}: by post_step_update the engine has already run backward "
-                        "and stepped the optimizer, and the graph is freed. Build the update from the detached values "
-                        "in `result` (recompute what you need under your own graph), and keep only .detach()ed tensors "
-                        "from refine/generate_prompt"
-                    ) from exc
-                raise
+            out = self._call("post_step_update", impl, result=result, ctx=self.ctx)
             if self.check_contracts:
                 contracts.check_metrics(impl.plugin, "post_step_update", out)
             if out:
@@ -580,7 +692,7 @@ class Engine:
         when the prompt plugin makes one; the batch's canvas may differ from the one it was made on."""
         impl = self._impls["predict"][0]
         with torch.no_grad(), self.precision.autocast():
-            out = impl(prompt=prompt, batch=batch, ctx=self.ctx, encoding=encoding)
+            out = self._invoke("predict", impl, prompt=prompt, batch=batch, ctx=self.ctx, encoding=encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
         logits: torch.Tensor = out.float()

@@ -25,6 +25,14 @@ with ``ctx.training`` False, for every test input and each of its views
 Plugins never call ``backward()`` and never step the main optimizer: the engine
 does that.  A plugin contributes trainable modules through
 :func:`parameter_groups`; the engine builds the one main optimizer from them.
+With ``health.check_contracts`` on (the default) this is checked after every hook
+call (:mod:`arcfw.core.engine.watch`): a backward that reaches a main-optimizer
+parameter while a hook runs, or a change of such a parameter during a step outside
+the engine's optimizer step, is an ``OrderError`` naming the plugin and the hook.
+The batch belongs to the engine too: a hook may read ``batch.inputs``, ``targets``
+and the masks but never replace them or write into them (a ``ContractError`` naming
+the hook); work on a copy.  Any other exception inside a hook ends the run with one
+line naming the plugin and the hook (``HookFailure``).
 
 Implement a hook by writing a method of the same name decorated with
 :data:`hookimpl` on your plugin class.  Argument names must match the spec

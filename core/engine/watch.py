@@ -1,0 +1,138 @@
+"""Cheap per-step guards that name the plugin and hook at fault (``health.check_contracts``).
+
+- :class:`BatchWatch`: the batch belongs to the engine.  The identity and the version counter
+  (``Tensor._version``, bumped by every in-place write) of the batch's tensors are recorded when
+  the step starts and compared after every hook call of the step: a hook that replaces
+  ``batch.targets`` (``batch.targets = batch.targets.float()``) or writes into it is named.
+- :class:`ParamWatch`: the step order holds on the parameters.  The trainable parameters of the
+  main optimizer's groups may change only in the engine's optimizer step, and receive gradient
+  only in the engine's backward.  Version counters are compared after every hook call (snapshot
+  after the engine's own step: fused optimizers do not bump them), and a gradient-accumulation
+  hook on each parameter notices any backward that reaches it while a plugin's hook runs - which
+  also catches a plugin's own fused optimizer, since it needs those gradients first.
+
+Both read integers and flags only: no device sync, no tensor math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from arcfw.core.engine import contracts
+from arcfw.core.engine.context import ParamGroup
+from arcfw.core.engine.steps import order_text
+from arcfw.core.errors import ContractError, OrderError, PrecisionError
+
+#: The batch tensors a hook may read but never change.
+BATCH_FIELDS = ("inputs", "input_mask", "targets", "target_mask", "canvas_mask")
+
+_WHAT = {
+    "inputs": "int64 query input grids [B, H, W]",
+    "input_mask": "bool input mask [B, H, W]",
+    "targets": "int64 class-index targets [B, H, W]",
+    "target_mask": "bool target mask [B, H, W]",
+    "canvas_mask": "bool canvas mask [B, H, W]",
+}
+
+
+class BatchWatch:
+    """Identity and version of the batch's tensors, checked after each hook of the step."""
+
+    __slots__ = ("batch", "stamp")
+
+    def __init__(self, batch: Any):
+        self.batch = batch
+        self.stamp = [(f, t, t._version) for f in BATCH_FIELDS for t in (getattr(batch, f),)]
+
+    def check(self, plugin: str, hook: str) -> None:
+        for f, t, v in self.stamp:
+            now = getattr(self.batch, f, None)
+            if now is not t or now._version != v:
+                how = (f"batch.{f} replaced by a {contracts.describe(now)} (it was {contracts.describe(t)})" if now is not t
+                       else f"batch.{f} changed in place ({contracts.describe(t)})")
+                raise ContractError(
+                    plugin, hook, f"batch.{f} left as the engine made it ({_WHAT[f]}; the batch belongs to the engine)", how,
+                    hint=f"Work on a copy (e.g. batch.{f}.clone() or .float() into a local variable); a loss consumes "
+                    "batch.targets as int64 class indices",
+                )
+
+
+class ParamWatch:
+    """The main optimizer's trainable parameters change only in the engine's step and get gradient
+    only in the engine's backward."""
+
+    def __init__(self, groups: list[ParamGroup]):
+        self.params: list[tuple[str, str, torch.nn.Parameter]] = [
+            (g.name, g.plugin, p) for g in groups if g.lr > 0 for p in g.trainable()
+        ]
+        self.tensors = [p for _, _, p in self.params]
+        self.versions: list[int] = []
+        self.current: tuple[str, str] | None = None  # (plugin, hook) running now, None while the engine runs
+        self.stray: tuple[str, str, str] | None = None  # (group, plugin, hook) of a gradient outside the engine's backward
+        self.layout = self._layout()  # dtype and device index, as the engine checked them at configure
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad(name, plugin)) for name, plugin, p in self.params]
+        self.snapshot()
+
+    def _on_grad(self, group: str, owner: str) -> Any:
+        def hook(_: torch.Tensor) -> None:
+            if self.current is not None and self.stray is None:
+                self.stray = (group, *self.current)
+
+        return hook
+
+    def _layout(self) -> list[tuple[torch.dtype, int]]:
+        return [(p.dtype, p.get_device()) for p in self.tensors]
+
+    def check_layout(self, plugin: str | None, hook: str | None) -> None:
+        """The parameters' dtypes and devices as at configure (a module cast in a hook is named);
+        ``plugin`` None: checked when a step starts, after code outside any hook ran."""
+        layout = self._layout()
+        if layout == self.layout:
+            return
+        i = next(i for i, (a, b) in enumerate(zip(layout, self.layout)) if a != b)
+        group, owner, p = self.params[i]
+        was = f"{str(self.layout[i][0]).replace('torch.', '')} on {'cpu' if self.layout[i][1] < 0 else f'device {self.layout[i][1]}'}"
+        now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
+        who = f"plugin '{plugin}' changed" if plugin else "something outside the plugins' hooks changed"
+        where = f" in hook '{hook}'" if hook else " between two steps"
+        self.layout = layout
+        raise PrecisionError(
+            f"{who} the trainable parameters of group '{group}' (plugin '{owner}'){where} from {was} to {now}: the engine checked them against the precision mode at configure; a trainable "
+            "model cast to float16/bfloat16 trains low-precision master weights (or fails in fp16-mixed's GradScaler). "
+            "Keep trainable models in float32 on the run's device; bf16-mixed/fp16-mixed autocast the math"
+        )
+
+    def snapshot(self) -> None:
+        """The parameters as the engine left them (after its optimizer step, a load, between steps)."""
+        self.versions = [p._version for p in self.tensors]
+        self.stray = None
+
+    def check(self, plugin: str, hook: str) -> None:
+        if self.stray is not None:
+            group, plugin, hook = self.stray
+            self.stray = None
+            raise OrderError(
+                f"plugin '{plugin}' called backward() in hook '{hook}' and it reached the trainable parameters of group "
+                f"'{group}': "
+                f"only the engine runs backward and steps the main optimizer (the step order is {order_text()}). "
+                "Return the loss from compute_loss; for an update of your own, keep your own parameters out of the "
+                "engine's groups (or detach the main model's outputs)"
+            )
+        self.check_layout(plugin, hook)
+        versions = [p._version for p in self.tensors]
+        if versions != self.versions:
+            changed = next(i for i, (a, b) in enumerate(zip(versions, self.versions)) if a != b)
+            group, owner, _ = self.params[changed]
+            self.versions = versions
+            raise OrderError(
+                f"plugin '{plugin}' changed trainable parameters of group '{group}' (plugin '{owner}') in hook '{hook}', "
+                f"outside the engine's optimizer step (the step order is {order_text()}): the main optimizer owns "
+                "them. Return the loss from compute_loss, or freeze the group (optimizer.lr."
+                f"{group}: 0) and update it yourself"
+            )
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
