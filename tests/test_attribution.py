@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, TINY
 
 from arcfw.core.engine.engine import Engine
 from arcfw.core.errors import ContractError, GradientPathError, HookFailure, OrderError, PrecisionError
-
-from conftest import REPO, TINY
 
 
 def one_line(err: BaseException) -> str:

@@ -72,7 +72,10 @@ class ParamWatch:
         self.current: tuple[str, str] | None = None  # (plugin, hook) running now, None while the engine runs
         self.stray: tuple[str, str, str] | None = None  # (group, plugin, hook) of a gradient outside the engine's backward
         self.layout = self._layout()  # dtype and device index, as the engine checked them at configure
-        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad(name, plugin)) for name, plugin, p in self.params]
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._on_grad(name, plugin))  # type: ignore[no-untyped-call]
+            for name, plugin, p in self.params
+        ]
         self.snapshot()
 
     def _on_grad(self, group: str, owner: str) -> Any:
@@ -99,7 +102,8 @@ class ParamWatch:
         where = f" in hook '{hook}'" if hook else " between two steps"
         self.layout = layout
         raise PrecisionError(
-            f"{who} the trainable parameters of group '{group}' (plugin '{owner}'){where} from {was} to {now}: the engine checked them against the precision mode at configure; a trainable "
+            f"{who} the trainable parameters of group '{group}' (plugin '{owner}'){where} from {was} to {now}: "
+            "the engine checked them against the precision mode at configure; a trainable "
             "model cast to float16/bfloat16 trains low-precision master weights (or fails in fp16-mixed's GradScaler). "
             "Keep trainable models in float32 on the run's device; bf16-mixed/fp16-mixed autocast the math"
         )
