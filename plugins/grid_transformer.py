@@ -58,6 +58,8 @@ _OFF_POS = _OFF_VIEW + NUM_VIEWS * (NO_CELL + 1)
 _OFF_FLAG = _OFF_POS + 4 * MAX_SIDE
 VOCAB = _OFF_FLAG + 2
 FEATURES = NUM_VIEWS + 4 + 1
+#: ``batch.meta`` key of a batch's output-cell features (see ``GridTransformer._cells``)
+_CELLS_KEY = "grid_transformer.cells"
 
 
 def query_cells(inp: np.ndarray, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +212,18 @@ class GridTransformer(SizePredictor, Plugin):
 
     def _cells(self, batch):
         """Canvas-wide features, views and the output-cell mask of a batch (the output size from
-        ``batch.target_mask``: the answer's in training, the predicted one at evaluation)."""
+        ``batch.target_mask``: the answer's in training, the predicted one at evaluation).
+
+        Kept in ``batch.meta`` for the batch's next predictions (the RL reward predicts the step's batch
+        twice more), as long as the batch holds the same ``target_mask`` tensor."""
+        cached = batch.meta.get(_CELLS_KEY)
+        if cached is not None and cached[0] is batch.target_mask:
+            return cached[1]
+        cells = self._build_cells(batch)
+        batch.meta[_CELLS_KEY] = (batch.target_mask, cells)
+        return cells
+
+    def _build_cells(self, batch):
         B = batch.size
         H, W = batch.canvas
         sizes = mask_shapes(batch.target_mask).tolist()
