@@ -167,13 +167,17 @@ class GridTransformerNet(nn.Module):
         demonstration cell at all."""
         cells, tokens = match
         beta = self.lookup_beta(prompt).to(cells.dtype)  # [B, K]
-        scores = torch.einsum("bnkc,btkc,bk->bnt", cells, tokens, beta)
+        B, N, K, C = cells.shape
+        # sum_k beta_k [view k equal] as one matmul over (view, colour): weighting the cells' side first keeps
+        # the intermediate at [B, N, K*C] (a three-operand einsum built [B, N, T, K] here: a third of a step)
+        weighted = (cells * beta[:, None, :, None]).reshape(B, N, K * C)
+        scores = torch.bmm(weighted, tokens.reshape(B, tokens.shape[1], K * C).transpose(1, 2))
         demo = mem_mask & (mem_outputs < NUM_COLOURS)  # demonstration cells only (query cells have no output)
         scores = scores.float().masked_fill(~demo[:, None, :], float("-inf"))
         scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], 1)], dim=-1)  # the null option
         weights = torch.softmax(scores, dim=-1)[..., :-1].to(cells.dtype)
         out = F.one_hot(mem_outputs.clamp(max=NUM_COLOURS), NUM_COLOURS + 1)[..., :NUM_COLOURS].to(cells.dtype)
-        return torch.einsum("bnt,btc->bnc", weights, out)
+        return torch.bmm(weights, out)
 
 
 class GridTransformer(SizePredictor, Plugin):

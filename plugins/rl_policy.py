@@ -119,8 +119,12 @@ class GaussianRefinePolicy(Plugin):
         x, action = self._rollout
         self._rollout = None
         batch = result.batch
-        acc_refined = cell_accuracy(result.predict(result.refined), batch.targets, batch.target_mask)
-        acc_plain = cell_accuracy(result.predict(result.prompt), batch.targets, batch.target_mask)
+        if result.predict_many is not None:  # both predictions in one predictor call
+            refined_logits, plain_logits = result.predict_many([result.refined, result.prompt])
+        else:
+            refined_logits, plain_logits = result.predict(result.refined), result.predict(result.prompt)
+        acc_refined = cell_accuracy(refined_logits, batch.targets, batch.target_mask)
+        acc_plain = cell_accuracy(plain_logits, batch.targets, batch.target_mask)
         improvement = acc_refined - acc_plain
         reward = self.reward_scale * improvement
         with torch.enable_grad():

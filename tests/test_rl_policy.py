@@ -96,3 +96,21 @@ def test_policy_shift_and_std_are_reported():
     out = policy.post_step_update(result, ctx)
     assert math.isclose(out["policy_shift"], 0.25, rel_tol=1e-5)
     assert math.isclose(out["policy_std"], 0.2, rel_tol=1e-5)
+
+
+def test_predict_many_equals_one_predict_per_prompt(make_engine, batches):
+    """The reward's two predictions run as one predictor call on the batch repeated: same logits."""
+    engine = make_engine({"batch_size": 2})
+    batch = batches(1, batch_size=2)[0].to(engine.device)
+    with engine.evaluating():
+        prompt, encoding = engine.eval_encode(batch)
+    assert encoding is not None
+    torch.manual_seed(1)
+    prompts = [prompt, prompt + 0.5 * torch.randn_like(prompt)]
+    together = engine.predict_many_no_grad(prompts, batch, encoding)
+    assert len(together) == 2
+    for p, logits in zip(prompts, together):
+        alone = engine.predict_no_grad(p, batch, encoding)
+        assert logits.shape == alone.shape
+        assert torch.allclose(logits, alone, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # the prompts do matter

@@ -99,6 +99,22 @@ class Batch:
         )
 
 
+def repeat_batch(batch: Batch, k: int) -> Batch:
+    """``batch`` repeated ``k`` times along the batch dimension (examples ``e1..eB, e1..eB, ...``); new ``meta``."""
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(k, *([1] * (t.dim() - 1)))
+
+    return Batch(
+        examples=batch.examples * k,
+        inputs=tile(batch.inputs),
+        input_mask=tile(batch.input_mask),
+        targets=tile(batch.targets),
+        target_mask=tile(batch.target_mask),
+        canvas_mask=tile(batch.canvas_mask),
+    )
+
+
 def collate(examples: list[Example], shapes: list[tuple[int, int]] | None = None) -> Batch:
     """Pad B examples onto one canvas. Targets are int64 from here on.
 

@@ -161,6 +161,17 @@ class TaskEncoding:
     def detach(self) -> TaskEncoding:
         return TaskEncoding(self.prompt.detach(), self.tokens.detach(), self.token_mask, dict(self.meta))
 
+    def repeat(self, k: int) -> TaskEncoding:
+        """The encoding of a batch repeated ``k`` times (``Batch.repeat``): tensors, and ``meta`` tensors
+        whose first dimension is the batch's, are tiled along it."""
+        B = self.prompt.shape[0]
+
+        def tile(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat(k, *([1] * (t.dim() - 1)))
+
+        meta = {key: tile(v) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v for key, v in self.meta.items()}
+        return TaskEncoding(tile(self.prompt), tile(self.tokens), tile(self.token_mask), meta)
+
 
 @dataclass
 class LossOutput:
@@ -181,7 +192,7 @@ class StepResult:
     Every tensor here is detached from the main graph: a post-step hook can't
     backpropagate into Qwen or the predictor by accident.  ``predict(prompt)``
     runs the predictor again under ``torch.no_grad()`` with the weights as they
-    are *after* the optimizer step.
+    are *after* the optimizer step; ``predict_many`` runs it for several prompts at once.
     """
 
     batch: Any
@@ -196,6 +207,9 @@ class StepResult:
     step: int = 0
     #: the step's :class:`TaskEncoding`, detached (None when the prompt plugin returned a bare tensor)
     encoding: TaskEncoding | None = None
+    #: ``predict_many([p1, p2, ...])`` == ``[predict(p1), predict(p2), ...]`` in *one* predictor call on
+    #: the batch repeated (cheaper than separate calls where a step is dominated by per-call overhead)
+    predict_many: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from arcfw.core.config import RunConfig
 from arcfw.core.data import shapes
-from arcfw.core.data.batch import Batch, Example
+from arcfw.core.data.batch import Batch, Example, repeat_batch
 from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, TaskEncoding, View
 from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
@@ -676,6 +676,7 @@ class Engine:
             epoch=self.ctx.epoch,
             step=self.global_step,
             encoding=encoding,
+            predict_many=lambda prompts: self.predict_many_no_grad(prompts, batch, encoding),
         )
         del s.loss  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
@@ -697,6 +698,15 @@ class Engine:
             contracts.check_logits(impl.plugin, out, batch.size, batch.canvas, self.device)
         logits: torch.Tensor = out.float()
         return logits
+
+    def predict_many_no_grad(self, prompts: list[torch.Tensor], batch: Batch, encoding: TaskEncoding | None = None) -> list[torch.Tensor]:
+        """:meth:`predict_no_grad` for several prompts of ``batch`` in one predictor call (the batch repeated)."""
+        k = len(prompts)
+        if k == 1:
+            return [self.predict_no_grad(prompts[0], batch, encoding)]
+        many = repeat_batch(batch, k)
+        logits = self.predict_no_grad(torch.cat(prompts), many, encoding.repeat(k) if encoding is not None else None)
+        return list(logits.split(batch.size))
 
     # ------------------------------------------------------------------ helpers for the loop
 
