@@ -706,7 +706,7 @@ class Engine:
             return [self.predict_no_grad(prompts[0], batch, encoding)]
         many = repeat_batch(batch, k)
         logits = self.predict_no_grad(torch.cat(prompts), many, encoding.repeat(k) if encoding is not None else None)
-        return list(logits.split(batch.size))
+        return [logits[i * batch.size:(i + 1) * batch.size] for i in range(k)]
 
     # ------------------------------------------------------------------ helpers for the loop
 
