@@ -116,7 +116,7 @@ class _Block(nn.Module):
 class GridTransformerNet(nn.Module):
     """``forward(prompt [B, P], features [B, N, F], views [B, N, K], cell_mask [B, N], mem, mem_mask)`` -> ``[B, N, 10]``."""
 
-    def __init__(self, prompt_dim: int, mem_dim: int, dim: int, layers: int, heads: int):
+    def __init__(self, prompt_dim: int, mem_dim: int, dim: int, layers: int, heads: int, copy_bias: float = 0.0):
         super().__init__()
         self.embed = nn.EmbeddingBag(VOCAB, dim, mode="sum", padding_idx=0)
         self.prompt_in = nn.Linear(prompt_dim, dim)
@@ -135,6 +135,10 @@ class GridTransformerNet(nn.Module):
         with torch.no_grad():
             self.lookup_beta.bias.zero_()
             self.lookup_beta.bias[0] = 4.0
+        # most ARC output cells are their input cell: the pointer starts leaning on the identity view (0)
+        with torch.no_grad():
+            self.pointer.bias.zero_()
+            self.pointer.bias[0] = copy_bias
         nn.init.normal_(self.embed.weight, std=0.02)
         with torch.no_grad():
             self.embed.weight[0].zero_()
@@ -184,14 +188,16 @@ class GridTransformer(SizePredictor, Plugin):
     """Predicts the output grid by attending from its cells to the demonstrations' token states.
 
     Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
-    learning rate).  Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
+    learning rate), ``copy_bias`` (the pointer's starting lean on the identity view: the
+    untrained net gives the input cell's colour this much more logit; most ARC output cells
+    equal their input cell, and without it one epoch ends below copying the input).  Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
     """
 
     name = "grid_transformer"
     role = "predictor"
     description = "Output cells attend to the demonstrations' token states and to each other; views of the input as a pointer"
 
-    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, size_lr: float = 1e-3):
+    def __init__(self, dim: int = 64, layers: int = 2, heads: int = 4, size_lr: float = 1e-3, copy_bias: float = 2.0):
         if dim < 1 or layers < 1 or heads < 1:
             raise ValueError("dim, layers and heads must be >= 1")
         if dim % heads:
@@ -199,6 +205,7 @@ class GridTransformer(SizePredictor, Plugin):
         if not size_lr >= 0:
             raise ValueError(f"size_lr must be >= 0, got {size_lr!r}")
         self.dim, self.layers, self.heads, self.size_lr = dim, layers, heads, float(size_lr)
+        self.copy_bias = float(copy_bias)
         self.net: GridTransformerNet | None = None
         self.sizes: SizeLearner | None = None
         self._mem_dim: int | None = None
@@ -207,7 +214,9 @@ class GridTransformer(SizePredictor, Plugin):
     def configure(self, ctx):
         # the prompt plugin's token states have its prompt width (qwen: hidden_size)
         self._mem_dim = ctx.prompt_dim
-        self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads).to(ctx.device)
+        self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads, self.copy_bias).to(
+            ctx.device
+        )
         self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.dim, self.size_lr, ctx.device, ctx.fused_optimizers)
 
     @hookimpl

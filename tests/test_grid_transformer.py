@@ -155,3 +155,27 @@ def test_the_demonstrations_change_the_answer():
             enc = qwen.generate_prompt(batch, ctx)
             logits.append(pred.predict(enc.prompt, batch, ctx, enc))
     assert not torch.allclose(*logits)
+
+
+def _copy_logits(copy_bias):
+    qwen, ctx = _qwen()
+    torch.manual_seed(0)
+    pred = GridTransformer(dim=16, layers=1, heads=2, copy_bias=copy_bias)
+    pred.configure(Context(device=torch.device("cpu"), prompt_dim=16))
+    ex = _example(3, h=4, w=4)
+    ex = Example(ex.task_id, 0, ex.demos, Pair(ex.query.input, ex.query.input.copy()))  # output size = input size
+    batch = collate([ex])
+    with torch.no_grad():
+        enc = qwen.generate_prompt(batch, ctx)
+        logits = pred.predict(enc.prompt, batch, ctx, enc)[0, :4, :4]
+    return logits, torch.from_numpy(ex.query.input)
+
+
+def test_copy_bias_adds_to_the_input_cells_colour_only():
+    """The pointer's identity-view bias: exactly ``copy_bias`` more logit on each cell's input colour."""
+    plain, inp = _copy_logits(0.0)
+    biased, _ = _copy_logits(3.0)
+    own = torch.nn.functional.one_hot(inp, 10).bool()
+    assert torch.allclose((biased - plain)[own], torch.full((16,), 3.0), atol=1e-4)
+    assert torch.allclose((biased - plain)[~own], torch.zeros(16 * 9), atol=1e-4)
+    assert (biased.argmax(-1) == inp).float().mean() > (plain.argmax(-1) == inp).float().mean()
