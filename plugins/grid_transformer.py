@@ -190,7 +190,8 @@ class GridTransformer(SizePredictor, Plugin):
     Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
     learning rate), ``copy_bias`` (the pointer's starting lean on the identity view: the
     untrained net gives the input cell's colour this much more logit; most ARC output cells
-    equal their input cell, and without it one epoch ends below copying the input).  Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
+    equal their input cell, and without it one epoch ends below copying the input).
+    Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
     """
 
     name = "grid_transformer"
