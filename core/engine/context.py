@@ -182,6 +182,14 @@ class StepResult:
     backpropagate into Qwen or the predictor by accident.  ``predict(prompt)``
     runs the predictor again under ``torch.no_grad()`` with the weights as they
     are *after* the optimizer step.
+
+    With gradient accumulation (``accumulate: K``) ``post_step_update`` runs once per
+    micro-batch, right after that micro-batch's backward (so state a plugin keeps from its
+    ``refine``/``generate_prompt`` call pairs with the right batch): for micro-batches
+    ``0 .. K-2`` the optimizer has not stepped yet (``applied`` False, ``predict`` sees the
+    weights before the step, ``metrics`` hold the micro-batch's own); the last one's runs
+    after the optimizer step, as without accumulation.  ``loss`` is always the micro-batch's
+    own loss.
     """
 
     batch: Any
@@ -190,12 +198,17 @@ class StepResult:
     logits: torch.Tensor
     loss: float
     metrics: dict[str, float]
-    applied: bool  # False if the optimizer step was skipped (non-finite values, fp16 overflow)
+    #: False if the optimizer step was skipped (non-finite values, fp16 overflow), or has not
+    #: happened yet (a micro-batch before the last of a step: ``micro_batch < micro_batches - 1``)
+    applied: bool
     predict: Callable[[torch.Tensor], torch.Tensor]
     epoch: int = 0
     step: int = 0
     #: the step's :class:`TaskEncoding`, detached (None when the prompt plugin returned a bare tensor)
     encoding: TaskEncoding | None = None
+    #: gradient accumulation: this batch's index among the step's micro-batches, and their number
+    micro_batch: int = 0
+    micro_batches: int = 1
 
 
 @dataclass
