@@ -65,6 +65,23 @@ def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FIL
         raise ConfigError("--out", [("", f"cannot write output folder {out}: no write permission in {parent}")])
 
 
+def run_steps(cfg: dict[str, Any], batches_per_epoch: int) -> int:
+    """The optimizer steps of a run: ``accumulate`` batches per step (the last step of an epoch may
+    take fewer) over ``epochs`` epochs, at most ``max_batches`` steps (the default length of the
+    learning-rate schedule, ``lr_schedule.steps``)."""
+    total = cfg["epochs"] * math.ceil(batches_per_epoch / cfg["accumulate"])
+    return total if cfg["max_batches"] is None else min(total, cfg["max_batches"])
+
+
+def resolve_schedule_steps(config: RunConfig) -> None:
+    """``lr_schedule.steps`` of a fresh one-process run of ``config`` when the config leaves it null
+    (``arcfw config`` prints what ``arcfw run`` saves)."""
+    sec, d = config.data["lr_schedule"], config.data["data"]
+    if sec["steps"] is None:
+        examples = make_examples(load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"]))
+        sec["steps"] = run_steps(config.data, math.ceil(len(examples) / config.data["batch_size"]))
+
+
 class Trainer:
     """Loads the data, builds the :class:`Engine`, and runs epochs with logging.
 
@@ -264,9 +281,7 @@ class Trainer:
                                      for u in unknown])
         total = sec["steps"]
         if total is None:
-            total = self.cfg["epochs"] * self.steps_per_epoch
-            if self.cfg["max_batches"] is not None:
-                total = min(total, self.cfg["max_batches"])
+            total = run_steps(self.cfg, len(self.loader))
             if self.resumed is not None:
                 saved = self.resumed.meta["config"].get("lr_schedule", {}).get("steps")
                 total = saved if isinstance(saved, int) else total
