@@ -69,8 +69,8 @@ def run_steps(cfg: dict[str, Any], batches_per_epoch: int) -> int:
     """The optimizer steps of a run: ``accumulate`` batches per step (the last step of an epoch may
     take fewer) over ``epochs`` epochs, at most ``max_batches`` steps (the default length of the
     learning-rate schedule, ``lr_schedule.steps``)."""
-    total = cfg["epochs"] * math.ceil(batches_per_epoch / cfg["accumulate"])
-    return total if cfg["max_batches"] is None else min(total, cfg["max_batches"])
+    total = int(cfg["epochs"]) * math.ceil(batches_per_epoch / int(cfg["accumulate"]))
+    return total if cfg["max_batches"] is None else min(total, int(cfg["max_batches"]))
 
 
 def resolve_schedule_steps(config: RunConfig) -> None:
