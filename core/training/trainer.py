@@ -336,7 +336,7 @@ class Trainer:
             world = self.dist.world_size
             lines.append(f"arcfw: gradient accumulation: an optimizer step every {self.accumulate} batches "
                          f"({self.cfg['batch_size'] * self.accumulate * world} examples per step), "
-                         f"{self.steps_per_epoch} steps per epoch")
+                         f"{self.steps_per_epoch} steps per epoch; max_batches, log_every, checkpoint.every and val.every count steps")
         sec = self.cfg["lr_schedule"]
         if self.lr_schedule is not None:
             over = "; ".join(f"{g}: {', '.join(f'{k} {v}' for k, v in o.items())}" for g, o in sec["groups"].items())
