@@ -530,11 +530,12 @@ class Engine:
             self._run_stage(Stage.THRESHOLD, steps[0])
             for s in steps:
                 self.ctx.no_grad_groups = set()
-                for stage in MICRO_STAGES:
-                    if stage is Stage.BACKWARD and s.last and no_grad is not None:
-                        # exempt only what no micro-batch of the step trained (the first-step check reads it)
-                        self.ctx.no_grad_groups &= no_grad
-                    self._run_stage(stage, s)
+                with self.dist.no_sync() if not s.last else contextlib.nullcontext():
+                    for stage in MICRO_STAGES:
+                        if stage is Stage.BACKWARD and s.last and no_grad is not None:
+                            # exempt only what no micro-batch of the step trained (the first-step check reads it)
+                            self.ctx.no_grad_groups &= no_grad
+                        self._run_stage(stage, s)
                 no_grad = set(self.ctx.no_grad_groups) if no_grad is None else no_grad & self.ctx.no_grad_groups
                 if s.last:
                     self._run_stage(Stage.OPTIMIZER_STEP, s)
