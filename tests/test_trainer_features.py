@@ -360,3 +360,17 @@ def test_resolved_config_shows_the_new_keys():
     assert data["accumulate"] == 2
     assert data["lr_schedule"] == {"name": "cosine", "warmup": 0, "steps": 6, "min_ratio": 0.0, "groups": {}}  # 12 pairs / 2
     assert data["val"]["every"] is None and data["checkpoint"]["best"] is None and data["early_stop"]["metric"] is None
+
+
+def test_resume_from_before_the_best_drops_that_best_and_finds_it_again(tmp_path):
+    out = tmp_path / "run"
+    run = {**VAL, "val.every": 1, "checkpoint.best": "val/cell_acc", "checkpoint.every": 2, "max_batches": 4}
+    Trainer(cfg(run), out, quiet=True).fit()
+    first = checkpoint.read(out / checkpoint.BEST).meta["best"]
+    assert first["step"] > 2  # the precondition of this test: the best came after step 2
+    resumed = Trainer(cfg(run), out, quiet=True, resume=out / checkpoint.DIR / "step-00000002")
+    assert resumed.best is not None and resumed.best.best_step is not None and resumed.best.best_step <= 2
+    resumed.checkpoints.start(resumed.resumed)
+    assert not (out / checkpoint.BEST).exists()  # made by the continuation this resume abandons
+    resumed.fit()
+    assert checkpoint.read(out / checkpoint.BEST).meta["best"] == first  # the same run finds the same best
