@@ -308,8 +308,9 @@ class Trainer:
     def _early_stop_text(self) -> str:
         e = self.early
         assert e is not None
+        best = f"{e.best:.4g} at step {e.best_step}" if e.best is not None else "none (no finite value)"
         return (f"arcfw: early stop after step {self.engine.global_step}: {e.metric} has not improved for {e.bad} "
-                f"validation(s) (early_stop.patience {self.cfg['early_stop']['patience']}); best {e.best} at step {e.best_step}")
+                f"validation(s) (early_stop.patience {self.cfg['early_stop']['patience']}); best {best}")
 
     def loop_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the loop: the epoch statistics, the schedule's length, the best
