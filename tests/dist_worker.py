@@ -107,14 +107,22 @@ def lockstep(rank: int, out: Path) -> dict[str, Any]:
     }
 
 
-def equivalence(rank: int, out: Path, strategy: str) -> dict[str, Any]:
-    """2 ranks at batch 1 (no RL noise: refine off), to compare with 1 rank at batch 2."""
-    cfg = tiny_config({"batch_size": 1, "max_batches": STEPS, "plugins.refine": None, "distributed.strategy": strategy})
-    trainer = Trainer(cfg, out / strategy, quiet=True)
+#: gradient accumulation: 2 batches a step, an update linear in the gradient
+ACC = {"accumulate": 2, "optimizer.name": "sgd", "grad_clip": None, "optimizer.lr.qwen": 0.05, "optimizer.lr.agent": 0.05}
+
+
+def equivalence(rank: int, out: Path, strategy: str, accumulate: int = 1) -> dict[str, Any]:
+    """2 ranks at batch 1 (no RL noise: refine off), to compare with 1 rank at batch 2 (with
+    ``accumulate`` 2: at batch 4, with plain SGD and no clipping, whose update is linear in the
+    gradient - AdamW's is not, it would hide a wrongly scaled one; the output gets ``-acc``)."""
+    cfg = tiny_config({"batch_size": 1, "max_batches": STEPS, "plugins.refine": None, "distributed.strategy": strategy,
+                       **(ACC if accumulate > 1 else {})})
+    name = strategy + ("-acc" if accumulate > 1 else "")
+    trainer = Trainer(cfg, out / name, quiet=True)
     trainer.fit()
     weights = final_weights(trainer.engine)
     if rank == 0:
-        torch.save(weights, out / f"{strategy}.pt")
+        torch.save(weights, out / f"{name}.pt")
     sharded = sorted({type(p).__name__ for g in trainer.engine.groups for p in g.params})
     return {"param_types": sharded, "fsdp_modules": sum(type(m).__name__.startswith("FSDP") for g in trainer.engine.groups for m in g.modules[0].modules())}
 
@@ -262,6 +270,8 @@ def run_scenarios(rank: int, port: int, out: str) -> None:
             "lockstep": lockstep(rank, root),
             "ddp": equivalence(rank, root, "ddp"),
             "fsdp": equivalence(rank, root, "fsdp"),
+            "ddp-acc": equivalence(rank, root, "ddp", accumulate=2),
+            "fsdp-acc": equivalence(rank, root, "fsdp", accumulate=2),
             "fsdp_checkpoint": fsdp_checkpoint(rank, root),
             "sigterm": sigterm_on_one_rank(rank, root),
             "resume_on_two": resume_on_two(rank, root),

@@ -37,7 +37,8 @@ class CopyInputPredictor(Plugin):
 
 class SendSignal(Plugin):
     """Sends ``signal`` to its own process ``times`` times after optimizer step number ``after_step``
-    (1-based), as a scheduler or a user pressing Ctrl-C would, at an exact step."""
+    (1-based), as a scheduler or a user pressing Ctrl-C would, at an exact step (with gradient
+    accumulation: after its last micro-batch)."""
 
     name = "send_signal"
     role = "extra"
@@ -47,7 +48,7 @@ class SendSignal(Plugin):
 
     @hookimpl
     def post_step_update(self, result, ctx):
-        if result.step + 1 == self.after_step:
+        if result.step + 1 == self.after_step and result.micro_batch == result.micro_batches - 1:
             for _ in range(self.times):
                 os.kill(os.getpid(), getattr(signal, self.signal))
         return None

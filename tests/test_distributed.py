@@ -67,6 +67,17 @@ def one_rank_double_batch(tmp_path_factory):
     return dist_worker.final_weights(trainer.engine), _losses(out / "run")
 
 
+@pytest.fixture(scope="module")
+def one_rank_quadruple_batch(tmp_path_factory):
+    """The reference of 2 processes at batch 1 with accumulate 2: 1 process at batch 4."""
+    cfg = dist_worker.tiny_config({"batch_size": 4, "max_batches": dist_worker.STEPS, "plugins.refine": None,
+                                   **{k: v for k, v in dist_worker.ACC.items() if k != "accumulate"}})
+    out = tmp_path_factory.mktemp("ref4")
+    trainer = Trainer(cfg, out / "run", quiet=True)
+    trainer.fit()
+    return dist_worker.final_weights(trainer.engine), _losses(out / "run")
+
+
 def _losses(run: Path) -> list[float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
@@ -111,6 +122,17 @@ def test_two_ranks_at_batch_b_match_one_rank_at_2b(spawned, one_rank_double_batc
         assert results["fsdp"]["fsdp_modules"] >= 2
     else:
         assert results["ddp"]["param_types"] == ["Parameter"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_two_batches_match_one_rank_at_4b(spawned, one_rank_quadruple_batch, strategy):
+    """Gradient accumulation under DDP (no_sync on the first micro-batch) and FSDP2."""
+    results, out = spawned
+    ref_weights, ref_losses = one_rank_quadruple_batch
+    assert _losses(out / f"{strategy}-acc") == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    weights = torch.load(out / f"{strategy}-acc.pt")
+    worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+    assert worst < 1e-4, f"largest weight difference {worst}"
 
 
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(spawned):

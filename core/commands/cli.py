@@ -169,7 +169,8 @@ def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: flo
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
 @click.option(
     "--no-build", is_flag=True,
-    help="Do not build the plugins (faster; no device needed): optimizer.lr then holds only the learning rates the config sets.",
+    help="Do not build the plugins (faster; no device needed): optimizer.lr then holds only the learning rates the config "
+         "sets, and lr_schedule.steps stays null (the run's length) unless the config sets it.",
 )
 def config_(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None,
             device: str | None, seed: int | None, sets: tuple[str, ...], out: Path | None, no_build: bool) -> None:
@@ -184,7 +185,10 @@ def config_(config: Path, epochs: int | None, max_batches: int | None, agent_lr:
         overrides.append(Override(f"out={out}", f"--out {out}"))
     cfg = load_config(config, overrides)
     if not no_build:
+        from arcfw.core.training.trainer import resolve_schedule_steps
+
         Engine.from_config(cfg)  # the parameter groups, and so their learning rates, exist once the plugins are built
+        resolve_schedule_steps(cfg)  # the run's length in optimizer steps, from the data
     click.echo(cfg.dump(), nl=False)
 
 

@@ -193,6 +193,14 @@ class StepResult:
     backpropagate into Qwen or the predictor by accident.  ``predict(prompt)``
     runs the predictor again under ``torch.no_grad()`` with the weights as they
     are *after* the optimizer step; ``predict_many`` runs it for several prompts at once.
+
+    With gradient accumulation (``accumulate: K``) ``post_step_update`` runs once per
+    micro-batch, right after that micro-batch's backward (so state a plugin keeps from its
+    ``refine``/``generate_prompt`` call pairs with the right batch): for micro-batches
+    ``0 .. K-2`` the optimizer has not stepped yet (``applied`` False, ``predict`` sees the
+    weights before the step, ``metrics`` hold the micro-batch's own); the last one's runs
+    after the optimizer step, as without accumulation.  ``loss`` is always the micro-batch's
+    own loss.
     """
 
     batch: Any
@@ -201,7 +209,9 @@ class StepResult:
     logits: torch.Tensor
     loss: float
     metrics: dict[str, float]
-    applied: bool  # False if the optimizer step was skipped (non-finite values, fp16 overflow)
+    #: False if the optimizer step was skipped (non-finite values, fp16 overflow), or has not
+    #: happened yet (a micro-batch before the last of a step: ``micro_batch < micro_batches - 1``)
+    applied: bool
     predict: Callable[[torch.Tensor], torch.Tensor]
     epoch: int = 0
     step: int = 0
@@ -210,6 +220,9 @@ class StepResult:
     #: ``predict_many([p1, p2, ...])`` == ``[predict(p1), predict(p2), ...]`` in *one* predictor call on
     #: the batch repeated (cheaper than separate calls where a step is dominated by per-call overhead)
     predict_many: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    #: gradient accumulation: this batch's index among the step's micro-batches, and their number
+    micro_batch: int = 0
+    micro_batches: int = 1
 
 
 @dataclass

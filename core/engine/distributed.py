@@ -200,6 +200,8 @@ class Dist:
     owns_group: bool = False
     #: trainable groups that no wrapper owns; the engine averages their gradients after backward
     manual_groups: list[ParamGroup] = field(default_factory=list)
+    #: the DistributedDataParallel wrappers made by :meth:`wrap` (gradient accumulation: :meth:`no_sync`)
+    ddp_modules: list[torch.nn.Module] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -261,6 +263,19 @@ class Dist:
             **options,
         )
         setattr(owner, attr, wrapped)
+        self.ddp_modules.append(wrapped)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forward and backward of a micro-batch before the last of a step (gradient accumulation):
+        the DDP wrappers keep their gradients local instead of all-reducing them; the last
+        micro-batch's backward reduces the sum (``DistributedDataParallel.no_sync``).  FSDP2
+        groups reduce at every backward and the engine averages the other groups once, after
+        the last one (:meth:`sync_gradients`): the result is the same, the traffic larger."""
+        with contextlib.ExitStack() as stack:
+            for m in self.ddp_modules:
+                stack.enter_context(m.no_sync())  # type: ignore[operator]
+            yield
 
     def sync_gradients(self) -> None:
         """Average the gradients of the groups no wrapper owns (after backward, before clipping)."""

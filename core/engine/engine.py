@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ from arcfw.core.engine import contracts, hookspecs, state
 from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric, ParamGroup, StepResult, TaskEncoding, View
 from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
+from arcfw.core.engine.lr_schedule import LRSchedule
 from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
-from arcfw.core.engine.steps import STEP_ORDER, order_text
+from arcfw.core.engine.steps import MICRO_STAGES, STEP_ORDER, Stage, order_text
 from arcfw.core.engine.watch import BatchWatch, ParamWatch
 from arcfw.core.errors import (
     ArcfwError,
@@ -61,6 +62,11 @@ class _Step:
     (a field read before its stage ran is an AttributeError, not a silent None)."""
 
     batch: Batch
+    #: this micro-batch's share of the step's examples (gradient accumulation; 1.0 for a whole batch)
+    weight: float = 1.0
+    #: the last micro-batch of the step (its backward is followed by the optimizer step)
+    last: bool = True
+    index: int = 0  # its index among the step's micro-batches
     prompt: torch.Tensor = field(init=False)  # generate_prompt
     encoding: TaskEncoding | None = field(init=False)  # generate_prompt: token states, when the prompt plugin makes them
     refined: torch.Tensor = field(init=False)  # refine
@@ -107,6 +113,10 @@ class Engine:
         self._first_step_checked = False
         self._batch_watch: BatchWatch | None = None  # set while a step runs (health.check_contracts)
         self._param_watch: ParamWatch | None = None  # built with the optimizer (health.check_contracts)
+        #: the learning-rate schedule applied before every optimizer step (set by the trainer; None: the
+        #: optimizer's learning rates stay as configured)
+        self.lr_schedule: LRSchedule | None = None
+        self._micro: list[_Step] = []  # the micro-batches of the step being run
         self._stages = {s: getattr(self, f"_stage_{s.name.lower()}") for s in STEP_ORDER}
         self._build_plugins()
 
@@ -492,27 +502,59 @@ class Engine:
             "keeps fp32 master weights and autocasts the math), or use precision: bf16-mixed"
         )
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One step, stage by stage in :data:`STEP_ORDER`. Returns the step's metrics."""
+    def train_step(self, batch: Batch | Sequence[Batch]) -> dict[str, float]:
+        """One optimizer step, stage by stage in :data:`STEP_ORDER`. Returns the step's metrics.
+
+        ``batch``: one batch, or the micro-batches of one step (gradient accumulation,
+        ``accumulate`` in the config): each runs :data:`MICRO_STAGES` in turn with its loss
+        weighted by its share of the step's examples, so the gradients are those of one batch
+        of all of them (``compute_loss`` is a mean over a batch's examples), then its own
+        ``post_step_update``; the last one's runs after the one optimizer step.  A metric of
+        the step is the mean over its micro-batches, weighted by their examples.
+        """
+        micro = [batch] if isinstance(batch, Batch) else list(batch)
+        if not micro:
+            raise ValueError("train_step needs at least one batch")
         self.ctx.training = True
         self.ctx.step = self.global_step
         self.ctx.no_grad_groups = set()
-        s = _Step(batch=batch)
-        if self.check_contracts:
-            self._batch_watch = BatchWatch(batch)
-            if self._param_watch is not None:
-                self._param_watch.check_layout(None, None)
-                self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+        total = sum(b.size for b in micro)
+        steps = [_Step(batch=b, weight=b.size / total if len(micro) > 1 else 1.0, last=i == len(micro) - 1, index=i)
+                 for i, b in enumerate(micro)]
+        self._micro = steps
+        if self.check_contracts and self._param_watch is not None:
+            self._param_watch.check_layout(None, None)
+            self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+        no_grad: set[str] | None = None
         try:
-            for stage in STEP_ORDER:
-                if self.listeners:
-                    self._emit(f"stage:{stage.value}")
-                self._stages[stage](s)
+            self._run_stage(Stage.THRESHOLD, steps[0])
+            for s in steps:
+                self.ctx.no_grad_groups = set()
+                with self.dist.no_sync() if not s.last else contextlib.nullcontext():
+                    for stage in MICRO_STAGES:
+                        if stage is Stage.BACKWARD and s.last and no_grad is not None:
+                            # exempt only what no micro-batch of the step trained (the first-step check reads it)
+                            self.ctx.no_grad_groups &= no_grad
+                        self._run_stage(stage, s)
+                no_grad = set(self.ctx.no_grad_groups) if no_grad is None else no_grad & self.ctx.no_grad_groups
+                if s.last:
+                    self._run_stage(Stage.OPTIMIZER_STEP, s)
+                else:  # gradient accumulation: the optimizer steps after the last micro-batch
+                    s.loss_value, s.applied, s.norms = float(s.loss.detach()), False, {}
+                self._run_stage(Stage.POST_STEP_UPDATE, s)
         finally:
             self._batch_watch = None
+            self._micro = []
         self.global_step += 1
         self._first_step_checked = True
-        return s.metrics
+        return steps[0].metrics if len(steps) == 1 else _combine([(s.weight, s.metrics) for s in steps])
+
+    def _run_stage(self, stage: Stage, s: _Step) -> None:
+        if self.check_contracts and (self._batch_watch is None or self._batch_watch.batch is not s.batch):
+            self._batch_watch = BatchWatch(s.batch)
+        if self.listeners:
+            self._emit(f"stage:{stage.value}")
+        self._stages[stage](s)
 
     def _stage_threshold(self, s: _Step) -> None:
         for impl in self._impls.get("hard_cell_threshold", []):
@@ -594,7 +636,7 @@ class Engine:
     def _stage_backward(self, s: _Step) -> None:
         if s.loss.requires_grad:
             try:
-                self.precision.backward(s.loss)
+                self.precision.backward(s.loss if s.weight == 1.0 else s.loss * s.weight)
             except RuntimeError as exc:
                 if "backward through the graph a second time" not in str(exc):
                     raise
@@ -603,6 +645,8 @@ class Engine:
                     f"backward or step the main optimizer; the step order is {order_text()}. Return the loss from "
                     "compute_loss and do extra updates in post_step_update"
                 ) from exc
+        if not s.last:  # more micro-batches add their gradients before the optimizer step
+            return
         self.dist.sync_gradients()  # groups no DDP/FSDP wrapper owns; the wrappers reduced theirs in backward
         if not self._first_step_checked:
             self._check_groups_reached()
@@ -629,16 +673,23 @@ class Engine:
         live = [g for g in self.groups if g.lr > 0]
         grads = [[p.grad for p in g.trainable() if p.grad is not None] for g in live]
         norms = [full_tensor(torch.nn.utils.get_total_norm(gs)) if gs else torch.zeros((), device=self.device) for gs in grads]
+        own = s.loss.detach().float()
+        earlier = self._micro[:-1]  # gradient accumulation: the micro-batches before this one
+        # the step's loss: the micro-batches' losses weighted as in backward
+        whole = own * s.weight + sum(mb.loss_value * mb.weight for mb in earlier) if earlier else own
         # gradients are already the same on every rank; the loss is averaged so that all ranks skip alike
-        loss = self.dist.mean(s.loss.detach().float())
-        values = torch.stack([loss, *[n.float().to(self.device) for n in norms]]).tolist()  # one sync
-        s.loss_value = values[0]
-        s.metrics["loss"] = s.loss_value
+        loss = self.dist.mean(whole)
+        values = torch.stack([loss, *([own] if earlier else []), *[n.float().to(self.device) for n in norms]]).tolist()  # one sync
+        if earlier:
+            s.loss_value = values.pop(1)  # this micro-batch's own loss (its post_step_update sees it)
+        else:
+            s.loss_value = values[0]
+        s.metrics["loss"] = values[0]
         s.norms = {g.name: v for g, v in zip(live, values[1:])}
         self.last_norms = s.norms
         total_norm = math.sqrt(sum(v * v for v in values[1:])) if all(math.isfinite(v) for v in values[1:]) else float("inf")
-        if not math.isfinite(s.loss_value) or (not math.isfinite(total_norm) and self.precision.scaler is None):
-            what = "loss" if not math.isfinite(s.loss_value) else "gradient"
+        if not math.isfinite(values[0]) or (not math.isfinite(total_norm) and self.precision.scaler is None):
+            what = "loss" if not math.isfinite(values[0]) else "gradient"
             opt.zero_grad(set_to_none=True)
             if self.precision.scaler is not None:
                 self.precision.scaler.update()
@@ -650,10 +701,13 @@ class Engine:
             if clip and math.isfinite(total_norm):
                 params = [p for g in live for p in g.trainable() if p.grad is not None]
                 torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(total_norm, device=self.device))
+            if self.lr_schedule is not None:
+                for name, lr in self.lr_schedule.apply(opt, self.global_step).items():
+                    s.metrics[f"lr/{name}"] = lr
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value)
+            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), values[0])
         if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
             self._param_watch.snapshot()
         s.metrics["grad_norm"] = total_norm
@@ -677,6 +731,8 @@ class Engine:
             step=self.global_step,
             encoding=encoding,
             predict_many=lambda prompts: self.predict_many_no_grad(prompts, batch, encoding),
+            micro_batch=s.index,
+            micro_batches=max(1, len(self._micro)),
         )
         del s.loss  # the main graph is gone from here on
         for impl in self._impls.get("post_step_update", []):
@@ -685,6 +741,20 @@ class Engine:
                 contracts.check_metrics(impl.plugin, "post_step_update", out)
             if out:
                 s.metrics.update(out)
+
+    def eval_loss(self, batch: Batch) -> float:
+        """The summed ``compute_loss`` of ``batch`` (answers as targets) with the model as it is,
+        contract-checked (use inside :meth:`evaluating`; validation during training)."""
+        prompt, encoding = self.eval_encode(batch)
+        logits = self.predict_no_grad(prompt, batch, encoding)
+        total = torch.zeros((), device=self.device)
+        for impl in self._impls.get("compute_loss", []):
+            with self.precision.autocast():
+                out: LossOutput = self._call("compute_loss", impl, logits=logits, batch=batch, ctx=self.ctx)
+            if self.check_contracts:
+                contracts.check_loss(impl.plugin, out, needs_grad=False)
+            total = total + out.loss.detach().float()
+        return float(total)
 
     def predict_no_grad(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
         """Run the predictor without gradient (post-step reward computation, evaluation).
@@ -800,3 +870,15 @@ class Engine:
                 contracts.check_views(impl.plugin, example, out)
             views.extend(out or [])
         return views
+
+
+def _combine(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """The metrics of a step's micro-batches: each key's mean over the micro-batches that have it,
+    weighted by their share of the examples (a key only one of them has keeps its value)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for w, metrics in parts:
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + w * float(v)
+            weights[k] = weights.get(k, 0.0) + w
+    return {k: sums[k] / weights[k] for k in sums}

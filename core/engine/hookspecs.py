@@ -14,6 +14,11 @@ How a step runs (the order lives in :mod:`arcfw.core.engine.steps` and nowhere e
     engine: backward -> (unscale, clip) -> optimizer step -> scaler update
     post_step_update(result, ctx)                 # detached values only
 
+With gradient accumulation (``accumulate: K``) a step takes K micro-batches: the threshold once,
+then for each micro-batch ``generate_prompt`` .. ``compute_loss``, the engine's backward and that
+micro-batch's ``post_step_update``; the optimizer steps once, after the last micro-batch's backward
+and before its ``post_step_update`` (:mod:`arcfw.core.engine.steps`).
+
 Evaluation (``arcfw eval``, :mod:`arcfw.core.commands.evaluate`) runs, without gradient and
 with ``ctx.training`` False, for every test input and each of its views
 (the input itself plus :func:`test_time_views`)::
@@ -207,7 +212,11 @@ def compute_loss(logits: torch.Tensor, batch: Batch, ctx: Context) -> LossOutput
     the summaries and ``arcfw plot`` should show on the plugin class
     (``metrics = (Metric(...),)``, :class:`~arcfw.core.engine.context.Metric`).  The loss of a batch must be
     the mean of the per-example losses so that batch size does not change its
-    scale.  All implementations are called; their losses are **summed**
+    scale: gradient accumulation relies on it (each micro-batch's loss is weighted by its
+    share of the step's examples, which makes K accumulated micro-batches exactly one step
+    on a batch of all of them; a loss averaged over a pooled count across the batch, such as
+    all its cells, is equal only up to that weighting).  A loss is also computed at
+    validation (``ctx.training`` False, no gradient).  All implementations are called; their losses are **summed**
     (auxiliary losses add up) and their metrics merged.  Never call
     ``backward()`` here.
     """
@@ -215,7 +224,8 @@ def compute_loss(logits: torch.Tensor, batch: Batch, ctx: Context) -> LossOutput
 
 @hookspec
 def post_step_update(result: StepResult, ctx: Context) -> dict[str, float] | None:
-    """Called after the optimizer step (and scaler update), once per step.
+    """Called after the optimizer step (and scaler update), once per step - once per
+    **micro-batch** with gradient accumulation.
 
     ``result`` holds the step's tensors **detached** from the main graph
     (prompt, refined prompt, logits, targets, loss, metrics) and a
@@ -224,6 +234,14 @@ def post_step_update(result: StepResult, ctx: Context) -> dict[str, float] | Non
     REINFORCE step) or for bookkeeping.  The main graph is gone by now:
     backpropagating through it is a step-order error.  All implementations are
     called; returned dicts of floats are merged into the step's metrics.
+
+    With ``accumulate: K`` it runs right after each micro-batch's backward, so what a
+    plugin keeps from its own ``generate_prompt``/``refine`` call pairs with the batch it
+    came from (the RL policy's rollout): for micro-batches ``0 .. K-2`` the optimizer has
+    not stepped yet (``result.applied`` False, ``predict`` sees the weights before the step);
+    the last one's (``result.micro_batch == result.micro_batches - 1``) runs after the step.
+    A plugin that wants one call per optimizer step acts on that last one only.  The step's
+    metrics are each metric's mean over its micro-batches, weighted by their examples.
     """
 
 

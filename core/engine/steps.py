@@ -16,6 +16,13 @@ passes through the ``augment_example`` hooks (chained, with a NumPy generator
 seeded by ``(seed, epoch, example index)``) and is then collated.  That stage
 is not part of :data:`STEP_ORDER`: the step starts from a collated batch.
 
+**Gradient accumulation** (``accumulate: K``): one step takes K micro-batches.
+THRESHOLD runs once; GENERATE_PROMPT .. BACKWARD (:data:`MICRO_STAGES`) run for each
+micro-batch in turn, its loss weighted by its share of the step's examples, so the
+gradients add up to those of one batch K times bigger; then OPTIMIZER_STEP once; then
+POST_STEP_UPDATE once per micro-batch, each with its own detached results (after the
+optimizer step, as without accumulation).  With K = 1 this is exactly the list above.
+
 Plugins implement the hook stages; BACKWARD and OPTIMIZER_STEP belong to the
 engine alone.  Tests record the sequence of stages and hook calls and assert it.
 """
@@ -38,6 +45,10 @@ class Stage(str, Enum):
 
 #: The order of one step. ``Engine.train_step`` walks exactly this list.
 STEP_ORDER: tuple[Stage, ...] = tuple(Stage)
+
+
+#: The stages run once per micro-batch, in this order, before the one optimizer step.
+MICRO_STAGES: tuple[Stage, ...] = (Stage.GENERATE_PROMPT, Stage.REFINE, Stage.PREDICT, Stage.COMPUTE_LOSS, Stage.BACKWARD)
 
 
 def order_text() -> str:

@@ -64,6 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "arcfw-checkpoint"
 FORMAT_VERSION = 1
 DIR = "checkpoints"
+#: the run folder's copy of the checkpoint with the best validation value (``checkpoint.best``)
+BEST = "best"
 LATEST = "latest"
 META = "meta.json"
 STATE = "state.pt"
@@ -399,9 +401,14 @@ class Checkpointer:
     def start(self, resumed: Checkpoint | None) -> None:
         """Prepare the folder: a fresh run starts without checkpoints; a resumed one drops stale
         temporary folders and checkpoints newer than the one it continues (an abandoned future)."""
+        best = self.dir.parent / BEST
+        fileio.recover_dir(best)
         if resumed is None:
             shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(best, ignore_errors=True)
             return
+        if self.best_step() is not None and (self.best_step() or 0) > resumed.step:
+            shutil.rmtree(best)  # made by the continuation this resume abandons
         for p in self.dir.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
         for step, p in self._existing():
@@ -409,6 +416,14 @@ class Checkpointer:
                 shutil.rmtree(p)
         if self.latest_name() != resumed.path.name:
             fileio.write_atomic(self.dir / LATEST, resumed.path.name + "\n", durable=True)
+
+    def best_step(self) -> int | None:
+        """The step of the checkpoint in ``OUT/best`` (None: there is none)."""
+        meta = self.dir.parent / BEST / META
+        try:
+            return int(json.loads(meta.read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _prune(self) -> None:
         latest = self.latest_name()
@@ -439,26 +454,12 @@ class Checkpointer:
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
-        # every rank saves at the same steps (gathering generator states and FSDP2 shards is a collective);
-        # the replicas are identical, so rank 0 alone writes
-        engine_state = eng.state_dict(modules=False)
-        full_modules: dict[str, dict[str, torch.Tensor]] | None = None
-        if eng.dist.strategy == "fsdp":
-            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
-        if not eng.dist.is_main:  # rank 0 writes
+        snapshot = self._snapshot(position, loop)
+        if snapshot is None:  # not rank 0
             barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
             self._last = step
             return final
-        plugins = engine_state.pop("plugins")
-        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
-        state = {
-            "engine": engine_state,
-            "rng": _rng_state(),
-            "plugins": plugins,
-            "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
-                         "batches": len(self.loader), "world_size": self.loader.world_size},
-            "loop": loop,
-        }
+        state, full_modules = snapshot
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -481,8 +482,55 @@ class Checkpointer:
         barrier()
         return final
 
+    def _snapshot(self, position: Position, loop: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]] | None] | None:
+        """The state a checkpoint holds and the modules gathered from FSDP2 shards (None: the modules
+        themselves); None on ranks other than 0.  Every rank calls it at the same steps (gathering
+        generator states and FSDP2 shards is a collective); the replicas are identical, so rank 0 writes."""
+        eng = self.engine
+        engine_state = eng.state_dict(modules=False)
+        full_modules: dict[str, dict[str, torch.Tensor]] | None = None
+        if eng.dist.strategy == "fsdp":
+            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
+        if not eng.dist.is_main:
+            return None
+        plugins = engine_state.pop("plugins")
+        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
+        state = {
+            "engine": engine_state,
+            "rng": _rng_state(),
+            "plugins": plugins,
+            "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
+                         "batches": len(self.loader), "world_size": self.loader.world_size},
+            "loop": loop,
+        }
+        return state, full_modules
+
+    def save_best(self, position: Position, loop: dict[str, Any], best: dict[str, Any]) -> Path:
+        """Write the current state as ``OUT/best`` (a checkpoint like the others, with ``best``:
+        metric, value and step in its ``meta.json``), replacing the previous best in one atomic
+        exchange (:func:`arcfw.core.io.replace_dir`).  Evaluate it with ``arcfw eval --checkpoint
+        OUT/best`` or start a run from it with ``--init-from OUT/best``."""
+        final = self.dir.parent / BEST
+        snapshot = self._snapshot(position, loop)
+        if snapshot is None:
+            barrier()
+            return final
+        state, full_modules = snapshot
+        tmp = final.with_name(f".{BEST}-tmp-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._write(tmp, state, self.engine.global_step, position, full_modules, extra={"best": best})
+            fileio.replace_dir(tmp, final)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"cannot write the best checkpoint {final}: {exc.strerror or _one_line(exc)}") from None
+            raise
+        barrier()
+        return final
+
     def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position,
-               full_modules: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+               full_modules: dict[str, dict[str, torch.Tensor]] | None = None, extra: dict[str, Any] | None = None) -> None:
         """``full_modules``: the modules' state gathered from FSDP2 shards (None: the modules themselves)."""
         eng = self.engine
         (tmp / MODULES).mkdir(parents=True)
@@ -518,6 +566,7 @@ class Checkpointer:
             "data": {"fingerprint": self.fingerprint, "examples": len(self.loader.examples)},
             "modules": modules,
             "files": {rel: _sha256(tmp / rel) for rel in files},
+            **(extra or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         fileio.fsync_path(tmp / META)

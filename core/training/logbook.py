@@ -134,8 +134,9 @@ class Logbook:
 
     # ------------------------------------------------------------------ steps
 
-    def step(self, epoch: int, batch_index: int, metrics: dict[str, float]) -> None:
-        """Account one step; health-check it; write (and print) its record when due or when it warns."""
+    def step(self, epoch: int, batch_index: int, metrics: dict[str, float], force: bool = False) -> None:
+        """Account one step; health-check it; write (and print) its record when due, when it warns or
+        when ``force`` (a validation step: its record carries the ``val/`` metrics)."""
         eng = self.engine
         exempt = frozenset(eng.ctx.no_grad_groups)
         loss = metrics.get("loss", math.nan)
@@ -145,7 +146,7 @@ class Logbook:
         self.epoch.add(metrics, self.metrics, exempt)
         self.window.add(metrics, self.metrics, exempt)
         step = eng.global_step
-        if step % self.log_every and not warnings:
+        if step % self.log_every and not warnings and not force:
             return
         rec: dict[str, Any] = {
             "kind": "batch",

@@ -9,37 +9,45 @@ when checkpoints are written and how a stop signal ends the run,
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from arcfw.core.config import RunConfig
+from arcfw.core.data.batch import Batch
 from arcfw.core.data.fingerprint import data_fingerprint
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
 from arcfw.core.engine.engine import Engine
+from arcfw.core.engine.lr_schedule import LRSchedule, is_active
 from arcfw.core.errors import ConfigError, Interrupted
 from arcfw.core.io import write_atomic
 from arcfw.core.training import checkpoint
-from arcfw.core.training.checkpoint import Checkpointer
+from arcfw.core.training.checkpoint import Checkpointer, Position
 from arcfw.core.training.interrupt import StopSignals
 from arcfw.core.training.logbook import Logbook
 from arcfw.core.training.metrics import MetricsLog, NullLog, write_metric_specs
+from arcfw.core.training.monitor import Monitor
 from arcfw.core.training.schedule import SaveSchedule
 from arcfw.core.training.startup import startup_lines
+from arcfw.core.training.validation import METRICS as VAL_METRICS
+from arcfw.core.training.validation import Validator
+from arcfw.core.training.validation import describe as describe_val
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "metric_specs.json")
 
 
-def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FILES, checkpoint.DIR), what: str = "a run") -> None:
+def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FILES, checkpoint.DIR, checkpoint.BEST),
+                  what: str = "a run") -> None:
     """Refuse an output folder that is a file, cannot be written, or already holds ``what`` (one of
     ``files``) unless ``overwrite``."""
     if out.exists() and not out.is_dir():
@@ -55,6 +63,23 @@ def check_out_dir(out: Path, overwrite: bool, files: tuple[str, ...] = (*RUN_FIL
         raise ConfigError("--out", [("", f"cannot create output folder {out}: {parent} is a file")])
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError("--out", [("", f"cannot write output folder {out}: no write permission in {parent}")])
+
+
+def run_steps(cfg: dict[str, Any], batches_per_epoch: int) -> int:
+    """The optimizer steps of a run: ``accumulate`` batches per step (the last step of an epoch may
+    take fewer) over ``epochs`` epochs, at most ``max_batches`` steps (the default length of the
+    learning-rate schedule, ``lr_schedule.steps``)."""
+    total = int(cfg["epochs"]) * math.ceil(batches_per_epoch / int(cfg["accumulate"]))
+    return total if cfg["max_batches"] is None else min(total, int(cfg["max_batches"]))
+
+
+def resolve_schedule_steps(config: RunConfig) -> None:
+    """``lr_schedule.steps`` of a fresh one-process run of ``config`` when the config leaves it null
+    (``arcfw config`` prints what ``arcfw run`` saves)."""
+    sec, d = config.data["lr_schedule"], config.data["data"]
+    if sec["steps"] is None:
+        examples = make_examples(load_tasks(d["source"], version=d["version"], split=d["split"], max_tasks=d["max_tasks"]))
+        sec["steps"] = run_steps(config.data, math.ceil(len(examples) / config.data["batch_size"]))
 
 
 class Trainer:
@@ -112,10 +137,20 @@ class Trainer:
         c = self.cfg["checkpoint"]
         self.checkpoints = Checkpointer(self.out_dir, self.engine, self.loader, c["keep"], data_fingerprint(self.tasks))
         if self.dist.is_main:
-            checkpoint.check_space(self.out_dir, self.engine, c["keep"])
+            checkpoint.check_space(self.out_dir, self.engine, c["keep"] + (c["best"] is not None))
         self.checkpoints.check_plugin_states()
+        self.accumulate: int = self.cfg["accumulate"]
+        self.steps_per_epoch = math.ceil(len(self.loader) / self.accumulate)
+        v, e = self.cfg["val"], self.cfg["early_stop"]
+        self.validator = Validator(self.engine, v, self.tasks, config.source) if v["every"] is not None else None
+        self.best = Monitor(c["best"], c["mode"]) if c["best"] is not None else None
+        self.early = Monitor(e["metric"], e["mode"], e["min_delta"]) if e["metric"] is not None else None
+        self.stopped_early = False
+        self.lr_schedule = self._build_lr_schedule()
         self.book = Logbook(self.engine, NullLog(), self.cfg["log_every"], self.quiet, self.dist.is_main)
-        self.saves = SaveSchedule(self.checkpoints, c["every"], len(self.loader), self.book.state_dict, self.resume_command)
+        if self.validator is not None:
+            self.book.metrics += VAL_METRICS
+        self.saves = SaveSchedule(self.checkpoints, c["every"], len(self.loader), self.loop_state, self.resume_command)
         self.start_epoch = self.start_batch = 0
         self._rng: dict[str, Any] | None = None
         start = f"fresh (seed {self.cfg['seed']})"
@@ -124,7 +159,7 @@ class Trainer:
             restored = self.checkpoints.restore(self.resumed)
             self.engine.ctx.resumed_step = self.resumed.step
             self.start_epoch, self.start_batch = restored.position.epoch, restored.position.batch
-            self.book.load_state_dict(restored.loop)
+            self.load_loop_state(restored.loop)
             self._rng = restored.rng
             start = (f"resuming from {self.resumed.path} (step {self.engine.global_step}, "
                      f"epoch {self.start_epoch}, batch {self.start_batch})")
@@ -135,6 +170,8 @@ class Trainer:
         for line in startup_lines(self.engine, self.cfg, tasks=len(self.tasks), pairs=len(self.examples),
                                   batches=len(self.loader), out_dir=self.out_dir, start=start,
                                   world_size=self.dist.world_size):
+            self.book.print(line)
+        for line in self._feature_lines():
             self.book.print(line)
         for note in notes:
             self.book.print(f"warning: {note}")
@@ -174,22 +211,31 @@ class Trainer:
 
     def _run(self) -> None:
         eng, epochs = self.engine, self.cfg["epochs"]
+        if self.early is not None and self.early.bad >= self.cfg["early_stop"]["patience"]:
+            self.stopped_early = True  # a run resumed from its early-stop checkpoint: nothing more to do
+            self.book.print(self._early_stop_text())
         for epoch in range(self.start_epoch, epochs):
             if self._budget_spent():
                 break
             start = self._start_epoch(epoch)
             bar = self._progress_bar(epoch, start)
             next_batch = start
-            for batch_index, batch in enumerate(self.loader.batches(epoch, start), start):
+            for batch_index, batches in self._steps(epoch, start):
                 if self._budget_spent():
                     break
-                metrics = eng.train_step(batch.to(eng.device))
+                metrics = eng.train_step([b.to(eng.device) for b in batches] if len(batches) > 1 else batches[0].to(eng.device))
                 # averaged over ranks; a signal that reached any rank stops every rank after this step
                 metrics, self.saves.stop_signum = self.dist.exchange(metrics, self._signals.signum)
-                self.book.step(epoch, batch_index, metrics)
-                bar.update(1)
                 next_batch = batch_index + 1
+                val = self._validate(epoch, next_batch) if self.validator and self.validator.due(eng.global_step) else {}
+                self.book.step(epoch, batch_index, {**metrics, **val}, force=bool(val))
+                if val:
+                    self.book.print(self.validator.line(eng.global_step, val) if self.validator else "")
+                bar.update(len(batches))
                 self.saves.after_step(epoch, next_batch)
+                if self.stopped_early:
+                    self.book.print(self._early_stop_text())
+                    break
             bar.close()
             self.saves.cut_short(epoch, next_batch)
             if self.book.end_epoch(epoch) is not None:
@@ -204,14 +250,115 @@ class Trainer:
             self.book.start_epoch()
         return start
 
+    def _steps(self, epoch: int, start: int) -> Iterator[tuple[int, list[Batch]]]:
+        """The epoch's optimizer steps from batch ``start`` on: ``accumulate`` batches each (the last
+        step of an epoch may have fewer), with the index of the step's last batch."""
+        chunk: list[Batch] = []
+        index = start - 1
+        for index, batch in enumerate(self.loader.batches(epoch, start), start):
+            chunk.append(batch)
+            if len(chunk) == self.accumulate:
+                yield index, chunk
+                chunk = []
+        if chunk:
+            yield index, chunk
+
     def _budget_spent(self) -> bool:
         max_batches = self.cfg["max_batches"]
-        return max_batches is not None and self.engine.global_step >= max_batches
+        return self.stopped_early or (max_batches is not None and self.engine.global_step >= max_batches)
+
+    # ------------------------------------------------------------------ schedule, validation, best, early stop
+
+    def _build_lr_schedule(self) -> LRSchedule | None:
+        """The learning-rate schedule of every trainable group, installed in the engine; its length
+        (``lr_schedule.steps``, null: the run's optimizer steps) goes into the resolved config. A
+        resumed run keeps the length its checkpoint was made with unless the config sets one."""
+        sec = self.cfg["lr_schedule"]
+        groups = [g.name for g in self.engine.groups]
+        unknown = sorted(set(sec["groups"]) - set(groups))
+        if unknown:
+            raise self.config.error([(f"lr_schedule.groups.{u}", f"no parameter group named '{u}' (groups: {', '.join(groups)})")
+                                     for u in unknown])
+        total = sec["steps"]
+        if total is None:
+            total = run_steps(self.cfg, len(self.loader))
+            if self.resumed is not None:
+                saved = self.resumed.meta["config"].get("lr_schedule", {}).get("steps")
+                total = saved if isinstance(saved, int) else total
+        sec["steps"] = total
+        if not is_active(sec):
+            return None
+        schedule = LRSchedule(sec, {g.name: g.lr for g in self.engine.groups if g.lr > 0}, total)
+        self.engine.lr_schedule = schedule
+        return schedule
+
+    def _validate(self, epoch: int, next_batch: int) -> dict[str, float]:
+        """Validation after this step; the best checkpoint and the early-stop count follow it."""
+        assert self.validator is not None
+        step = self.engine.global_step
+        val = self.validator.run()
+        if self.best is not None and self.best.update(val, step):
+            self.checkpoints.save_best(Position(epoch, next_batch), self.loop_state(),
+                                       {"metric": self.best.metric, "mode": self.best.mode, "value": self.best.best, "step": step})
+        if self.early is not None:
+            self.early.update(val, step)
+            self.stopped_early = self.early.bad >= self.cfg["early_stop"]["patience"]
+        return val
+
+    def _early_stop_text(self) -> str:
+        e = self.early
+        assert e is not None
+        best = f"{e.best:.4g} at step {e.best_step}" if e.best is not None else "none (no finite value)"
+        return (f"arcfw: early stop after step {self.engine.global_step}: {e.metric} has not improved for {e.bad} "
+                f"validation(s) (early_stop.patience {self.cfg['early_stop']['patience']}); best {best}")
+
+    def loop_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the loop: the epoch statistics, the schedule's length, the best
+        value and the early-stop count."""
+        out = self.book.state_dict()
+        out["lr_schedule"] = {"total": self.cfg["lr_schedule"]["steps"]}
+        if self.best is not None:
+            out["best"] = self.best.state_dict()
+        if self.early is not None:
+            out["early_stop"] = self.early.state_dict()
+        return out
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        self.book.load_state_dict(state)
+        if self.best is not None and "best" in state:
+            self.best.load_state_dict(state["best"])
+        if self.early is not None and "early_stop" in state:
+            self.early.load_state_dict(state["early_stop"])
+
+    def _feature_lines(self) -> list[str]:
+        """Start-up lines of the trainer's options that are on: accumulation, schedule, validation."""
+        lines = []
+        if self.accumulate > 1:
+            world = self.dist.world_size
+            lines.append(f"arcfw: gradient accumulation: an optimizer step every {self.accumulate} batches "
+                         f"({self.cfg['batch_size'] * self.accumulate * world} examples per step), "
+                         f"{self.steps_per_epoch} steps per epoch; max_batches, log_every, checkpoint.every and val.every count steps")
+        sec = self.cfg["lr_schedule"]
+        if self.lr_schedule is not None:
+            over = "; ".join(f"{g}: {', '.join(f'{k} {v}' for k, v in o.items())}" for g, o in sec["groups"].items())
+            lines.append(f"arcfw: lr schedule {sec['name']}, warmup {sec['warmup']} steps, over {sec['steps']} steps"
+                         + (f" to {sec['min_ratio']:g} x lr" if sec["name"] != "constant" else "") + (f" ({over})" if over else ""))
+        if self.validator is not None:
+            v = self.cfg["val"]
+            lines.append(f"arcfw: validation every {v['every']} steps on {describe_val(v)}: {len(self.validator.tasks)} tasks, "
+                         f"{len(self.validator.examples)} test outputs"
+                         + (f"; best checkpoint by {self.best.metric} ({self.best.mode}) in {self.out_dir / checkpoint.BEST}" if self.best else "")
+                         + (f"; early stop after {self.cfg['early_stop']['patience']} validations without a better {self.early.metric}"
+                            if self.early else ""))
+            if self.validator.overlap:
+                lines.append(f"warning: {len(self.validator.overlap)} of the {len(self.validator.tasks)} validation tasks are "
+                             "training tasks too: their val/ scores measure memory (use another val.split or val.source)")
+        return lines
 
     def _progress_bar(self, epoch: int, start: int) -> tqdm:
         total, max_batches = len(self.loader), self.cfg["max_batches"]
         if max_batches is not None:
-            total = min(total, start + max_batches - self.engine.global_step)
+            total = min(total, start + (max_batches - self.engine.global_step) * self.accumulate)
         return tqdm(total=total, initial=start, desc=f"Epoch {epoch}", disable=self.quiet, dynamic_ncols=True, file=sys.stderr)
 
     # ------------------------------------------------------------------ output and signals
