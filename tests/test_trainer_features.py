@@ -274,19 +274,32 @@ def loop_state(t: Trainer) -> dict:
 
 
 def test_stopped_and_resumed_run_with_every_feature_is_the_same_run(tmp_path):
-    """7 steps straight vs 4, a stop (SIGINT at an exact step, as a scheduler would), and a resume:
+    """7 steps straight vs a stop (SIGINT at an exact step, as a scheduler would) and a resume:
     the same weights, records, schedule, best checkpoint and early-stop state. 6 steps per epoch, so
-    the run crosses an epoch boundary."""
-    straight = Trainer(cfg({**ALL, "plugins.extra": [{"name": "helper_plugins:SendSignal", "after_step": 1000}]}),
-                       tmp_path / "ref", quiet=True)
+    the run crosses an epoch boundary.  The stop comes right after the best validation (validations at
+    steps 2, 4, 6; the mode, min or max, is chosen from a first run so that the best is at 2 or 4), so
+    the resume must carry a best and an early-stop count that no later validation replaces."""
+
+    def signal_at(step):
+        return {"plugins.extra": [{"name": "helper_plugins:SendSignal", "after_step": step}]}
+
+    probe = Trainer(cfg({**ALL, **signal_at(1000)}), tmp_path / "probe", quiet=True)
+    probe.fit()
+    vals = {r["step"]: r["val/loss"] for r in records(tmp_path / "probe")
+            if isinstance(r.get("val/loss"), float) and math.isfinite(r["val/loss"])}
+    assert sorted(vals) == [2, 4, 6]
+    mode = "min" if min(vals, key=vals.get) < 6 else "max"
+    best = (min if mode == "min" else max)(vals, key=vals.get)
+    assert best < 6, vals  # three different values: one of the two modes has its best before step 6
+    stop = best + 1
+    run = {**ALL, "checkpoint.mode": mode, "early_stop.mode": mode}
+    straight = Trainer(cfg({**run, **signal_at(1000)}), tmp_path / "ref", quiet=True)
     straight.fit()
     out = tmp_path / "run"
-    stopped = cfg({**ALL, "plugins.extra": [{"name": "helper_plugins:SendSignal", "after_step": 4}]})
     with pytest.raises(Interrupted):
-        Trainer(stopped, out, quiet=True).fit()
-    assert (out / checkpoint.DIR / checkpoint.LATEST).read_text().strip() == "step-00000004"
-    resumed = Trainer(cfg({**ALL, "plugins.extra": [{"name": "helper_plugins:SendSignal", "after_step": 4}]}), out,
-                      quiet=True, resume=out)
+        Trainer(cfg({**run, **signal_at(stop)}), out, quiet=True).fit()
+    assert (out / checkpoint.DIR / checkpoint.LATEST).read_text().strip() == f"step-{stop:08d}"
+    resumed = Trainer(cfg({**run, **signal_at(stop)}), out, quiet=True, resume=out)
     resumed.fit()
     assert resumed.engine.global_step == straight.engine.global_step == 7
     a, b = module_weights(resumed), module_weights(straight)
@@ -296,8 +309,9 @@ def test_stopped_and_resumed_run_with_every_feature_is_the_same_run(tmp_path):
     state = loop_state(straight)
     assert state["lr_schedule"] == {"total": 7}
     # the states the resume had to carry: the best val/loss came before the stop, none better after it
-    assert state["best"]["best_step"] == state["early_stop"]["best_step"] == 2 and state["early_stop"]["bad"] == 2
-    assert best_step_of(out) == 2
+    assert state["best"]["best_step"] == state["early_stop"]["best_step"] == best
+    assert state["early_stop"]["bad"] == (6 - best) // 2
+    assert best_step_of(out) == best
     best_a, best_b = checkpoint.read(out / checkpoint.BEST), checkpoint.read(tmp_path / "ref" / checkpoint.BEST)
     assert best_a.meta["best"] == best_b.meta["best"]
     modules = best_a.meta["modules"].values()
