@@ -300,15 +300,33 @@ def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_ve
     click.echo(f"arcfw: wrote {out / 'submission.json'} and {out / 'eval.json'}", err=True)
 
 
+def _smooth_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from arcfw.core.commands.plot import parse_smooth
+
+    try:
+        parse_smooth(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: RUN_DIR/curves.png]")
-def plot(run_dir: Path, out: Path | None) -> None:
-    """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG."""
+@click.option("--smooth", default="ema:0.9", show_default=True, callback=_smooth_option, metavar="ema[:W]|mean:N|none",
+              help="Smoothing of the training curves (raw values drawn faintly): exponential moving average of weight W "
+                   "(0 <= W < 1, debiased), mean of the last N logged values, or none.")
+@click.option("--baseline", type=click.Path(path_type=Path), metavar="EVAL",
+              help="An evaluation folder (or its eval.json) whose copy-input baseline to draw  [default: the eval.json files "
+                   "beside the run, RUN_DIR/*/eval.json]")
+def plot(run_dir: Path, out: Path | None, smooth: str, baseline: Path | None) -> None:
+    """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG:
+    smoothed, with the validation metrics (val/...) on their panels and the copy-input baseline where an
+    evaluation of the run is known."""
     _single_process("plot")
     from arcfw.core.commands.plot import plot_curves
 
-    click.echo(str(plot_curves(run_dir, out)))
+    click.echo(str(plot_curves(run_dir, out, smooth, baseline)))
 
 
 @main.command()
