@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from arcfw.core.commands.cli import main
-from arcfw.core.engine.registry import ENTRY_POINT_GROUP, describe, param_docs
+from arcfw.core.engine.registry import ENTRY_POINT_GROUP, describe, doc_without_params, param_docs
 
 
 def commands():
@@ -92,6 +92,7 @@ def test_parameter_descriptions_come_from_docstring_bullets():
     - ``d`` and ``e``: both
     """
     assert param_docs(doc) == {"a": "the sizes, continued here.", "b": "the sizes, continued here.", "c": "one line.", "d": "both", "e": "both"}
+    assert doc_without_params(doc) == "Something.\n\n- not a parameter: text"  # `arcfw plugins NAME` shows them once
 
 
 def test_shell_completion_as_the_readme_documents_it():

@@ -147,6 +147,27 @@ def param_docs(*docs: str | None) -> dict[str, str]:
     return out
 
 
+def doc_without_params(doc: str) -> str:
+    """``doc`` less its parameter bullets (:func:`param_docs`) and a ``Parameters ...:`` line before them."""
+    lines, out, i = inspect.cleandoc(doc or "").splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        bullet = _BULLET.match(line)
+        if bullet:
+            j, text = i + 1, [bullet.group(2).strip()]
+            indent = len(bullet.group(1))
+            while j < len(lines) and lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) > indent and not _BULLET.match(lines[j]):
+                text.append(lines[j].strip())
+                j += 1
+            if _PARAM_ITEM.match(" ".join(text)):
+                i = j
+                continue
+        if not re.match(r"^Parameters\b[^:]*:\s*$", line.strip()):
+            out.append(line)
+        i += 1
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
 def _yaml_text(value: object) -> str:
     import yaml
 
@@ -198,7 +219,7 @@ def describe(spec: str) -> PluginDetail:
     hooks = [h for h in HOOK_TABLE if hasattr(getattr(cls, h, None), f"{hookspecs.PROJECT}_impl")]  # the hook order
     metrics = [m.name for m in getattr(cls, "metrics", ()) if hasattr(m, "name")]
     role = getattr(cls, "role", EXTRA_ROLE)
-    doc = inspect.getdoc(cls) or ""
+    doc = doc_without_params(inspect.getdoc(cls) or "")
     description = getattr(cls, "description", "") or doc.split("\n")[0]
     target = eps[spec].value if spec in eps else spec
     return PluginDetail(spec, role, description, target, doc, params, metrics, hooks)
