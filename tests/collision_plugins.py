@@ -79,3 +79,10 @@ class OwnCellAccLoss(Plugin):
         loss = torch.nn.functional.cross_entropy(logits.float().permute(0, 3, 1, 2), target, ignore_index=-100)
         right = (logits.argmax(-1) == batch.targets) & batch.target_mask
         return LossOutput(loss=loss, metrics={"cell_acc": 0.125 + 0.0 * float(right.sum())})
+
+
+class TakesName(Plugin):
+    """A constructor parameter called ``name``: the YAML key ``name`` is the plugin's own."""
+
+    def __init__(self, name: str = "x"):
+        self.label = name

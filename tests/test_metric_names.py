@@ -82,3 +82,12 @@ def test_the_cli_names_both_plugins_in_one_line_with_exit_2(tmp_path):
     assert "metric 'cell_acc' is declared twice: by plugin 'efe_loss' and by plugin 'collision_plugins:DeclaresCellAcc'" in res.stderr
     res = CliRunner().invoke(main, ["check", str(REPO / "configs/default.yaml"), *sets(TINY), *declared])  # check's checklist: FAIL, exit 1
     assert res.exit_code == 1 and "FAIL  plugins build" in res.output and "collision_plugins:DeclaresCellAcc" in res.output
+
+
+def test_a_plugin_parameter_called_name_is_refused(tiny_config):
+    """`name` in a plugin's YAML section names the plugin: a constructor parameter of that name could never be
+    set, and the resolved config would record the plugin's name as the parameter's default."""
+    from arcfw.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"plugins.extra\[0\].name: plugin 'collision_plugins:TakesName' takes a constructor parameter 'name'"):
+        tiny_config({"plugins.extra": [{"name": "collision_plugins:TakesName"}]})
