@@ -627,6 +627,9 @@ def bind_params(cls: type, params: dict[str, Any], key: str, name: str) -> list[
     except Exception:
         hints = {}
     accepted = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if "name" in accepted:  # the YAML key `name` names the plugin: such a parameter could never be set
+        return [(f"{key}.name", f"plugin '{name}' takes a constructor parameter 'name', which clashes with the key that names "
+                 "the plugin in the YAML; rename the parameter (e.g. run_name)")]
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     for pname, value in params.items():
         if pname not in accepted:

@@ -63,6 +63,12 @@ class GridAgent(SizePredictor, Plugin):
     size (cross-entropy of rows and columns, its own Adam with ``size_lr``),
     like the RL policy: the main loss and its gradients stay those of the grid.
     Logs ``size_loss`` and ``size_acc`` (before the update).
+
+    Parameters (YAML):
+
+    - ``channels``: width of the conv net (its parameter group is ``agent``).
+    - ``layers``: residual blocks (dilations 1, 2, 4, 8, repeated).
+    - ``size_lr``: learning rate of the size head's own Adam (0: the head does not learn).
     """
 
     name = "agent"

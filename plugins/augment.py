@@ -82,7 +82,15 @@ def random_colours(rng: np.random.Generator) -> tuple[int, ...]:
 
 
 class Augment(Plugin):
-    """Rotations/reflections and colour permutations (0 fixed), one per example; optional voting views at evaluation."""
+    """Rotations/reflections and colour permutations (0 fixed), one per example; optional voting views at evaluation.
+
+    Parameters (YAML):
+
+    - ``dihedral``: draw one of the 8 rotations/reflections per example.
+    - ``colours``: permute colours 1-9 (0 stays) per example.
+    - ``p``: share of training examples augmented (the others are left as they are).
+    - ``tta_views``: at evaluation, extra augmented views of each test input whose predictions are mapped back and voted over (0: none).
+    """
 
     name = "augment"
     role = "extra"

@@ -98,7 +98,12 @@ class _Table:
 
 
 class CsvLogger(Plugin):
-    """Writes batch records to ``metrics.csv`` and epoch summaries to ``epochs.csv``."""
+    """Writes batch records to ``metrics.csv`` and epoch summaries to ``epochs.csv``.
+
+    Parameters (YAML):
+
+    - ``log_dir``: folder of the two files (default: the run folder ``OUT``).
+    """
 
     name = "csv"
     role = "extra"

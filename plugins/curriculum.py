@@ -46,6 +46,10 @@ class StepCurriculum(Plugin):
     ``schedule`` is a list of ``[start_epoch, threshold]`` pairs; at epoch e the
     threshold is that of the last entry with ``start_epoch <= e``.  The default
     ``[[0, 0.6], [1, 0.3]]`` gives 0.6 during epoch 0 and 0.3 from epoch 1 on.
+
+    Parameters (YAML):
+
+    - ``schedule``: ``[[start_epoch, threshold], ...]``, start epochs increasing from 0, thresholds in (0, 1].
     """
 
     name = "curriculum"

@@ -203,6 +203,13 @@ class MaskedEFELoss(Plugin):
     when no plugin fills the curriculum role.
     ε must be > 0: with ε = 0, q has zeros and KL(p‖q) is +inf for any non-one-hot p.
     The formula is written out in :func:`efe_loss`.
+
+    Parameters (YAML):
+
+    - ``label_smoothing``: ε in (0, 1): the target distribution is ``(1-ε)·onehot + ε/10``.
+    - ``ambiguity_weight``: w >= 0, the weight of the prediction's entropy beside the KL risk.
+    - ``min_scale``: s in [0, 1]: an example's loss is scaled by ``s + (1-s)·mask_ratio`` (s = 1: no scaling).
+    - ``hard_cells``: ``wrong_or_unsure`` (a wrong cell is always hard, the threshold adds the unsure ones) or ``threshold`` (only ``p(target) < threshold``).
     """
 
     name = "efe_loss"

@@ -187,11 +187,16 @@ class GridTransformerNet(nn.Module):
 class GridTransformer(SizePredictor, Plugin):
     """Predicts the output grid by attending from its cells to the demonstrations' token states.
 
-    Parameters: ``dim`` (width), ``layers``, ``heads``, ``size_lr`` (the size head's own
-    learning rate), ``copy_bias`` (the pointer's starting lean on the identity view: the
-    untrained net gives the input cell's colour this much more logit; most ARC output cells
-    equal their input cell, and without it one epoch ends below copying the input).
     Parameter group ``agent`` (the original script's name: ``--agent-lr``).  Logs ``size_loss`` and ``size_acc``.
+
+    Parameters (YAML):
+
+    - ``dim``: width of the cell states and of the attention.
+    - ``layers``: attention layers (each attends to the demonstrations' tokens and among the output cells).
+    - ``heads``: attention heads (``dim`` must be divisible by it).
+    - ``size_lr``: learning rate of the size head's own Adam (0: the head does not learn).
+    - ``copy_bias``: the pointer's starting lean on the identity view: the untrained net gives each
+      cell's input colour this much more logit (most ARC output cells equal their input cell).
     """
 
     name = "grid_transformer"

@@ -381,6 +381,7 @@ class QwenPrompt(Plugin):
     - ``trust_remote_code``: passed to both ``from_pretrained`` calls.
     - ``hidden_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``,
       ``intermediate_size``: sizes of the randomly initialised model.
+    - ``encoding``: ``"cells"`` (one token per cell, the default) or ``"text"`` (serialised grids); module docstring.
     - ``max_tokens``: longest token sequence per example.  Longer examples lose
       whole demo pairs from the front until they fit; if the query alone is
       still too long, only its last ``max_tokens`` ids are kept (the end of the

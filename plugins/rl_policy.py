@@ -55,6 +55,17 @@ class GaussianRefinePolicy(Plugin):
     before its step and the baseline follows the reward averaged over ranks,
     so the policy and its baseline stay identical on every rank.  Each rank
     draws its own exploration noise (``ctx.generator`` is seeded per rank).
+
+    Parameters (YAML):
+
+    - ``hidden``: hidden width of the policy's mean network ``mu`` (an MLP D -> hidden -> D).
+    - ``init_std``: the exploration noise's initial standard deviation sigma (> 0).
+    - ``learn_std``: learn sigma with the policy (false: it stays ``init_std``).
+    - ``lr``: learning rate of the policy's own Adam (0: the policy does not learn).
+    - ``reward_scale``: the reward is this times the cell-accuracy improvement.
+    - ``baseline_momentum``: momentum in [0, 1) of the reward baseline's moving average.
+    - ``action_scale``: ``refined = prompt + action_scale * action``.
+    - ``entropy_coef``: weight of the policy's entropy bonus in its loss.
     """
 
     name = "rl_policy"

@@ -43,7 +43,13 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLogger(Plugin):
-    """Writes every logged record to TensorBoard event files."""
+    """Writes every logged record to TensorBoard event files.
+
+    Parameters (YAML):
+
+    - ``log_dir``: folder of the event files (default: ``OUT/tensorboard``).
+    - ``flush_secs``: seconds between flushes to disk (>= 1).
+    """
 
     name = "tensorboard"
     role = "extra"

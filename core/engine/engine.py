@@ -27,6 +27,7 @@ from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric
 from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.engine.lr_schedule import LRSchedule
+from arcfw.core.engine.metric_owners import ENGINE, MetricOwners
 from arcfw.core.engine.optimizers import build_optimizer
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
@@ -237,20 +238,21 @@ class Engine:
 
     def _collect_metrics(self) -> list[Metric]:
         """The engine's metrics, then every plugin's declared ones (``Plugin.metrics``), in role order."""
-        metrics, owner = list(ENGINE_METRICS), {m.name: "the engine" for m in ENGINE_METRICS}
+        metrics = list(ENGINE_METRICS)
+        self.metric_owners = MetricOwners()  # every metric name's one maker (checked again as metrics are logged)
+        for m in ENGINE_METRICS:
+            self.metric_owners.declare(m.name, ENGINE)
         for name, plugin in self.plugins.items():
             declared = getattr(plugin, "metrics", ())
             if not isinstance(declared, (list, tuple)) or not all(isinstance(m, Metric) for m in declared):
                 raise PluginError(f"plugin '{name}': 'metrics' must be a tuple of arcfw Metric, got {contracts.describe(declared)}")
             groups = [g.name for g in self.groups]
             for m in declared:
-                if m.name in owner:
-                    raise PluginError(f"metric '{m.name}' is declared twice: by {owner[m.name]} and by plugin '{name}'")
+                self.metric_owners.declare(m.name, name)
                 unknown = [g for g in m.grad_norm_of if g not in groups]
                 if unknown:
                     raise PluginError(f"metric '{m.name}' of plugin '{name}': grad_norm_of names no parameter group "
                                       f"{unknown} (groups: {', '.join(groups) or 'none'})")
-                owner[m.name] = f"plugin '{name}'"
                 metrics.append(m)
         return metrics
 
@@ -563,6 +565,7 @@ class Engine:
                 if self.check_contracts:
                     contracts.check_threshold(impl.plugin, value)
                 self.ctx.schedule[THRESHOLD_KEY] = float(value)
+                self.metric_owners.logged(impl.plugin, (THRESHOLD_KEY,), "hard_cell_threshold")
                 break
         s.metrics.update(self.ctx.schedule)  # logged with the step
 
@@ -628,6 +631,7 @@ class Engine:
             if self.check_contracts:
                 contracts.check_loss(impl.plugin, out, needs_grad)
             total = out.loss.float() if total is None else total + out.loss.float()
+            self.metric_owners.logged(impl.plugin, out.metrics, "compute_loss")
             s.metrics.update(out.metrics)
         if total is None:
             raise PluginError("no plugin implements compute_loss")
@@ -740,6 +744,7 @@ class Engine:
             if self.check_contracts:
                 contracts.check_metrics(impl.plugin, "post_step_update", out)
             if out:
+                self.metric_owners.logged(impl.plugin, out, "post_step_update")
                 s.metrics.update(out)
 
     def eval_loss(self, batch: Batch) -> float:

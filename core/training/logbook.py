@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from arcfw.core.engine.context import Metric
+from arcfw.core.engine.metric_owners import check_summary_extra
 from arcfw.core.training.metrics import MetricsLog, NullLog, batch_line, epoch_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -183,8 +184,10 @@ class Logbook:
             "skipped_steps": eng.guard.skipped + eng.precision.scaler_skipped,
             "warnings": sorted(eng.health.raised),
         }
-        for _, extra in eng.call_all("on_epoch_end", epoch=epoch, summary=dict(summary)):
+        owners = eng.metric_owners.summary_owners({m.name: m.summary_keys() for m in self.metrics})
+        for plugin, extra in eng.call_all("on_epoch_end", epoch=epoch, summary=dict(summary)):
             if extra:
+                check_summary_extra(owners, plugin, extra)  # a key another plugin (or the trainer) writes is refused
                 summary.update(extra)
         self.log.write_summary(summary)
         if self.is_main:
