@@ -27,6 +27,7 @@ from arcfw.core.engine.context import THRESHOLD_KEY, Context, LossOutput, Metric
 from arcfw.core.engine.distributed import Dist, all_gather_object, full_tensor, rank_seed, resolve_device, resolve_threads
 from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuard
 from arcfw.core.engine.optimizers import build_optimizer
+from arcfw.core.engine.paths import GradientPaths, Link
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
@@ -70,6 +71,8 @@ class _Step:
     norms: dict[str, float] = field(init=False)  # optimizer_step: gradient norm per trainable group
     applied: bool = field(init=False)  # optimizer_step: False when the step was skipped
     metrics: dict[str, float] = field(default_factory=dict)
+    #: hook inputs that carry gradient, probed in backward (health.check_contracts; see arcfw.core.engine.paths)
+    links: list[Link] = field(default_factory=list)
 
 
 @dataclass
@@ -181,6 +184,8 @@ class Engine:
         h = self.config["health"]
         trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
         self.grad_watch = GradientWatch(trainable, h["patience"])
+        owner_hook = {name: step_hook(role) for name, role in self.roles.items()}
+        self.paths = GradientPaths(self.groups, owner_hook, h["unused_after"], per_parameter=self.dist.strategy != "fsdp")
         self.guard = NonFiniteGuard(h["nonfinite"], h["max_consecutive_skips"])
         prompt_groups = [g.name for g in self.groups if g.plugin == self.prompt_plugin and g.lr > 0]
         stuck = {m.name: m.stuck_at for m in self.metrics if m.stuck_at is not None}
@@ -555,7 +560,9 @@ class Engine:
                 out = self._call("refine", impl, prompt=x, batch=s.batch, ctx=self.ctx)
             if self.check_contracts:
                 contracts.check_prompt(impl.plugin, "refine", out, s.batch.size, self.ctx.prompt_dim, self.device)
-                self._check_path(impl.plugin, "refine", out, x, "the prompt it was given (and so on every parameter upstream, e.g. Qwen)")
+                upstream = "the prompt it was given (and so on every parameter upstream, e.g. Qwen)"
+                self._check_path(impl.plugin, "refine", out, x, upstream)
+                s.links.append((x, impl.plugin, "refine", upstream))
             x = out
         s.refined = x
 
@@ -565,7 +572,9 @@ class Engine:
             out = self._call("predict", impl, prompt=s.refined, batch=s.batch, ctx=self.ctx, encoding=s.encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, s.batch.size, s.batch.canvas, self.device)
-            self._check_path(impl.plugin, "predict", out, s.refined, "the refined prompt (so the prompt model would never learn)")
+            upstream = "the refined prompt (so the prompt model would never learn)"
+            self._check_path(impl.plugin, "predict", out, s.refined, upstream)
+            s.links.append((s.refined, impl.plugin, "predict", upstream))
         s.logits = out
 
     def _check_path(self, plugin: str, hook: str, out: torch.Tensor, inp: torch.Tensor, upstream: str) -> None:
@@ -589,9 +598,13 @@ class Engine:
             s.metrics.update(out.metrics)
         if total is None:
             raise PluginError("no plugin implements compute_loss")
+        if self.check_contracts:
+            losses = "', '".join(self.implementers("compute_loss"))
+            s.links.append((s.logits, losses, "compute_loss", "the logits of predict (so no model upstream would learn)"))
         s.loss = total
 
     def _stage_backward(self, s: _Step) -> None:
+        probes = self.paths.arm(s.links) if s.links else []
         if s.loss.requires_grad:
             try:
                 self.precision.backward(s.loss)
@@ -604,19 +617,9 @@ class Engine:
                     "compute_loss and do extra updates in post_step_update"
                 ) from exc
         self.dist.sync_gradients()  # groups no DDP/FSDP wrapper owns; the wrappers reduced theirs in backward
-        if not self._first_step_checked:
-            self._check_groups_reached()
-
-    def _check_groups_reached(self) -> None:
-        for g in self.groups:
-            if g.lr > 0 and g.name not in self.ctx.no_grad_groups and g.trainable() and all(p.grad is None for p in g.trainable()):
-                hook = step_hook(self.roles[g.plugin])
-                raise GradientPathError(
-                    f"parameter group '{g.name}' of plugin '{g.plugin}' received no gradient from the loss at the first "
-                    f"step although its learning rate is {g.lr:g}: the path from its output ({hook}) to the loss is cut. "
-                    "Look for torch.no_grad(), .detach() or .item() between them; set optimizer.lr."
-                    f"{g.name}: 0 to freeze the group on purpose"
-                )
+        # every step: each probed hook input got a gradient, each trainable group too (arcfw.core.engine.paths)
+        for key, message in self.paths.after_backward(probes, self.ctx.no_grad_groups, self.global_step + 1):
+            self.health.note(key, message)
 
     def _stage_optimizer_step(self, s: _Step) -> None:
         opt = self.optimizer
@@ -653,7 +656,8 @@ class Engine:
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value)
+            for key, message in self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), s.loss_value):
+                self.health.note(key, message)
         if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
             self._param_watch.snapshot()
         s.metrics["grad_norm"] = total_norm
