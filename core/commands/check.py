@@ -2,8 +2,8 @@
 
 Builds everything from the config, then goes through the lifecycle of a run on a few
 pairs - epoch start, three steps through the engine's real step (every per-step check on,
-the health checks after each), post-step hooks, epoch end, saving and restoring the state -
-and returns one pass/fail row per item, a failing row with the one-line error naming the
+the health checks after each), post-step hooks, epoch end, the evaluation hooks on one pair,
+saving and restoring the state - and returns one pass/fail row per item, a failing row with the one-line error naming the
 plugin.  This is what a plugin author runs first.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from arcfw.core.config import RunConfig
-from arcfw.core.data.batch import Example
+from arcfw.core.data.batch import Batch, Example
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine import contracts
 from arcfw.core.engine.engine import Engine
@@ -44,7 +44,7 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
     try:
         engine = Engine.from_config(cfg)
     except ArcfwError as exc:
-        return [Row("plugins build and their hooks validate", False, str(exc))]
+        return [Row("plugins build and their hooks validate", False, _line(exc))]
     rows.append(Row("plugins build and their hooks validate", True, ", ".join(f"{r}={n}" for n, r in engine.roles.items())))
     console = sorted((m for m in engine.metrics if m.console is not None), key=lambda m: m.console or 0)
     rows.append(Row("metrics declared (console line)", True, " | ".join(m.name.capitalize() for m in console) or "none"))
@@ -93,6 +93,7 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
     live = [g for g in engine.groups if g.lr > 0]
     norms: dict[str, list[float]] = {g.name: [] for g in live}  # per counted step (not exempt, loss not 0)
     target_dtype: torch.dtype | None = None
+    batches: list[Batch] = []
     step_item = f"{steps} steps through the engine's step, every check on"
     if error is None:
         try:
@@ -122,7 +123,9 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
         seen = norms[g.name]
         zero = [i + 1 for i, v in enumerate(seen) if v == 0.0]
         ok = error is None and bool(seen) and not zero and not never.get(g.name)
-        if never.get(g.name):
+        if error is not None:
+            detail = f"not checked: stopped at the error above after {len(losses)} step(s)"
+        elif never.get(g.name):
             detail = f"parameter tensors without a gradient in {len(losses)} steps: {never[g.name]}"
         elif zero:
             detail = f"zero gradient at counted step(s) {zero} of {len(seen)} (loss not 0): a path cut or zeroed on some steps"
@@ -133,7 +136,10 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
     opt = [i for i, (e, _) in enumerate(events) if e == f"stage:{Stage.OPTIMIZER_STEP.value}"]
     ordered = bool(post) and all(any(o < p for o in opt) for p in post) and error is None
     who = sorted({p for e, p in events if e == Stage.POST_STEP_UPDATE.value and p})
-    rows.append(Row("post-step hooks ran after the optimizer step", ordered if post else error is None, ", ".join(who) if who else "no post_step_update hook"))
+    detail = ", ".join(who) if who else "no post_step_update hook"
+    if error is not None:
+        detail = f"not checked: stopped at the error above after {len(losses)} step(s)"
+    rows.append(Row("post-step hooks ran after the optimizer step", ordered if post else error is None, detail))
     rows.append(Row("no health warning", not warnings, " | ".join(warnings)))
 
     end_item, state_item = "epoch end (on_epoch_end hooks)", "state saved and restored (state_dict / load_state_dict hooks)"
@@ -146,6 +152,19 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
         except ArcfwError as exc:
             error = exc
             rows.append(Row(end_item, False, _line(exc)))
+    eval_item = "evaluation hooks on one pair (prompt, predict, predict_shape, test_time_views)"
+    if error is None:
+        try:
+            with engine.evaluating():
+                batch = batches[0].to(engine.device)
+                prompt, encoding = engine.eval_encode(batch)
+                engine.predict_no_grad(prompt, batch, encoding)
+                engine.predict_shape(prompt, batch, encoding)
+            views = engine.test_time_views(examples[0])
+            rows.append(Row(eval_item, True, f"{len(views)} extra view(s) of a pair"))
+        except ArcfwError as exc:
+            error = exc
+            rows.append(Row(eval_item, False, _line(exc)))
     if error is None:
         try:
             engine.load_state_dict(engine.state_dict(), source="the state saved by the check")
@@ -153,7 +172,7 @@ def run_check(cfg: RunConfig, pairs: int = 4, steps: int = 3) -> list[Row]:
         except ArcfwError as exc:
             rows.append(Row(state_item, False, _line(exc)))
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    rows.append(Row("loss is finite", finite, ", ".join(f"{x:.4g}" for x in losses)))
+    rows.append(Row("loss is finite", finite, ", ".join(f"{x:.4g}" for x in losses) or "no step completed"))
     return rows
 
 

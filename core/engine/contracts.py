@@ -23,7 +23,10 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         grad = ", requires_grad" if value.requires_grad else ""
         return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)} on {value.device}{grad}"
-    return f"{type(value).__name__} {value!r}"[:200]
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        inner = ", ".join(describe(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"{type(value).__name__} of {len(value)} ({inner})"
+    return " ".join(f"{type(value).__name__} {value!r}".split())[:200]  # one line
 
 
 def _tensor(plugin: str, hook: str, value: Any, shape: tuple[int | None, ...], what: str, device: torch.device) -> None:

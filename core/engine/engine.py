@@ -600,7 +600,7 @@ class Engine:
             raise PluginError("no plugin implements compute_loss")
         if self.check_contracts:
             losses = "', '".join(self.implementers("compute_loss"))
-            s.links.append((s.logits, losses, "compute_loss", "the logits of predict (so no model upstream would learn)"))
+            s.links.append((s.logits, losses, "compute_loss", "the logits predict made (and so on every parameter upstream)"))
         s.loss = total
 
     def _stage_backward(self, s: _Step) -> None:

@@ -105,9 +105,10 @@ class GradientPaths:
         """Raise :class:`GradientPathError` for a path cut at this step (``step`` counted from 1, as in
         metrics.jsonl); return warnings ``(key, message)`` about parameters that never had a gradient."""
         missing = [(g, ps) for g, ps in self.live if g.name not in exempt and not any(p.grad is not None for p in ps)]
-        for probe in probes:
+        for probe in reversed(probes):  # from the loss back: the first input left without gradient is where it was lost
             if not probe.reached:
-                lost = f" (parameter group {', '.join(repr(g.name) for g, _ in missing)} got no gradient)" if missing else ""
+                groups = ", ".join(repr(g.name) for g, _ in missing)
+                lost = f" (parameter group{'s' if len(missing) > 1 else ''} {groups} got no gradient)" if missing else ""
                 raise GradientPathError(cut_path_message(probe.plugin, probe.hook, probe.upstream, step=step) + lost)
         if missing:
             raise GradientPathError(self._group_message(*missing[0], step))
