@@ -732,3 +732,17 @@ class MaskReplacingPredictor(GridTransformer):
     def predict(self, prompt, batch, ctx, encoding):
         batch.target_mask = torch.ones_like(batch.target_mask)
         return super().predict(prompt, batch, ctx, encoding)
+
+
+class FloatCopyTargetLoss(MaskedEFELoss):
+    """A loss on a float copy of the targets (the batch left alone): MSE between the expected colour and
+    the target colour number - it trains, silently, on the wrong thing."""
+
+    name = "float_copy_target_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        target = torch.where(batch.target_mask, batch.targets, 0).float()
+        colours = torch.arange(10, dtype=logits.dtype, device=logits.device)
+        expected = (logits.softmax(-1) * colours).sum(-1)
+        return LossOutput(loss=((expected - target) ** 2)[batch.target_mask].mean())

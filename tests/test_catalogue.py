@@ -58,6 +58,8 @@ CATALOGUE = [
     case("MaskReplacingPredictor", "ContractError", "hook 'predict'", "batch.target_mask replaced by a bool tensor"),
     case("MaskWideningLoss", "ContractError", "hook 'compute_loss'", "batch.target_mask changed in place"),
     case("TargetEditingExtra", "ContractError", "hook 'post_step_update'", "batch.targets changed in place"),
+    case("FloatCopyTargetLoss", "ContractError", "hook 'compute_loss': expected batch.targets consumed as int64 class indices",
+         "got batch.targets converted with float() to float32"),
     # the step order holds on the parameters
     case("HandDecayPredictor", "OrderError", "changed trainable parameters of group 'agent'", "in hook 'post_step_update'"),
     case("OwnFusedOptimizerPredictor", "OrderError", "called backward() in hook 'post_step_update'", "group 'agent'"),

@@ -31,7 +31,7 @@ from arcfw.core.engine.paths import GradientPaths, Link
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import STEP_ORDER, order_text
-from arcfw.core.engine.watch import BatchWatch, ParamWatch
+from arcfw.core.engine.watch import BatchWatch, ParamWatch, TargetsAsFloat
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
@@ -590,9 +590,13 @@ class Engine:
         total = None
         needs_grad = any(g.lr > 0 for g in self.groups)
         for impl in self._impls.get("compute_loss", []):
-            with self.precision.autocast():
+            # at the first step: does the loss turn the targets into floats? (watch.TargetsAsFloat)
+            floats = TargetsAsFloat(s.batch.targets) if self.check_contracts and not self._first_step_checked else None
+            with self.precision.autocast(), floats or contextlib.nullcontext():
                 out: LossOutput = self._call("compute_loss", impl, logits=s.logits, batch=s.batch, ctx=self.ctx)
             if self.check_contracts:
+                if floats is not None:
+                    floats.check(impl.plugin)
                 contracts.check_loss(impl.plugin, out, needs_grad)
             total = out.loss.float() if total is None else total + out.loss.float()
             s.metrics.update(out.metrics)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from arcfw.core.engine import contracts
 from arcfw.core.engine.context import ParamGroup
@@ -140,3 +141,43 @@ class ParamWatch:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+#: conversions that turn class indices into numbers
+_TO_FLOAT = frozenset({torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.to,
+                       torch.Tensor.type, torch.Tensor.type_as})
+
+
+class TargetsAsFloat(TorchFunctionMode):
+    """While a ``compute_loss`` hook runs (at the first step, and so in ``arcfw check``): does it convert
+    ``batch.targets`` - or an integer tensor made from it (a view, a clone, a ``where``) - to a floating
+    dtype?  A loss consumes targets as int64 class indices; a float copy trains silently (MSE on colour
+    numbers, a soft target read as a value).  Comparisons and ``one_hot`` are not conversions of the
+    targets and pass."""
+
+    def __init__(self, targets: torch.Tensor):
+        super().__init__()
+        self.tracked: list[torch.Tensor] = [targets]
+        self.seen: str | None = None  # "<function> to <dtype>" of the first conversion
+
+    def _is_tracked(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and any(t is x for x in self.tracked)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and any(self._is_tracked(a) for a in args[:3]):
+            if out.is_floating_point() and func in _TO_FLOAT and self._is_tracked(args[0]):
+                if self.seen is None:
+                    self.seen = f"{getattr(func, '__name__', 'a conversion')}() to {str(out.dtype).replace('torch.', '')}"
+            elif out.dtype == torch.int64 and len(self.tracked) < 64:
+                self.tracked.append(out)
+        return out
+
+    def check(self, plugin: str) -> None:
+        if self.seen is not None:
+            raise ContractError(
+                plugin, "compute_loss", "batch.targets consumed as int64 class indices",
+                f"batch.targets converted with {self.seen}",
+                hint="A loss over colours takes class indices (cross_entropy, gather, one_hot); a float copy of the "
+                "targets trains on colour numbers as values",
+            )
