@@ -746,3 +746,31 @@ class FloatCopyTargetLoss(MaskedEFELoss):
         colours = torch.arange(10, dtype=logits.dtype, device=logits.device)
         expected = (logits.softmax(-1) * colours).sum(-1)
         return LossOutput(loss=((expected - target) ** 2)[batch.target_mask].mean())
+
+
+class DataDecayPredictor(GridTransformer):
+    """Decays its main-optimizer weights by hand through ``.data`` in post_step_update (the legacy idiom):
+    no version counter moves."""
+
+    name = "data_decay_predictor"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        for p in self.net.parameters():
+            p.data.mul_(0.999)
+        return super().post_step_update(result, ctx)
+
+
+class DataWriteOncePredictor(GridTransformer):
+    """Writes into its main-optimizer weights through .data once, in predict at step 1 (a 'warm start'
+    gone wrong): no hook call of a later step does it again."""
+
+    name = "data_write_once_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        if not getattr(self, "_written", False):
+            self._written = True
+            for p in self.net.parameters():
+                p.data.add_(0.01)
+        return super().predict(prompt, batch, ctx, encoding)

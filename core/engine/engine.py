@@ -508,6 +508,7 @@ class Engine:
             if self._param_watch is not None:
                 self._param_watch.check_layout(None, None)
                 self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+                self._param_watch.begin_step(self.global_step)
         try:
             for stage in STEP_ORDER:
                 if self.listeners:
@@ -515,6 +516,8 @@ class Engine:
                 self._stages[stage](s)
         finally:
             self._batch_watch = None
+        if self._param_watch is not None:
+            self._param_watch.end_step()
         self.global_step += 1
         self._first_step_checked = True
         return s.metrics
@@ -626,6 +629,10 @@ class Engine:
             self.health.note(key, message)
 
     def _stage_optimizer_step(self, s: _Step) -> None:
+        if self._param_watch is not None:  # sampled steps: no write through .data in the forward hooks or backward
+            forward = ("hard_cell_threshold", "generate_prompt", "refine", "predict", "compute_loss")
+            self._param_watch.window(f"during the forward hooks or the backward of step {self.global_step + 1}",
+                                     sorted({i.plugin for h in forward for i in self._impls.get(h, [])}))
         opt = self.optimizer
         try:
             self.precision.unscale(opt)
@@ -664,6 +671,7 @@ class Engine:
                 self.health.note(key, message)
         if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
             self._param_watch.snapshot()
+            self._param_watch.window("", [], engine_step=True)
         s.metrics["grad_norm"] = total_norm
         for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
             if m.grad_norm_of:
@@ -692,6 +700,8 @@ class Engine:
                 contracts.check_metrics(impl.plugin, "post_step_update", out)
             if out:
                 s.metrics.update(out)
+        if self._param_watch is not None:
+            self._param_watch.window(f"in post_step_update of step {self.global_step + 1}", self.implementers("post_step_update"))
 
     def predict_no_grad(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
         """Run the predictor without gradient (post-step reward computation, evaluation).
