@@ -629,7 +629,7 @@ class Engine:
             self.health.note(key, message)
 
     def _stage_optimizer_step(self, s: _Step) -> None:
-        if self._param_watch is not None:  # sampled steps: no write through .data in the forward hooks or backward
+        if self._param_watch is not None and self._param_watch.norms is not None:  # sampled steps: no .data writes
             forward = ("hard_cell_threshold", "generate_prompt", "refine", "predict", "compute_loss")
             self._param_watch.window(f"during the forward hooks or the backward of step {self.global_step + 1}",
                                      sorted({i.plugin for h in forward for i in self._impls.get(h, [])}))
@@ -700,7 +700,7 @@ class Engine:
                 contracts.check_metrics(impl.plugin, "post_step_update", out)
             if out:
                 s.metrics.update(out)
-        if self._param_watch is not None:
+        if self._param_watch is not None and self._param_watch.norms is not None:
             self._param_watch.window(f"in post_step_update of step {self.global_step + 1}", self.implementers("post_step_update"))
 
     def predict_no_grad(self, prompt: torch.Tensor, batch: Batch, encoding: TaskEncoding | None = None) -> torch.Tensor:
