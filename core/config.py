@@ -115,6 +115,7 @@ SCHEMA: dict[str, Any] = {
     "health": {
         "check_contracts": bool,
         "patience": Positive(int, strict=False),
+        "unused_after": Positive(int, strict=False),
         "nonfinite": Choice(*NonFiniteGuard.POLICIES),
         "max_consecutive_skips": Positive(int),
         "flat_window": Positive(int),
@@ -170,6 +171,7 @@ DEFAULTS: dict[str, Any] = {
     "health": {
         "check_contracts": True,
         "patience": 100,
+        "unused_after": 3,
         "nonfinite": "skip",
         "max_consecutive_skips": 10,
         "flat_window": 200,

@@ -451,3 +451,326 @@ class BackwardInRefinePolicy(GaussianRefinePolicy):
     def refine(self, prompt, batch, ctx):
         prompt.pow(2).mean().backward(retain_graph=True)
         return super().refine(prompt, batch, ctx)
+
+
+# --------------------------------------------------------------------------- issue 13: gradient paths every step
+
+
+class CutAfterStep2Policy(GaussianRefinePolicy):
+    """Detaches the prompt from step 2 on (a warm-up gone wrong); its output still requires grad (the
+    policy's own log_std), so the first-step autograd check passes and nothing else looks."""
+
+    name = "cut_after_step2_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        out = super().refine(prompt, batch, ctx)
+        return out.detach() + 0.0 * self.log_std if ctx.step >= 2 else out
+
+
+class CutOnOddStepsPolicy(GaussianRefinePolicy):
+    """Detaches the prompt on odd steps only (every other batch trains nothing upstream)."""
+
+    name = "cut_on_odd_steps_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        out = super().refine(prompt, batch, ctx)
+        return out.detach() + 0.0 * self.log_std if ctx.step % 2 else out
+
+
+class NoGradNetPredictor(GridTransformer):
+    """Runs its network under no_grad ('inference is cheaper') and keeps the prompt's path with a 0*prompt
+    term: every hook's output still requires grad, the predictor's own group gets nothing."""
+
+    name = "no_grad_net_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        with torch.no_grad():
+            logits = super().predict(prompt, batch, ctx, encoding)
+        return logits + 0.0 * prompt.float().mean(-1)[:, None, None, None]
+
+
+class GatedBranchPredictor(GridTransformer):
+    """A gate module inside the main network whose branch is detached: the group trains, the gate never does."""
+
+    name = "gated_branch_predictor"
+
+    @hookimpl
+    def configure(self, ctx):
+        super().configure(ctx)
+        self.net.gate = torch.nn.Linear(ctx.prompt_dim, 1, device=ctx.device)
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        gate = torch.sigmoid(self.net.gate(prompt.float())).detach()
+        return super().predict(prompt, batch, ctx, encoding) * (0.5 + gate)[:, :, None, None]
+
+
+class UnusedModulePredictor(GridTransformer):
+    """A module added to the main network (and so to its group and the optimizer) that predict never calls."""
+
+    name = "unused_module_predictor"
+
+    @hookimpl
+    def configure(self, ctx):
+        super().configure(ctx)
+        self.net.spare = torch.nn.Sequential(torch.nn.Linear(ctx.prompt_dim, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10)).to(ctx.device)
+
+
+class ZeroOnOddStepsPredictor(GridTransformer):
+    """Multiplies its logits by 0 on odd steps: the path exists, the gradient is exactly zero every other
+    step, never 100 steps in a row."""
+
+    name = "zero_on_odd_steps_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        logits = super().predict(prompt, batch, ctx, encoding)
+        return logits * 0.0 if ctx.step % 2 else logits
+
+
+class FreezeAtEpochStartPredictor(GridTransformer):
+    """Freezes its main-optimizer weights by hand at epoch start (requires_grad_(False)), instead of lr 0."""
+
+    name = "freeze_at_epoch_start_predictor"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+
+class Bf16AtEpochStartPredictor(GridTransformer):
+    """Casts its trainable network to bfloat16 at epoch start, under fp32: low-precision master weights."""
+
+    name = "bf16_at_epoch_start_predictor"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        self.net.to(torch.bfloat16)
+
+
+class NoGradEncoderPrompt(QwenPrompt):
+    """Runs the whole prompt model under no_grad (the original bug, moved into the prompt plugin)."""
+
+    name = "no_grad_encoder_prompt"
+
+    @hookimpl
+    def generate_prompt(self, batch, ctx):
+        with torch.no_grad():
+            return super().generate_prompt(batch, ctx)
+
+
+class DetachedPromptQwen(QwenPrompt):
+    """Detaches the pooled prompt but not the token states: half of Qwen's path is cut."""
+
+    name = "detached_prompt_qwen"
+
+    @hookimpl
+    def generate_prompt(self, batch, ctx):
+        out = super().generate_prompt(batch, ctx)
+        return TaskEncoding(out.prompt.detach(), out.tokens, out.token_mask, out.meta)
+
+
+class DetachedLogitsLoss(MaskedEFELoss):
+    """Computes the loss on detached logits and scales it by a temperature of its own: the loss still
+    requires grad, yet no model upstream gets any."""
+
+    name = "detached_logits_loss"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.temperature = torch.nn.Parameter(torch.ones(()))
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        out = super().compute_loss(logits.detach(), batch, ctx)
+        out.loss = out.loss * self.temperature
+        return out
+
+
+class FastWeightsPredictor(GridTransformer):
+    """'Test-time training' inside predict: a backward and its own (non-fused) SGD step on its main weights
+    in a forward hook."""
+
+    name = "fast_weights_predictor"
+
+    @hookimpl
+    def configure(self, ctx):
+        super().configure(ctx)
+        self.fast = torch.optim.SGD(self.net.parameters(), lr=1e-3)
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        aux = super().predict(prompt.detach(), batch, ctx, encoding).pow(2).mean()
+        self.fast.zero_grad(set_to_none=True)
+        aux.backward(retain_graph=True)
+        self.fast.step()
+        self.fast.zero_grad(set_to_none=True)
+        return super().predict(prompt, batch, ctx, encoding)
+
+
+# --------------------------------------------------------------------------- issue 13: wrong types
+
+
+class TupleLogitsPredictor(GridTransformer):
+    """Returns (logits, aux) from predict, as a model's forward often does."""
+
+    name = "tuple_logits_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        return super().predict(prompt, batch, ctx, encoding), {"aux": 0.0}
+
+
+class BareTensorLoss(MaskedEFELoss):
+    """Returns the bare loss tensor from compute_loss instead of a LossOutput."""
+
+    name = "bare_tensor_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        return super().compute_loss(logits, batch, ctx).loss
+
+
+class TensorMetricExtra(Plugin):
+    """Returns a tensor as a metric from post_step_update (a device sync per step, and not a float)."""
+
+    name = "tensor_metric_extra"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        return {"logit_mean": result.logits.mean()}
+
+
+class ThresholdAboveOneCurriculum(Plugin):
+    """A curriculum whose hard-cell threshold is a percentage, not a probability."""
+
+    name = "threshold_above_one_curriculum"
+    role = "curriculum"
+
+    @hookimpl
+    def hard_cell_threshold(self, epoch, step, ctx):
+        return 60.0
+
+
+# --------------------------------------------------------------------------- issue 13: an exception in each hook kind
+
+
+class RaisingLoss(MaskedEFELoss):
+    """An ordinary bug in compute_loss."""
+
+    name = "raising_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        raise RuntimeError("label smoothing needs 10 classes, got 0")
+
+
+class RaisingPostStep(Plugin):
+    """An ordinary bug in post_step_update."""
+
+    name = "raising_post_step"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        return {"first": [][0]}
+
+
+class RaisingEpochEnd(Plugin):
+    """An ordinary bug in on_epoch_end."""
+
+    name = "raising_epoch_end"
+
+    @hookimpl
+    def on_epoch_end(self, epoch, summary, ctx):
+        return {"ratio": summary["batches"] / 0}
+
+
+class RaisingAugment(Plugin):
+    """An ordinary bug in augment_example (the loader's side of the step)."""
+
+    name = "raising_augment"
+
+    @hookimpl
+    def augment_example(self, example, rng, ctx):
+        return example.rotate(1)
+
+
+class RaisingStateDict(Plugin):
+    """An ordinary bug in state_dict (what a checkpoint saves)."""
+
+    name = "raising_state_dict"
+
+    @hookimpl
+    def state_dict(self, ctx):
+        raise TypeError("cannot pickle 'generator' object")
+
+
+# --------------------------------------------------------------------------- issue 13: the batch, other ways
+
+
+class TargetRelabelPolicy(GaussianRefinePolicy):
+    """Changes target values in place (relabels colour 0 as 1) inside refine."""
+
+    name = "target_relabel_policy"
+
+    @hookimpl
+    def refine(self, prompt, batch, ctx):
+        batch.targets[batch.targets == 0] = 1
+        return super().refine(prompt, batch, ctx)
+
+
+class MaskReplacingPredictor(GridTransformer):
+    """Replaces the target mask by an all-true one (the loss would count padding cells)."""
+
+    name = "mask_replacing_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        batch.target_mask = torch.ones_like(batch.target_mask)
+        return super().predict(prompt, batch, ctx, encoding)
+
+
+class FloatCopyTargetLoss(MaskedEFELoss):
+    """A loss on a float copy of the targets (the batch left alone): MSE between the expected colour and
+    the target colour number - it trains, silently, on the wrong thing."""
+
+    name = "float_copy_target_loss"
+
+    @hookimpl
+    def compute_loss(self, logits, batch, ctx):
+        target = torch.where(batch.target_mask, batch.targets, 0).float()
+        colours = torch.arange(10, dtype=logits.dtype, device=logits.device)
+        expected = (logits.softmax(-1) * colours).sum(-1)
+        return LossOutput(loss=((expected - target) ** 2)[batch.target_mask].mean())
+
+
+class DataDecayPredictor(GridTransformer):
+    """Decays its main-optimizer weights by hand through ``.data`` in post_step_update (the legacy idiom):
+    no version counter moves."""
+
+    name = "data_decay_predictor"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        for p in self.net.parameters():
+            p.data.mul_(0.999)
+        return super().post_step_update(result, ctx)
+
+
+class DataWriteOncePredictor(GridTransformer):
+    """Writes into its main-optimizer weights through .data once, in predict at step 1 (a 'warm start'
+    gone wrong): no hook call of a later step does it again."""
+
+    name = "data_write_once_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx, encoding):
+        if not getattr(self, "_written", False):
+            self._written = True
+            for p in self.net.parameters():
+                p.data.add_(0.01)
+        return super().predict(prompt, batch, ctx, encoding)

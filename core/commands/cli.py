@@ -199,7 +199,7 @@ def config_(config: Path, epochs: int | None, max_batches: int | None, agent_lr:
 @click.option("--pairs", type=int, default=4, show_default=True, help="Demonstration pairs to run the checks on.")
 def check(config: Path, epochs: int | None, max_batches: int | None, agent_lr: float | None, qwen_lr: float | None, device: str | None,
           seed: int | None, sets: tuple[str, ...], pairs: int) -> None:
-    """Build everything from CONFIG, run two steps, and print a pass/fail checklist."""
+    """Build everything from CONFIG, go through a short run (epoch start, 3 steps, epoch end, evaluation hooks, state round trip), print a pass/fail checklist."""
     _single_process("check")
     from arcfw.core.commands.check import run_check
     from arcfw.core.config import load_config

@@ -23,7 +23,10 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         grad = ", requires_grad" if value.requires_grad else ""
         return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)} on {value.device}{grad}"
-    return f"{type(value).__name__} {value!r}"[:200]
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        inner = ", ".join(describe(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"{type(value).__name__} of {len(value)} ({inner})"
+    return " ".join(f"{type(value).__name__} {value!r}".split())[:200]  # one line
 
 
 def _tensor(plugin: str, hook: str, value: Any, shape: tuple[int | None, ...], what: str, device: torch.device) -> None:
@@ -169,9 +172,11 @@ def reaches(output: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
     return any(g is not None for g in grads)
 
 
-def cut_path_message(plugin: str, hook: str, upstream: str) -> str:
+def cut_path_message(plugin: str, hook: str, upstream: str, step: int | None = None) -> str:
+    """``step``: the step (counted from 1) at which the path was found cut after backward; None: before it."""
+    at = f" at step {step}" if step is not None else ""
     return (
-        f"plugin '{plugin}' cut the gradient path in hook '{hook}': its output does not depend differentiably on "
+        f"plugin '{plugin}' cut the gradient path in hook '{hook}'{at}: its output does not depend differentiably on "
         f"{upstream}, so those parameters would never learn (the original bug: Qwen gradient exactly 0). "
         "Likely cause: the hook runs under @torch.no_grad()/torch.inference_mode() or uses .detach()/.item()/"
         ".numpy() on its input. Keep detached copies only for post_step_update"

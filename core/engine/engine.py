@@ -29,10 +29,11 @@ from arcfw.core.engine.health import GradientWatch, HealthMonitor, NonFiniteGuar
 from arcfw.core.engine.lr_schedule import LRSchedule
 from arcfw.core.engine.metric_owners import ENGINE, MetricOwners
 from arcfw.core.engine.optimizers import build_optimizer
+from arcfw.core.engine.paths import GradientPaths, Link
 from arcfw.core.engine.precision import Precision
 from arcfw.core.engine.roles import HOOK_TABLE, Combine, step_hook
 from arcfw.core.engine.steps import MICRO_STAGES, STEP_ORDER, Stage, order_text
-from arcfw.core.engine.watch import BatchWatch, ParamWatch
+from arcfw.core.engine.watch import BatchWatch, ParamWatch, TargetsAsFloat
 from arcfw.core.errors import (
     ArcfwError,
     CheckpointError,
@@ -77,6 +78,8 @@ class _Step:
     norms: dict[str, float] = field(init=False)  # optimizer_step: gradient norm per trainable group
     applied: bool = field(init=False)  # optimizer_step: False when the step was skipped
     metrics: dict[str, float] = field(default_factory=dict)
+    #: hook inputs that carry gradient, probed in backward (health.check_contracts; see arcfw.core.engine.paths)
+    links: list[Link] = field(default_factory=list)
 
 
 @dataclass
@@ -192,6 +195,8 @@ class Engine:
         h = self.config["health"]
         trainable = {g.name: g.plugin for g in self.groups if g.lr > 0}
         self.grad_watch = GradientWatch(trainable, h["patience"])
+        owner_hook = {name: step_hook(role) for name, role in self.roles.items()}
+        self.paths = GradientPaths(self.groups, owner_hook, h["unused_after"], per_parameter=self.dist.strategy != "fsdp")
         self.guard = NonFiniteGuard(h["nonfinite"], h["max_consecutive_skips"])
         prompt_groups = [g.name for g in self.groups if g.plugin == self.prompt_plugin and g.lr > 0]
         stuck = {m.name: m.stuck_at for m in self.metrics if m.stuck_at is not None}
@@ -527,6 +532,7 @@ class Engine:
         if self.check_contracts and self._param_watch is not None:
             self._param_watch.check_layout(None, None)
             self._param_watch.snapshot()  # as the engine left them (a checkpoint load, evaluation, ...)
+            self._param_watch.begin_step(self.global_step)
         no_grad: set[str] | None = None
         try:
             self._run_stage(Stage.THRESHOLD, steps[0])
@@ -547,6 +553,8 @@ class Engine:
         finally:
             self._batch_watch = None
             self._micro = []
+        if self._param_watch is not None:
+            self._param_watch.end_step()
         self.global_step += 1
         self._first_step_checked = True
         return steps[0].metrics if len(steps) == 1 else _combine([(s.weight, s.metrics) for s in steps])
@@ -600,7 +608,9 @@ class Engine:
                 out = self._call("refine", impl, prompt=x, batch=s.batch, ctx=self.ctx)
             if self.check_contracts:
                 contracts.check_prompt(impl.plugin, "refine", out, s.batch.size, self.ctx.prompt_dim, self.device)
-                self._check_path(impl.plugin, "refine", out, x, "the prompt it was given (and so on every parameter upstream, e.g. Qwen)")
+                upstream = "the prompt it was given (and so on every parameter upstream, e.g. Qwen)"
+                self._check_path(impl.plugin, "refine", out, x, upstream)
+                s.links.append((x, impl.plugin, "refine", upstream))
             x = out
         s.refined = x
 
@@ -610,7 +620,9 @@ class Engine:
             out = self._call("predict", impl, prompt=s.refined, batch=s.batch, ctx=self.ctx, encoding=s.encoding)
         if self.check_contracts:
             contracts.check_logits(impl.plugin, out, s.batch.size, s.batch.canvas, self.device)
-            self._check_path(impl.plugin, "predict", out, s.refined, "the refined prompt (so the prompt model would never learn)")
+            upstream = "the refined prompt (so the prompt model would never learn)"
+            self._check_path(impl.plugin, "predict", out, s.refined, upstream)
+            s.links.append((s.refined, impl.plugin, "predict", upstream))
         s.logits = out
 
     def _check_path(self, plugin: str, hook: str, out: torch.Tensor, inp: torch.Tensor, upstream: str) -> None:
@@ -626,18 +638,26 @@ class Engine:
         total = None
         needs_grad = any(g.lr > 0 for g in self.groups)
         for impl in self._impls.get("compute_loss", []):
-            with self.precision.autocast():
+            # at the first step: does the loss turn the targets into floats? (watch.TargetsAsFloat)
+            floats = TargetsAsFloat(s.batch.targets) if self.check_contracts and not self._first_step_checked else None
+            with self.precision.autocast(), floats or contextlib.nullcontext():
                 out: LossOutput = self._call("compute_loss", impl, logits=s.logits, batch=s.batch, ctx=self.ctx)
             if self.check_contracts:
+                if floats is not None:
+                    floats.check(impl.plugin)
                 contracts.check_loss(impl.plugin, out, needs_grad)
             total = out.loss.float() if total is None else total + out.loss.float()
             self.metric_owners.logged(impl.plugin, out.metrics, "compute_loss")
             s.metrics.update(out.metrics)
         if total is None:
             raise PluginError("no plugin implements compute_loss")
+        if self.check_contracts:
+            losses = "', '".join(self.implementers("compute_loss"))
+            s.links.append((s.logits, losses, "compute_loss", "the logits predict made (and so on every parameter upstream)"))
         s.loss = total
 
     def _stage_backward(self, s: _Step) -> None:
+        probes = self.paths.arm(s.links) if s.links else []
         if s.loss.requires_grad:
             try:
                 self.precision.backward(s.loss if s.weight == 1.0 else s.loss * s.weight)
@@ -652,21 +672,15 @@ class Engine:
         if not s.last:  # more micro-batches add their gradients before the optimizer step
             return
         self.dist.sync_gradients()  # groups no DDP/FSDP wrapper owns; the wrappers reduced theirs in backward
-        if not self._first_step_checked:
-            self._check_groups_reached()
-
-    def _check_groups_reached(self) -> None:
-        for g in self.groups:
-            if g.lr > 0 and g.name not in self.ctx.no_grad_groups and g.trainable() and all(p.grad is None for p in g.trainable()):
-                hook = step_hook(self.roles[g.plugin])
-                raise GradientPathError(
-                    f"parameter group '{g.name}' of plugin '{g.plugin}' received no gradient from the loss at the first "
-                    f"step although its learning rate is {g.lr:g}: the path from its output ({hook}) to the loss is cut. "
-                    "Look for torch.no_grad(), .detach() or .item() between them; set optimizer.lr."
-                    f"{g.name}: 0 to freeze the group on purpose"
-                )
+        # every step: each probed hook input got a gradient, each trainable group too (arcfw.core.engine.paths)
+        for key, message in self.paths.after_backward(probes, self.ctx.no_grad_groups, self.global_step + 1):
+            self.health.note(key, message)
 
     def _stage_optimizer_step(self, s: _Step) -> None:
+        if self._param_watch is not None and self._param_watch.norms is not None:  # sampled steps: no .data writes
+            forward = ("hard_cell_threshold", "generate_prompt", "refine", "predict", "compute_loss")
+            self._param_watch.window(f"during the forward hooks or the backward of step {self.global_step + 1}",
+                                     sorted({i.plugin for h in forward for i in self._impls.get(h, [])}))
         opt = self.optimizer
         try:
             self.precision.unscale(opt)
@@ -711,9 +725,11 @@ class Engine:
             s.applied = self.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             self.guard.ok()
-            self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), values[0])
+            for key, message in self.grad_watch.update(s.norms, frozenset(self.ctx.no_grad_groups), values[0]):
+                self.health.note(key, message)
         if self._param_watch is not None:  # the engine's own update (fused kernels may not bump versions)
             self._param_watch.snapshot()
+            self._param_watch.window("", [], engine_step=True)
         s.metrics["grad_norm"] = total_norm
         for m in self.metrics:  # declared gradient norms of some groups (e.g. the prompt model's)
             if m.grad_norm_of:
@@ -746,6 +762,8 @@ class Engine:
             if out:
                 self.metric_owners.logged(impl.plugin, out, "post_step_update")
                 s.metrics.update(out)
+        if self._param_watch is not None and self._param_watch.norms is not None:
+            self._param_watch.window(f"in post_step_update of step {self.global_step + 1}", self.implementers("post_step_update"))
 
     def eval_loss(self, batch: Batch) -> float:
         """The summed ``compute_loss`` of ``batch`` (answers as targets) with the model as it is,

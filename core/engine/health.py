@@ -7,6 +7,10 @@
   and confident) gives every group a zero gradient by construction; it says
   nothing about the gradient path and is not counted (nor does it reset a
   streak), so a run that fits a small folder of tasks is not halted.
+  It also keeps, per group, the last ``WINDOW`` (100) counted steps: a group whose gradient was
+  exactly zero on ``OFTEN`` (20) of them - never ``patience`` in a row, or the run would have
+  stopped - is warned about once (a path cut on some steps only: a gate, a condition on the step).
+  The per-step checks that a gradient arrived at all are in :mod:`arcfw.core.engine.paths`.
 - :class:`NonFiniteGuard` - a NaN/Inf loss or gradient is never applied.
 - :class:`HealthMonitor` - red flags printed once and recorded in the metrics:
   the prompt model's gradient zero for 100+ batches (steps with loss 0 not
@@ -24,22 +28,37 @@ from arcfw.core.errors import TrainingHalted
 
 
 class GradientWatch:
+    #: the counted steps kept per group, and how many of them with a zero gradient are warned about
+    WINDOW = 100
+    OFTEN = 20
+
     def __init__(self, groups: dict[str, str], patience: int):
         """``groups``: name -> plugin of every group with lr > 0. ``patience`` 0 disables."""
         self.groups = groups
         self.patience = patience
         self.zero_streak = {name: 0 for name in groups}
+        self.recent: dict[str, deque[bool]] = {name: deque(maxlen=self.WINDOW) for name in groups}  # True: zero
+        self.zeros = dict.fromkeys(groups, 0)  # zero steps in ``recent``
+        self.warned: set[str] = set()
 
-    def update(self, norms: dict[str, float], exempt: frozenset[str] = frozenset(), loss: float | None = None) -> None:
+    def update(self, norms: dict[str, float], exempt: frozenset[str] = frozenset(), loss: float | None = None) -> list[tuple[str, str]]:
         """Count consecutive zero-gradient steps. ``exempt`` groups (e.g. a Qwen whose prompt
         came from the cache this step) are expected to have no gradient and don't count; nor does
-        any group at a step whose ``loss`` is exactly 0 (no hard cell: zero gradient everywhere)."""
+        any group at a step whose ``loss`` is exactly 0 (no hard cell: zero gradient everywhere).
+        Returns warnings ``(key, message)`` raised by this step (each once per run)."""
+        warnings: list[tuple[str, str]] = []
         if loss == 0.0:
-            return
+            return warnings
         for name in self.groups:
             if name in exempt:
                 continue
-            if norms.get(name, 0.0) == 0.0:
+            zero = norms.get(name, 0.0) == 0.0
+            recent = self.recent[name]
+            if len(recent) == recent.maxlen and recent[0]:
+                self.zeros[name] -= 1
+            recent.append(zero)
+            self.zeros[name] += zero
+            if zero:
                 self.zero_streak[name] += 1
                 if self.patience and self.zero_streak[name] >= self.patience:
                     raise TrainingHalted(
@@ -50,12 +69,28 @@ class GradientWatch:
                     )
             else:
                 self.zero_streak[name] = 0
+            # often zero, but not in one run (a single run is the patience check's, and the monitor's)
+            if self.zeros[name] >= self.OFTEN and self.zero_streak[name] < self.zeros[name] and name not in self.warned:
+                self.warned.add(name)
+                warnings.append((f"zero_grad_often_{name}", (
+                    f"parameter group '{name}' (plugin '{self.groups[name]}') had an exactly zero gradient on "
+                    f"{self.zeros[name]} of its last {len(recent)} steps, on and off: something cuts or zeroes its path "
+                    "on some steps only (a gate, a condition on the step or the batch, a branch multiplied by 0). "
+                    "Steps with loss 0 and steps where the group is in ctx.no_grad_groups are not counted")))
+        return warnings
 
     def state_dict(self) -> dict[str, Any]:
-        return {"zero_streak": dict(self.zero_streak)}
+        return {"zero_streak": dict(self.zero_streak), "recent": {k: list(v) for k, v in self.recent.items()},
+                "warned": sorted(self.warned)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero_streak.update(state.get("zero_streak", {}))
+        for name, flags in state.get("recent", {}).items():
+            if name in self.recent:
+                self.recent[name].clear()
+                self.recent[name].extend(bool(f) for f in flags)
+                self.zeros[name] = sum(self.recent[name])
+        self.warned = {w for w in state.get("warned", []) if w in self.groups}
 
 
 class NonFiniteGuard:
@@ -112,10 +147,15 @@ class HealthMonitor:
         self.zero_grad_streak = 0
         self.losses: deque[float] = deque(maxlen=flat_window)
         self.stuck_streak = {name: 0 for name in self.stuck}
+        self.pending: list[str] = []  # warnings the engine raised during the step (gradient paths), not yet returned
+
+    def note(self, key: str, message: str) -> None:
+        """A warning found by the engine inside the step; returned by the next :meth:`update` (once per run)."""
+        self._raise(key, message, self.pending)
 
     def update(self, loss: float, norms: dict[str, float], metrics: dict[str, float], exempt: frozenset[str]) -> list[str]:
         """Return the warnings raised *by this step* (each at most once per run)."""
-        new: list[str] = []
+        new, self.pending = self.pending, []
         g = self.watched_group
         if g is not None and g not in exempt and loss != 0.0:  # a loss of 0 has no gradient to give
             self.zero_grad_streak = self.zero_grad_streak + 1 if norms.get(g, 0.0) == 0.0 else 0
