@@ -189,8 +189,18 @@ class Checkpoint:
 _META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
 
 
-def locate(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint)."""
+#: files that only a run folder holds (a folder with one of them and no checkpoint is a run stopped before its first save)
+_RUN_MARKS = ("config.yaml", "metrics.jsonl")
+
+
+def no_checkpoint_yet(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before its first checkpoint (nothing to resume)."""
+    return any((run_dir / f).is_file() for f in _RUN_MARKS) and not (run_dir / DIR / LATEST).is_file()
+
+
+def locate(path: str | os.PathLike[str], *, resume: bool = False) -> Path:
+    """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint).
+    ``resume``: the message for a folder without a checkpoint says how to start instead (``--resume``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such folder")
@@ -200,7 +210,12 @@ def locate(path: str | os.PathLike[str]) -> Path:
         return p
     pointer = p / DIR / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"{p}: no checkpoint here ({DIR}/{LATEST} is missing); is this an arcfw run folder?")
+        if no_checkpoint_yet(p):  # the fresh-run check says the same of this folder (trainer.check_out_dir)
+            hint = "the run in this folder stopped before its first checkpoint" + (
+                f", so there is nothing to resume: start it again with --out {p} --overwrite" if resume else "")
+        else:
+            hint = "is this an arcfw run folder?" + (f" (a fresh run there: arcfw run CONFIG --out {p})" if resume else "")
+        raise CheckpointError(f"{p}: no checkpoint here ({DIR}/{LATEST} is missing); {hint}")
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
     if not _STEP_DIR.match(name) or not (p / DIR / name).is_dir():
         raise CheckpointError(f"{pointer}: damaged: it names {name[:40]!r}, which is not a checkpoint folder in {p / DIR}")
@@ -209,7 +224,7 @@ def locate(path: str | os.PathLike[str]) -> Path:
 
 def run_folder(path: str | os.PathLike[str]) -> Path:
     """The run folder that ``--resume path`` continues (the checkpoint must sit in its ``checkpoints/``)."""
-    folder = locate(path)
+    folder = locate(path, resume=True)
     if folder.parent.name != DIR:
         raise CheckpointError(f"{folder}: cannot resume: a checkpoint folder must sit in RUN/{DIR}/ (the run folder it continues)")
     return folder.parent.parent
@@ -325,7 +340,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def open_for_resume(path: str | os.PathLike[str], run_dir: Path, config: RunConfig) -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
-    folder, found_run = locate(path), run_folder(path)
+    folder, found_run = locate(path, resume=True), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
         raise CheckpointError(f"{folder}: belongs to run folder {found_run}, not to {run_dir}")
     ckpt = read(folder)
@@ -383,6 +398,7 @@ class Checkpointer:
         self.keep = keep
         self.fingerprint = fingerprint
         self._last: int | None = None  # the step saved or restored last
+        self._writing: str | None = None  # the file of a checkpoint being written (for the message of a failed save)
 
     # ------------------------------------------------------------------ folder bookkeeping
 
@@ -460,6 +476,7 @@ class Checkpointer:
             "loop": loop,
         }
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        self._writing = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -468,18 +485,27 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fileio.fsync_path(self.dir)
+            self._writing = LATEST
             fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                previous = self.latest_name()
-                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-                raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or _one_line(exc)}; {kept}") from None
+            if final.exists() and final.name != self.latest_name():  # renamed, but `latest` could not be replaced
+                shutil.rmtree(final, ignore_errors=True)
+            if isinstance(exc, OSError) or fileio.is_disk_full(exc):  # safetensors and torch.save raise their own types
+                raise self._write_failed(final, exc) from None
             raise
         self._last = step
         self._prune()
         barrier()
         return final
+
+    def _write_failed(self, final: Path, exc: BaseException) -> CheckpointError:
+        """One line for a save that failed (a full disk): the checkpoint and the file it was writing,
+        why, and the checkpoint a resumed run would start from (untouched: `latest` still names it)."""
+        previous = self.latest_name()
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        where = f" ({self._writing})" if self._writing else ""
+        return CheckpointError(f"cannot write checkpoint {final}{where}: {fileio.describe_write_failure(exc)}; {kept}")
 
     def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position,
                full_modules: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
@@ -488,7 +514,7 @@ class Checkpointer:
         (tmp / MODULES).mkdir(parents=True)
         modules: dict[str, str] = {}
         for i, (name, module) in enumerate(_modules(eng)):
-            modules[name] = _module_file(i, name)
+            modules[name] = self._writing = _module_file(i, name)
             if full_modules is not None:
                 save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
             else:
@@ -496,9 +522,11 @@ class Checkpointer:
             fileio.fsync_path(tmp / modules[name])
         loose = loose_params(eng.groups)
         if loose:
+            self._writing = f"{MODULES}/{LOOSE}"
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
             fileio.fsync_path(tmp / MODULES / LOOSE)
-        with open(tmp / STATE, "wb") as f:
+        self._writing = STATE
+        with fileio.create(tmp / STATE) as f:
             torch.save(state, f)
         fileio.fsync_path(tmp / STATE)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -519,8 +547,10 @@ class Checkpointer:
             "modules": modules,
             "files": {rel: _sha256(tmp / rel) for rel in files},
         }
-        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        self._writing = META
+        fileio.write_bytes(tmp / META, json.dumps(meta, indent=1).encode("utf-8"))
         fileio.fsync_path(tmp / META)
+        self._writing = None
         fileio.fsync_path(tmp / MODULES)
         fileio.fsync_path(tmp)
 
