@@ -123,8 +123,8 @@ FSDP_CKPT = {"max_batches": 4, "checkpoint.every": 2, "distributed.strategy": "f
 
 
 def fsdp_checkpoint(rank: int, out: Path) -> dict[str, Any]:
-    """FSDP on 2 ranks, 4 steps with a checkpoint every 2; the same run resumed from its step-2
-    checkpoint must end with the same weights.  Rank 0 keeps what the resumed ranks restored
+    """FSDP on 2 ranks, 4 steps with a checkpoint every 2 (written sharded, each rank its shards);
+    the same run resumed from its step-2 checkpoint must end with the same weights.  Rank 0 keeps what the resumed ranks restored
     (``fsdp-restored.pt``) for the parent to load the checkpoint on one process."""
     run = out / "fsdp-ckpt"
     trainer = Trainer(tiny_config(FSDP_CKPT), run, quiet=True)
@@ -133,13 +133,34 @@ def fsdp_checkpoint(rank: int, out: Path) -> dict[str, Any]:
     saved = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     resumed = Trainer(tiny_config(FSDP_CKPT), run, quiet=True, resume=run / "checkpoints" / "step-00000002")
     restored = flat(trained_tensors(resumed.engine))
+    moments = {f"{i}.{k}": full_tensor(v).clone() for i, st in resumed.engine.optimizer.state_dict()["state"].items()
+               for k, v in st.items()}  # gathered here, by the test, to compare with one process's
     resumed.fit()
     again = flat(trained_tensors(resumed.engine))
     if rank == 0:
         torch.save(restored, out / "fsdp-restored.pt")
+        torch.save(moments, out / "fsdp-moments.pt")
     sharded = sorted({type(p).__name__ for g in resumed.engine.groups for p in g.params})
+    ckpt = run / "checkpoints" / "step-00000002"
+    layout = {
+        "files": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()),
+        "pieces": shard_files(ckpt / "sharded"),
+        "state_optimizer_tensors": sum(isinstance(v, torch.Tensor) for s in torch.load(
+            ckpt / "state.pt", weights_only=True)["engine"]["optimizer"]["state"].values() for v in s.values()),
+    }
     return {"diff": (again - straight).abs().max().item(), "moved": (again - restored).abs().max().item(),
-            "saved": saved, "steps": gather(resumed.engine.global_step), "param_types": sharded}
+            "saved": saved, "steps": gather(resumed.engine.global_step), "param_types": sharded, "layout": layout}
+
+
+def shard_files(folder: Path) -> dict[str, list[str]]:
+    """For every tensor of a sharded checkpoint (DCP's index, read safely): the files its pieces lie in."""
+    from arcfw.core.training.sharded import _reader
+
+    md = _reader(folder).read_metadata()
+    out: dict[str, set[str]] = {}
+    for index, info in md.storage_data.items():
+        out.setdefault(index.fqn, set()).add(str(info.relative_path))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def sigterm_on_one_rank(rank: int, out: Path) -> dict[str, Any]:

@@ -51,10 +51,11 @@ from torch import nn
 from arcfw import __version__
 from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
 from arcfw.core.config import constructor
-from arcfw.core.engine.distributed import barrier
+from arcfw.core.engine.distributed import all_gather_object, barrier
 from arcfw.core.engine.registry import resolve
-from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
+from arcfw.core.engine.state import RESUME_KEYS, check_plain, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
+from arcfw.core.training import sharded
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -63,6 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT = "arcfw-checkpoint"
 FORMAT_VERSION = 1
+#: a checkpoint whose modules and optimizer tensors are sharded (strategy fsdp; meta.json: "sharded")
+SHARDED_VERSION = 2
 DIR = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
@@ -170,6 +173,15 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    @property
+    def sharded(self) -> bool:
+        """Written sharded (strategy fsdp): the modules and optimizer tensors are in ``sharded/``."""
+        return "sharded" in self.meta
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted(self.meta["sharded"]["modules"] if self.sharded else self.meta["modules"])
+
     def load_state(self) -> dict[str, Any]:
         """``state.pt`` with ``weights_only=True`` (tensors and plain values only; never runs code)."""
         try:
@@ -256,11 +268,15 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path}: not an arcfw checkpoint ({META} has format {found!r}, expected {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, SHARDED_VERSION):
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('format_version')!r} (arcfw {meta.get('arcfw', '?')}); "
-            f"this arcfw ({__version__}) reads version {FORMAT_VERSION}"
+            f"this arcfw ({__version__}) reads version {FORMAT_VERSION} (and {SHARDED_VERSION}, sharded)"
         )
+    if meta["format_version"] == SHARDED_VERSION and not (
+            isinstance(meta.get("sharded"), dict) and isinstance(meta["sharded"].get("modules"), list)
+            and meta["sharded"].get("folder") == sharded.SHARDED):
+        raise CheckpointError(f"{meta_file}: damaged: a sharded checkpoint (format version {SHARDED_VERSION}) without its 'sharded' entry")
     for key, kind in _META_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"{meta_file}: damaged: '{key}' should be {kind.__name__}, got {type(meta.get(key)).__name__}")
@@ -445,29 +461,71 @@ class Checkpointer:
 
         A step is saved once: a second save at the same step (a periodic save, then
         max_batches reached; the end of an epoch whose last step a signal saved) keeps
-        the first, which resumes to the same run.  Under strategy fsdp the shards of
-        the modules and of the optimizer state are gathered first (every rank takes
-        part), so the checkpoint holds full tensors like any other: it resumes on any
-        number of processes and with any strategy.
+        the first, which resumes to the same run.  Under strategy fsdp every rank writes
+        its own shards of the modules and of the optimizer state with
+        torch.distributed.checkpoint (:mod:`arcfw.core.training.sharded`): no rank holds a
+        full copy, and the checkpoint resumes on any number of processes, with any strategy.
+        Every rank learns whether the save succeeded, and a failed one (a full disk) stops
+        every rank with the same line.
         """
         eng = self.engine
         step = eng.global_step
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
-        # every rank saves at the same steps (gathering generator states and FSDP2 shards is a collective);
-        # the replicas are identical, so rank 0 alone writes
-        engine_state = eng.state_dict(modules=False)
-        full_modules: dict[str, dict[str, torch.Tensor]] | None = None
-        if eng.dist.strategy == "fsdp":
-            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
-        if not eng.dist.is_main:  # rank 0 writes
-            barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
-            self._last = step
-            return final
+        main, shard = eng.dist.is_main, eng.dist.strategy == "fsdp"
+        # every rank saves at the same steps (gathering generator states is a collective); the replicas
+        # are identical, so rank 0 alone writes - under fsdp each rank writes its shards, rank 0 the rest
+        engine_state = eng.state_dict(modules=False, optimizer=not shard)
+        if shard:
+            engine_state["optimizer"] = sharded.optimizer_rest(eng.optimizer)
+        tmp = Path(all_gather_object(str(self.dir / f".tmp-{final.name}-{os.getpid()}"))[0])  # rank 0's
+        self._writing = None
+        failure: CheckpointError | None = None
+        try:
+            if main:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            if shard:
+                barrier()  # the folder exists
+                self._writing = f"{sharded.SHARDED}/"
+                sharded.save(eng, tmp / sharded.SHARDED)  # a failure on any rank raises on every rank
+            if main:
+                self._write(tmp, self._state(engine_state, position, loop), step, position, shard)
+                if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                fileio.fsync_path(self.dir)
+                self._writing = LATEST
+                fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
+        except BaseException as exc:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if final.exists() and final.name != self.latest_name():  # renamed, but `latest` could not be replaced
+                    shutil.rmtree(final, ignore_errors=True)
+            if isinstance(exc, CheckpointError):
+                failure = exc
+            elif isinstance(exc, OSError) or fileio.is_disk_full(exc):  # safetensors and torch.save raise their own types
+                failure = self._write_failed(final, exc)
+            else:
+                raise  # a second Ctrl-C, a bug: at once
+        # every rank learns whether rank 0's write succeeded: a failure stops every rank, with rank 0's line
+        outcome = all_gather_object(None if failure is None else str(failure))[0]
+        if failure is not None:
+            raise failure from None
+        if outcome is not None:
+            raise CheckpointError(outcome)
+        self._last = step
+        if main:
+            self._prune()
+        return final
+
+    def _state(self, engine_state: dict[str, Any], position: Position, loop: dict[str, Any]) -> dict[str, Any]:
+        """What ``state.pt`` holds (rank 0's)."""
         plugins = engine_state.pop("plugins")
         check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
-        state = {
+        return {
             "engine": engine_state,
             "rng": _rng_state(),
             "plugins": plugins,
@@ -475,29 +533,6 @@ class Checkpointer:
                          "batches": len(self.loader), "world_size": self.loader.world_size},
             "loop": loop,
         }
-        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
-        self._writing = None
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._write(tmp, state, step, position, full_modules)
-            if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fileio.fsync_path(self.dir)
-            self._writing = LATEST
-            fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if final.exists() and final.name != self.latest_name():  # renamed, but `latest` could not be replaced
-                shutil.rmtree(final, ignore_errors=True)
-            if isinstance(exc, OSError) or fileio.is_disk_full(exc):  # safetensors and torch.save raise their own types
-                raise self._write_failed(final, exc) from None
-            raise
-        self._last = step
-        self._prune()
-        barrier()
-        return final
 
     def _write_failed(self, final: Path, exc: BaseException) -> CheckpointError:
         """One line for a save that failed (a full disk): the checkpoint and the file it was writing,
@@ -507,20 +542,17 @@ class Checkpointer:
         where = f" ({self._writing})" if self._writing else ""
         return CheckpointError(f"cannot write checkpoint {final}{where}: {fileio.describe_write_failure(exc)}; {kept}")
 
-    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position,
-               full_modules: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        """``full_modules``: the modules' state gathered from FSDP2 shards (None: the modules themselves)."""
+    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position, shard: bool = False) -> None:
+        """Rank 0's files; ``shard``: the modules (and the optimizer's tensors) are in ``sharded/`` already."""
         eng = self.engine
-        (tmp / MODULES).mkdir(parents=True)
         modules: dict[str, str] = {}
-        for i, (name, module) in enumerate(_modules(eng)):
+        if not shard:
+            (tmp / MODULES).mkdir(parents=True)
+        for i, (name, module) in enumerate(_modules(eng) if not shard else []):
             modules[name] = self._writing = _module_file(i, name)
-            if full_modules is not None:
-                save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
-            else:
-                save_model(module, str(tmp / modules[name]))
+            save_model(module, str(tmp / modules[name]))
             fileio.fsync_path(tmp / modules[name])
-        loose = loose_params(eng.groups)
+        loose = loose_params(eng.groups) if not shard else {}
         if loose:
             self._writing = f"{MODULES}/{LOOSE}"
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
@@ -532,7 +564,7 @@ class Checkpointer:
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SHARDED_VERSION if shard else FORMAT_VERSION,
             "arcfw": __version__,
             "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -547,11 +579,13 @@ class Checkpointer:
             "modules": modules,
             "files": {rel: _sha256(tmp / rel) for rel in files},
         }
+        if shard:
+            meta["sharded"] = {"folder": sharded.SHARDED, "modules": [n for n, _ in _modules(eng)], "world_size": eng.dist.world_size}
         self._writing = META
         fileio.write_bytes(tmp / META, json.dumps(meta, indent=1).encode("utf-8"))
         fileio.fsync_path(tmp / META)
         self._writing = None
-        fileio.fsync_path(tmp / MODULES)
+        fileio.fsync_path(tmp / (sharded.SHARDED if shard else MODULES))
         fileio.fsync_path(tmp)
 
     # ------------------------------------------------------------------ restore
@@ -578,6 +612,8 @@ class Checkpointer:
         missing = [key for key in RESUME_KEYS if key not in saved]  # load_state_dict leaves absent keys alone
         if missing:
             raise KeyError(missing[0])  # -> "does not fit the model the config builds (KeyError: ...)"
+        if ckpt.sharded:  # the optimizer's tensors are in the shards: read into this run's placement
+            saved["optimizer"] = sharded.load_optimizer_tensors(eng, ckpt.path / sharded.SHARDED, saved["optimizer"])
         notes = eng.load_state_dict(saved, source=str(ckpt.path))
         position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
@@ -628,10 +664,16 @@ def _fitting(ckpt: Checkpoint) -> Iterator[None]:
 
 
 def _load_modules(engine: Engine, ckpt: Checkpoint) -> None:
-    """The parameter groups' modules from the checkpoint's safetensors files."""
+    """The parameter groups' modules from the checkpoint's safetensors files (or its shards)."""
     names = [n for n, _ in _modules(engine)]
-    if sorted(names) != sorted(ckpt.meta["modules"]):
-        raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
+    if sorted(names) != ckpt.module_names:
+        raise CheckpointError(f"{ckpt.path}: holds modules {ckpt.module_names}, the config builds {sorted(names)}")
+    if ckpt.sharded:
+        try:
+            sharded.load_modules(engine, ckpt.path / sharded.SHARDED)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{ckpt.path}: {exc}") from None
+        return
     for name, module in _modules(engine):
         file = str(ckpt.path / ckpt.meta["modules"][name])
         try:
@@ -682,7 +724,7 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     with every difference named, before anything is loaded.
     """
     ckpt = read(locate(path))
-    saved_modules = ckpt.meta["modules"]
+    saved_modules = ckpt.module_names
     problems: list[str] = []
     current = dict(_modules(engine))
     for name in sorted(set(saved_modules) - set(current)):
@@ -693,7 +735,8 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
         if name not in saved_modules:
             continue
         try:
-            saved = _saved_shapes(ckpt.path / saved_modules[name])
+            saved = (sharded.module_shapes(ckpt.path / sharded.SHARDED, name) if ckpt.sharded
+                     else _saved_shapes(ckpt.path / ckpt.meta["modules"][name]))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' cannot be read: {_short(_one_line(exc))}") from None
         now = {k: tuple((v.full_tensor() if is_dtensor(v) else v).shape) for k, v in module.state_dict().items()}
@@ -707,7 +750,11 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     loose = loose_params(engine.groups)
     if loose:
         file = ckpt.path / MODULES / LOOSE
-        saved = _saved_shapes(file) if file.is_file() else {}
+        if ckpt.sharded:
+            saved = {k[len(sharded.LOOSE):]: shape for k, (shape, _) in sharded.index(ckpt.path / sharded.SHARDED).items()
+                     if k.startswith(sharded.LOOSE)}
+        else:
+            saved = _saved_shapes(file) if file.is_file() else {}
         for key, p in loose.items():
             if tuple(p.shape) != saved.get(key):
                 problems.append(f"{key} (checkpoint: {list(saved[key]) if key in saved else 'absent'}, now: {list(p.shape)})")
