@@ -152,6 +152,34 @@ def fsdp_checkpoint(rank: int, out: Path) -> dict[str, Any]:
             "saved": saved, "steps": gather(resumed.engine.global_step), "param_types": sharded, "layout": layout}
 
 
+def fsdp_disk_full(rank: int, out: Path) -> dict[str, Any]:
+    """FSDP on 2 ranks, a checkpoint every 2 steps; at step 4 rank 1's shard file is /dev/full (a real
+    ENOSPC from the kernel, no root needed): every rank stops with a checkpoint error, step 2 stays."""
+    from arcfw.core.errors import CheckpointError
+    from arcfw.core.training import sharded
+
+    run = out / "fsdp-full"
+    trainer = Trainer(tiny_config({**FSDP_CKPT, "max_batches": 6}), run, quiet=True)
+    real = sharded.save
+
+    def save(engine, folder):
+        if rank == 1 and engine.global_step == 4:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.symlink("/dev/full", folder / "__1_0.distcp")  # where DCP writes rank 1's shards
+        real(engine, folder)
+
+    sharded.save = save
+    try:
+        trainer.fit()
+        caught = None
+    except CheckpointError as exc:
+        caught = str(exc)
+    finally:
+        sharded.save = real
+    left = sorted(p.name for p in (run / "checkpoints").iterdir()) if rank == 0 else []
+    return {"caught": gather(caught), "left": left, "steps": gather(trainer.engine.global_step)}
+
+
 def shard_files(folder: Path) -> dict[str, list[str]]:
     """For every tensor of a sharded checkpoint (DCP's index, read safely): the files its pieces lie in."""
     from arcfw.core.training.sharded import _reader
@@ -288,6 +316,7 @@ def run_scenarios(rank: int, port: int, out: str) -> None:
             "resume_on_two": resume_on_two(rank, root),
             "nonfinite": nonfinite_on_one_rank(rank, root),
             "wrong_module_attr": wrong_module_attr(rank),
+            "fsdp_disk_full": fsdp_disk_full(rank, root),
         }
     finally:
         dist.destroy_process_group()

@@ -305,6 +305,22 @@ def test_fsdp_checkpoint_resumes_exactly_and_on_one_process(spawned):
             assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items()), (load.__name__, name)
 
 
+def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank(spawned):
+    """Rank 1's shards meet a full disk (a real ENOSPC: its shard file is /dev/full): both ranks stop
+    after step 4 with a checkpoint error saying "disk full"; rank 0's line names the checkpoint and
+    the intact step-2 one and how to resume; nothing of the failed save is left."""
+    results, out = spawned
+    r = results["fsdp_disk_full"]
+    assert r["steps"] == [4, 4]
+    line = r["caught"][0]
+    run = out / "fsdp-full"
+    assert line.startswith(f"cannot write checkpoint {run / 'checkpoints' / 'step-00000004'} (sharded/): "
+                           "disk full (No space left on device); the previous checkpoint step-00000002 is intact"), line
+    assert "resume with: torchrun --nproc-per-node 2" in line
+    assert "disk full (No space left on device)" in r["caught"][1]
+    assert r["left"] == ["latest", "step-00000002"]
+
+
 def test_a_forged_shard_index_is_refused_without_running_it(spawned, tmp_path):
     """DCP reads its index (sharded/.metadata) with pickle: arcfw admits only the index's own classes."""
     import hashlib

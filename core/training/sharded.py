@@ -27,6 +27,7 @@ read with ``torch.load(weights_only=True)``.  The tensors themselves DCP reads w
 from __future__ import annotations
 
 import contextlib
+import gc
 import pickle
 import warnings
 from collections.abc import Iterator
@@ -102,16 +103,29 @@ def save(engine: Engine, folder: Path) -> None:
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     writer = FileSystemWriter(str(folder), sync_files=True, overwrite=True)
+    failure: BaseException | None = None
     try:
         with _one_process_is_meant():
             dcp_save(tensors(engine), storage_writer=writer, no_dist=not enabled())
     except CheckpointException as exc:
-        failures = sorted(exc.failures.items())
-        first = failures[0][1] if failures else None
-        cause = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else None
-        if cause is None:
-            raise OSError(f"torch.distributed.checkpoint failed: {' '.join(str(exc).split())[:300]}") from None
-        raise cause from None
+        failure = _plain(exc)
+    if failure is not None:
+        # the failed write's frames hold the model's DTensors (and so the process group): free them now,
+        # not while the interpreter shuts down (which can abort the process after the error is reported)
+        gc.collect()
+        raise failure
+
+
+def _plain(exc: BaseException) -> BaseException:
+    """The first rank's failure inside DCP's CheckpointException, as a new exception without its
+    traceback (an OSError keeps its errno: a full disk stays one)."""
+    failures = sorted(getattr(exc, "failures", {}).items())
+    first = failures[0][1] if failures else None
+    cause = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else None
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return OSError(cause.errno, cause.strerror, cause.filename)
+    text = " ".join(str(cause if cause is not None else exc).split())[:300]
+    return OSError(f"torch.distributed.checkpoint could not write the shards: {text}")
 
 
 # --------------------------------------------------------------------------- reading
