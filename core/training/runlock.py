@@ -30,6 +30,12 @@ class RunLocked(ArcfwError):
     kind = "run folder in use"
 
 
+class LockFailed(ArcfwError):
+    """The run folder's lock file cannot be opened or locked (permissions, a file system without locks)."""
+
+    kind = "lock error"
+
+
 def _holder(path: Path) -> dict[str, str]:
     """What the lock file says about its last holder (``pid``, ``host``, ``since``, ``command``)."""
     try:
@@ -40,10 +46,11 @@ def _holder(path: Path) -> dict[str, str]:
 
 
 def _describe(info: dict[str, str]) -> str:
+    """``process 123 on host h (started 2026-12-02 10:12:03)``: the host only when it is another machine's."""
     pid = info.get("pid", "?")
     host = info.get("host")
     where = f" on host {host}" if host and host != socket.gethostname() else ""
-    since = f", running since {info['since']}" if info.get("since") else ""
+    since = f" (started {info['since']})" if info.get("since") else ""
     return f"process {pid}{where}{since}"
 
 
@@ -61,19 +68,26 @@ class RunLock:
 
     def _lock(self) -> int:
         """The open lock file, locked; raises :class:`RunLocked` when another process holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LockFailed(f"cannot lock run folder {self.run_dir}: cannot open {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            holder = _holder(self.path)
             raise RunLocked(
-                f"run folder {self.run_dir} is in use by {_describe(_holder(self.path))} (lock file {self.path}): "
-                "a second run or --resume there would mix two runs' checkpoints and metrics; "
-                "wait for it to end, stop it, or use another --out"
+                f"run folder {self.run_dir} is in use by {_describe(holder)}, which holds {self.path}: "
+                "a second run or --resume there would mix two runs' checkpoints and metrics; wait for it to end, "
+                f"stop it (kill {holder.get('pid', 'PID')}: it saves a checkpoint and exits), or use another --out"
             ) from None
-        except OSError:
+        except OSError as exc:  # a file system without locks
             os.close(fd)
-            raise
+            raise LockFailed(
+                f"cannot lock run folder {self.run_dir} ({self.path}): {exc.strerror or exc}; arcfw locks the run folder "
+                "so that two runs cannot write into it at once: use an --out on a file system that supports flock"
+            ) from None
         return fd
 
     def check(self) -> None:
