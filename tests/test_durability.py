@@ -287,9 +287,9 @@ def test_a_real_full_disk_stops_the_run_with_one_line_and_it_resumes(tmp_path):
 # ----------------------------------------------------------------------------- one run per folder
 
 
-def _start_paused(out: Path, marker: Path, release: Path, *extra: str) -> subprocess.Popen:
+def _start_paused(out: Path, marker: Path, release: Path, *extra: str, every: int | None = 1) -> subprocess.Popen:
     pause = [{"name": "durability_plugins:Pause", "at_step": 2, "marker": str(marker), "release": str(release)}]
-    cmd = [sys.executable, "-m", "arcfw", *run_args(out, *extra, checkpoint__every=1, plugins__extra=pause)]
+    cmd = [sys.executable, "-m", "arcfw", *run_args(out, *extra, checkpoint__every=every, plugins__extra=pause)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -305,12 +305,13 @@ def _wait(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_live_run_folder_refuses_a_second_run_and_a_second_resume(tmp_path):
-    """A real process trains in OUT (paused after step 2, checkpoint step 1 written): a second run
-    there (--overwrite) and a --resume of it are refused with one line naming the folder and the
-    PID; the folder is left as it was; the first run then finishes normally."""
+@pytest.mark.parametrize("every", [1, None], ids=["with-a-checkpoint", "before-its-first-checkpoint"])
+def test_a_live_run_folder_refuses_a_second_run_and_a_second_resume(tmp_path, every):
+    """A real process trains in OUT (paused after step 2; a checkpoint of step 1 written, or none yet):
+    a second run there (--overwrite) and a --resume of it are refused with one line naming the folder
+    and the PID; the folder is left as it was; the first run then finishes normally."""
     out, marker, release = tmp_path / "run", tmp_path / "paused", tmp_path / "go-on"
-    proc = _start_paused(out, marker, release, "--max-batches", "3")
+    proc = _start_paused(out, marker, release, "--max-batches", "3", every=every)
     try:
         _wait(marker, proc)
         before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))

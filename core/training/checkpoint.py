@@ -56,6 +56,7 @@ from arcfw.core.engine.registry import resolve
 from arcfw.core.engine.state import RESUME_KEYS, check_plain, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
 from arcfw.core.training import sharded
+from arcfw.core.training.runlock import RunLock
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -222,6 +223,8 @@ def locate(path: str | os.PathLike[str], *, resume: bool = False) -> Path:
         return p
     pointer = p / DIR / LATEST
     if not pointer.is_file():
+        if resume:
+            RunLock(p).check()  # a live run that has not saved yet: "in use by process N", not "nothing to resume"
         if no_checkpoint_yet(p):  # the fresh-run check says the same of this folder (trainer.check_out_dir)
             hint = "the run in this folder stopped before its first checkpoint" + (
                 f", so there is nothing to resume: start it again with --out {p} --overwrite" if resume else "")
