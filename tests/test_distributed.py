@@ -305,12 +305,25 @@ def test_fsdp_checkpoint_resumes_exactly_and_on_one_process(spawned):
             assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items()), (load.__name__, name)
 
 
-def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank(spawned):
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory):
+    """dist_worker.run_disk_full on 2 processes of their own; returns (results, output folder)."""
+    out = tmp_path_factory.mktemp("dist-full")
+    ctx = mp.start_processes(dist_worker.run_disk_full, args=(free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?)")
+    return json.loads((out / "disk-full.json").read_text()), out
+
+
+def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank(disk_full):
     """Rank 1's shards meet a full disk (a real ENOSPC: its shard file is /dev/full): both ranks stop
     after step 4 with a checkpoint error saying "disk full"; rank 0's line names the checkpoint and
     the intact step-2 one and how to resume; nothing of the failed save is left."""
-    results, out = spawned
-    r = results["fsdp_disk_full"]
+    r, out = disk_full
     assert r["steps"] == [4, 4]
     line = r["caught"][0]
     run = out / "fsdp-full"
