@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,9 @@ from conftest import REPO, TINY
 from arcfw.core.config import load_config
 from arcfw.core.data.tasks import ExampleLoader, load_tasks, make_examples
 from arcfw.core.engine.distributed import rank_seed, resolve_backend, setup
-from arcfw.core.errors import ConfigError
+from arcfw.core.engine.engine import Engine
+from arcfw.core.errors import CheckpointError, ConfigError
+from arcfw.core.training import checkpoint
 from arcfw.core.training.trainer import Trainer
 
 TIMEOUT_S = 300
@@ -283,16 +286,95 @@ def test_sharded_batches_together_are_the_double_batch():
 
 
 def test_fsdp_checkpoint_resumes_exactly_and_on_one_process(spawned):
-    """Strategy fsdp writes checkpoints: the shards are gathered into full tensors. The 2-rank run
-    resumed from its step-2 checkpoint ends bitwise where the uninterrupted one did, and one
-    process (no FSDP) resumes the same checkpoint with the same weights."""
+    """Strategy fsdp writes checkpoints sharded with torch.distributed.checkpoint: each rank its own
+    shards (no full copy of the modules or optimizer moments anywhere, state.pt holds no optimizer
+    tensor). The 2-rank run resumed from its step-2 checkpoint ends bitwise where the uninterrupted
+    one did, and one process (no FSDP) resumes the same checkpoint with the same weights."""
     results, out = spawned
     r = results["fsdp_checkpoint"]
     assert r["param_types"] == ["DTensor"]  # really sharded
     assert r["saved"] == ["step-00000002", "step-00000004"]
+    layout = r["layout"]
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp", "state.pt", "meta.json"} <= set(layout["files"])
+    assert not any(f.startswith("modules/") for f in layout["files"])  # no gathered copy beside the shards
+    assert layout["state_optimizer_tensors"] == 0
+    pieces = layout["pieces"]  # each rank wrote its own piece of every sharded weight and moment
+    weights = [k for k in pieces if k.startswith("modules/") and k.endswith(".weight")]
+    moments = [k for k in pieces if k.startswith("optimizer/") and k.endswith(("exp_avg", "exp_avg_sq"))]
+    assert weights and moments
+    for key in weights + moments:
+        assert pieces[key] == ["__0_0.distcp", "__1_0.distcp"], (key, pieces[key])
+    meta = json.loads((out / "fsdp-ckpt" / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["format_version"] == 2 and meta["sharded"]["world_size"] == 2
     assert r["steps"] == [4, 4] and r["moved"] > 0
     assert r["diff"] == 0.0
     one = Trainer(dist_worker.tiny_config({**dist_worker.FSDP_CKPT, "distributed.strategy": "auto"}), out / "fsdp-ckpt",
                   quiet=True, resume=out / "fsdp-ckpt" / "checkpoints" / "step-00000002")
     restored = dist_worker.flat(dist_worker.trained_tensors(one.engine))
     assert torch.equal(restored, torch.load(out / "fsdp-restored.pt"))
+    moments = {f"{i}.{k}": v for i, st in one.engine.optimizer.state_dict()["state"].items() for k, v in st.items()}
+    saved = torch.load(out / "fsdp-moments.pt")
+    assert moments.keys() == saved.keys() and any(k.endswith("exp_avg") for k in saved)
+    for key in saved:  # the optimizer's moments, resharded from 2 processes to 1, are the same
+        assert torch.equal(moments[key], saved[key]), key
+    # arcfw eval and --init-from read the sharded checkpoint in one process too
+    ckpt = out / "fsdp-ckpt" / "checkpoints" / "step-00000002"
+    one_cfg = dist_worker.tiny_config({**dist_worker.FSDP_CKPT, "distributed.strategy": "auto"})
+    for load in (checkpoint.load_weights, checkpoint.init_weights):
+        engine = Engine.from_config(one_cfg)
+        load(engine, ckpt)
+        for (name, m), (_, ref) in zip(engine.named_modules(), one.engine.named_modules(), strict=True):
+            assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items()), (load.__name__, name)
+
+
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory):
+    """dist_worker.run_disk_full on 2 processes of their own; returns (results, output folder)."""
+    out = tmp_path_factory.mktemp("dist-full")
+    ctx = mp.start_processes(dist_worker.run_disk_full, args=(free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s (hang?)")
+    return json.loads((out / "disk-full.json").read_text()), out
+
+
+def test_a_full_disk_on_one_rank_during_a_sharded_save_stops_every_rank(disk_full):
+    """Rank 1's shards meet a full disk (a real ENOSPC: its shard file is /dev/full): both ranks stop
+    after step 4 with a checkpoint error saying "disk full"; rank 0's line names the checkpoint and
+    the intact step-2 one and how to resume; nothing of the failed save is left."""
+    r, out = disk_full
+    assert r["steps"] == [4, 4]
+    line = r["caught"][0]
+    run = out / "fsdp-full"
+    assert line.startswith(f"cannot write checkpoint {run / 'checkpoints' / 'step-00000004'} (sharded/): "
+                           "disk full (No space left on device); the previous checkpoint step-00000002 is intact"), line
+    assert "resume with: torchrun --nproc-per-node 2" in line
+    assert "disk full (No space left on device)" in r["caught"][1]
+    assert r["left"] == ["latest", "step-00000002"]
+
+
+def test_a_forged_shard_index_is_refused_without_running_it(spawned, tmp_path):
+    """DCP reads its index (sharded/.metadata) with pickle: arcfw admits only the index's own classes."""
+    import hashlib
+    import pickle
+
+    results, out = spawned
+    run = tmp_path / "run"
+    shutil.copytree(out / "fsdp-ckpt", run)
+    ckpt = run / "checkpoints" / "step-00000004"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "pwned"),)
+
+    (ckpt / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["sharded/.metadata"] = hashlib.sha256((ckpt / "sharded" / ".metadata").read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    cfg = dist_worker.tiny_config({**dist_worker.FSDP_CKPT, "distributed.strategy": "auto"})
+    with pytest.raises(CheckpointError, match=r"sharded/.metadata: refused: .*posix.mkdir.*nothing in it was run"):
+        Trainer(cfg, run, quiet=True, resume=run)
+    assert not (tmp_path / "pwned").exists()

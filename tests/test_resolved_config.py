@@ -72,6 +72,17 @@ def test_a_short_config_builds_the_default_model(tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), na
 
 
+def test_set_learning_rate_on_the_command_line_is_a_number():
+    """`--set optimizer.lr.agent=1e-4` (YAML would read 1e-4 as a string) is the float 0.0001, in the
+    resolved config the run saves and in the optimizer it builds."""
+    res = CliRunner().invoke(main, ["config", str(DEFAULT), "--set", "optimizer.lr.agent=1e-4", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.stdout)["optimizer"]["lr"]["agent"] == 1e-4
+    engine = Engine.from_config(load_config(DEFAULT, [*(f"{k}={v}" for k, v in TINY.items()), "optimizer.lr.agent=1e-4"]))
+    lrs = {g["name"]: g["lr"] for g in engine.optimizer.param_groups}
+    assert lrs["agent"] == 1e-4 and isinstance(lrs["agent"], float)
+
+
 def test_scientific_notation_is_a_number(tmp_path):
     cfg = load_config(DEFAULT, ["optimizer.lr.agent=1e-4", "plugins.refine.lr=2E-3"])
     assert cfg["optimizer"]["lr"]["agent"] == 1e-4 and cfg["plugins"]["refine"]["lr"] == 2e-3

@@ -293,11 +293,12 @@ class Engine:
         """Every distinct module of the parameter groups, named after its group (``group.i`` for several)."""
         return state.named_modules(self.groups)
 
-    def state_dict(self, *, modules: bool = True) -> dict[str, Any]:
+    def state_dict(self, *, modules: bool = True, optimizer: bool = True) -> dict[str, Any]:
         """Everything a resumed run needs from the engine, as copies (see :mod:`arcfw.core.engine.state`).
 
         ``modules=False`` leaves out the parameter groups' weights (a checkpoint writes
-        them to safetensors files itself).  In a multi-process run this is a collective:
+        them to safetensors files itself); ``optimizer=False`` the main optimizer (a sharded
+        checkpoint writes its shards itself, never gathered).  In a multi-process run this is a collective:
         every rank calls it (generator states and FSDP2 shards are gathered).  Safe to
         keep in memory and restore later: nothing in it is shared with the live engine.
         """
@@ -306,7 +307,6 @@ class Engine:
             "global_step": self.global_step,
             "epoch": self.ctx.epoch,
             "schedule": dict(self.ctx.schedule),
-            "optimizer": state.optimizer_state(self.optimizer),
             "precision": state.copy_tree(self.precision.state_dict()),
             "grad_watch": state.copy_tree(self.grad_watch.state_dict()),
             "guard": state.copy_tree(self.guard.state_dict()),
@@ -317,6 +317,8 @@ class Engine:
             },
             "plugins": {name: state.copy_tree(s) for name, s in self.call_all("state_dict") if s is not None},
         }
+        if optimizer:
+            out["optimizer"] = state.optimizer_state(self.optimizer)
         if modules:
             out["modules"] = {name: state.copy_tree(state.full_module_state(m) if self.dist.strategy == "fsdp" else m.state_dict())
                               for name, m in self.named_modules()}

@@ -48,19 +48,20 @@ def is_dtensor(t: object) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
 
 
-def copy_tree(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples whose tensors are detached clones (shards gathered)."""
+def copy_tree(obj: Any, gather: bool = True) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are detached clones (shards gathered, unless
+    ``gather`` is False: then a DTensor stays this rank's shard)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.full_tensor() if is_dtensor(obj) else obj  # type: ignore[attr-defined]
+        t = obj.full_tensor() if gather and is_dtensor(obj) else obj  # type: ignore[attr-defined]
         return t.detach().clone()
     if isinstance(obj, OrderedDict):
-        return OrderedDict((k, copy_tree(v)) for k, v in obj.items())
+        return OrderedDict((k, copy_tree(v, gather)) for k, v in obj.items())
     if isinstance(obj, dict):
-        return {k: copy_tree(v) for k, v in obj.items()}
+        return {k: copy_tree(v, gather) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [copy_tree(v) for v in obj]
+        return [copy_tree(v, gather) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(copy_tree(v) for v in obj)
+        return tuple(copy_tree(v, gather) for v in obj)
     return obj
 
 
@@ -98,8 +99,8 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 def shard_like(value: Any, like: Any) -> Any:
     """``value`` (a full tensor) as a DTensor placed like ``like`` (an FSDP2 parameter or state
-    tensor); anything else unchanged."""
-    if not is_dtensor(like) or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(like.shape):
+    tensor); anything else (a DTensor already: a sharded checkpoint's) unchanged."""
+    if not is_dtensor(like) or not isinstance(value, torch.Tensor) or is_dtensor(value) or tuple(value.shape) != tuple(like.shape):
         return value
     from torch.distributed.tensor import distribute_tensor
 
@@ -138,7 +139,8 @@ def load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     # load_state_dict keeps references to the tensors it is given (on the same device): copy, so that a
     # snapshot restored once can be restored again; then shard the moments like their parameters (FSDP2)
-    state = {i: {k: shard_like(v, params[i]) for k, v in copy_tree(s).items()} for i, s in state.items()}
+    # (a sharded checkpoint's moments arrive as DTensor shards already: kept as they are, never gathered)
+    state = {i: {k: shard_like(v, params[i]) for k, v in copy_tree(s, gather=False).items()} for i, s in state.items()}
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

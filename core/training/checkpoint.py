@@ -37,7 +37,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,10 +51,12 @@ from torch import nn
 from arcfw import __version__
 from arcfw.core import io as fileio  # fileio.fsync_path, looked up at each call (tests interpose)
 from arcfw.core.config import constructor
-from arcfw.core.engine.distributed import barrier
+from arcfw.core.engine.distributed import all_gather_object, barrier
 from arcfw.core.engine.registry import resolve
-from arcfw.core.engine.state import RESUME_KEYS, check_plain, full_module_state, is_dtensor, load_module, loose_params
+from arcfw.core.engine.state import RESUME_KEYS, check_plain, is_dtensor, load_module, loose_params
 from arcfw.core.errors import ArcfwError, CheckpointError, PluginError
+from arcfw.core.training import sharded
+from arcfw.core.training.runlock import RunLock
 
 if TYPE_CHECKING:  # pragma: no cover
     from arcfw.core.config import RunConfig
@@ -63,6 +65,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT = "arcfw-checkpoint"
 FORMAT_VERSION = 1
+#: a checkpoint whose modules and optimizer tensors are sharded (strategy fsdp; meta.json: "sharded")
+SHARDED_VERSION = 2
 DIR = "checkpoints"
 #: the run folder's copy of the checkpoint with the best validation value (``checkpoint.best``)
 BEST = "best"
@@ -172,6 +176,15 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    @property
+    def sharded(self) -> bool:
+        """Written sharded (strategy fsdp): the modules and optimizer tensors are in ``sharded/``."""
+        return "sharded" in self.meta
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted(self.meta["sharded"]["modules"] if self.sharded else self.meta["modules"])
+
     def load_state(self) -> dict[str, Any]:
         """``state.pt`` with ``weights_only=True`` (tensors and plain values only; never runs code)."""
         try:
@@ -191,8 +204,18 @@ class Checkpoint:
 _META_TYPES = {"step": int, "epoch": int, "batch": int, "config": dict, "plugins": dict, "modules": dict, "files": dict, "data": dict}
 
 
-def locate(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint)."""
+#: files that only a run folder holds (a folder with one of them and no checkpoint is a run stopped before its first save)
+_RUN_MARKS = ("config.yaml", "metrics.jsonl")
+
+
+def no_checkpoint_yet(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before its first checkpoint (nothing to resume)."""
+    return any((run_dir / f).is_file() for f in _RUN_MARKS) and not (run_dir / DIR / LATEST).is_file()
+
+
+def locate(path: str | os.PathLike[str], *, resume: bool = False) -> Path:
+    """The checkpoint folder meant by ``path``: a checkpoint folder, or a run folder (its latest checkpoint).
+    ``resume``: the message for a folder without a checkpoint says how to start instead (``--resume``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such folder")
@@ -202,7 +225,14 @@ def locate(path: str | os.PathLike[str]) -> Path:
         return p
     pointer = p / DIR / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"{p}: no checkpoint here ({DIR}/{LATEST} is missing); is this an arcfw run folder?")
+        if resume:
+            RunLock(p).check()  # a live run that has not saved yet: "in use by process N", not "nothing to resume"
+        if no_checkpoint_yet(p):  # the fresh-run check says the same of this folder (trainer.check_out_dir)
+            hint = "the run in this folder stopped before its first checkpoint" + (
+                f", so there is nothing to resume: start it again with --out {p} --overwrite" if resume else "")
+        else:
+            hint = "is this an arcfw run folder?" + (f" (a fresh run there: arcfw run CONFIG --out {p})" if resume else "")
+        raise CheckpointError(f"{p}: no checkpoint here ({DIR}/{LATEST} is missing); {hint}")
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
     if not _STEP_DIR.match(name) or not (p / DIR / name).is_dir():
         raise CheckpointError(f"{pointer}: damaged: it names {name[:40]!r}, which is not a checkpoint folder in {p / DIR}")
@@ -211,7 +241,7 @@ def locate(path: str | os.PathLike[str]) -> Path:
 
 def run_folder(path: str | os.PathLike[str]) -> Path:
     """The run folder that ``--resume path`` continues (the checkpoint must sit in its ``checkpoints/``)."""
-    folder = locate(path)
+    folder = locate(path, resume=True)
     if folder.parent.name != DIR:
         raise CheckpointError(f"{folder}: cannot resume: a checkpoint folder must sit in RUN/{DIR}/ (the run folder it continues)")
     return folder.parent.parent
@@ -243,11 +273,15 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path}: not an arcfw checkpoint ({META} has format {found!r}, expected {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, SHARDED_VERSION):
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('format_version')!r} (arcfw {meta.get('arcfw', '?')}); "
-            f"this arcfw ({__version__}) reads version {FORMAT_VERSION}"
+            f"this arcfw ({__version__}) reads version {FORMAT_VERSION} (and {SHARDED_VERSION}, sharded)"
         )
+    if meta["format_version"] == SHARDED_VERSION and not (
+            isinstance(meta.get("sharded"), dict) and isinstance(meta["sharded"].get("modules"), list)
+            and meta["sharded"].get("folder") == sharded.SHARDED):
+        raise CheckpointError(f"{meta_file}: damaged: a sharded checkpoint (format version {SHARDED_VERSION}) without its 'sharded' entry")
     for key, kind in _META_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"{meta_file}: damaged: '{key}' should be {kind.__name__}, got {type(meta.get(key)).__name__}")
@@ -327,7 +361,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def open_for_resume(path: str | os.PathLike[str], run_dir: Path, config: RunConfig) -> Checkpoint:
     """Locate, verify and compare a checkpoint with the config, before anything is built or written."""
-    folder, found_run = locate(path), run_folder(path)
+    folder, found_run = locate(path, resume=True), run_folder(path)
     if found_run.resolve() != Path(run_dir).resolve():
         raise CheckpointError(f"{folder}: belongs to run folder {found_run}, not to {run_dir}")
     ckpt = read(folder)
@@ -385,6 +419,7 @@ class Checkpointer:
         self.keep = keep
         self.fingerprint = fingerprint
         self._last: int | None = None  # the step saved or restored last
+        self._writing: str | None = None  # the file of a checkpoint being written (for the message of a failed save)
 
     # ------------------------------------------------------------------ folder bookkeeping
 
@@ -444,66 +479,37 @@ class Checkpointer:
 
         A step is saved once: a second save at the same step (a periodic save, then
         max_batches reached; the end of an epoch whose last step a signal saved) keeps
-        the first, which resumes to the same run.  Under strategy fsdp the shards of
-        the modules and of the optimizer state are gathered first (every rank takes
-        part), so the checkpoint holds full tensors like any other: it resumes on any
-        number of processes and with any strategy.
+        the first, which resumes to the same run.  Under strategy fsdp every rank writes
+        its own shards of the modules and of the optimizer state with
+        torch.distributed.checkpoint (:mod:`arcfw.core.training.sharded`): no rank holds a
+        full copy, and the checkpoint resumes on any number of processes, with any strategy.
+        Every rank learns whether the save succeeded, and a failed one (a full disk) stops
+        every rank with the same line.
         """
         eng = self.engine
         step = eng.global_step
         final = self.dir / step_dir_name(step)
         if self._last == step:
             return final
-        snapshot = self._snapshot(position, loop)
-        if snapshot is None:  # not rank 0
-            barrier()  # wait for rank 0's write: a rank that exits now (a stop) must not end the run under it
-            self._last = step
-            return final
-        state, full_modules = snapshot
-        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._write(tmp, state, step, position, full_modules)
+        main = eng.dist.is_main
+
+        def publish(tmp: Path) -> None:
             if final.exists() and final.name != self.latest_name():  # a save killed before `latest` was updated
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fileio.fsync_path(self.dir)
+            self._writing = LATEST
             fileio.write_atomic(self.dir / LATEST, final.name + "\n", durable=True)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                previous = self.latest_name()
-                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-                raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or _one_line(exc)}; {kept}") from None
-            raise
-        self._last = step
-        self._prune()
-        barrier()
-        return final
 
-    def _snapshot(self, position: Position, loop: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]] | None] | None:
-        """The state a checkpoint holds and the modules gathered from FSDP2 shards (None: the modules
-        themselves); None on ranks other than 0.  Every rank calls it at the same steps (gathering
-        generator states and FSDP2 shards is a collective); the replicas are identical, so rank 0 writes."""
-        eng = self.engine
-        engine_state = eng.state_dict(modules=False)
-        full_modules: dict[str, dict[str, torch.Tensor]] | None = None
-        if eng.dist.strategy == "fsdp":
-            full_modules = {name: full_module_state(m) for name, m in _modules(eng)}
-        if not eng.dist.is_main:
-            return None
-        plugins = engine_state.pop("plugins")
-        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
-        state = {
-            "engine": engine_state,
-            "rng": _rng_state(),
-            "plugins": plugins,
-            "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
-                         "batches": len(self.loader), "world_size": self.loader.world_size},
-            "loop": loop,
-        }
-        return state, full_modules
+        def undo() -> None:
+            if final.exists() and final.name != self.latest_name():  # renamed, but `latest` could not be replaced
+                shutil.rmtree(final, ignore_errors=True)
+
+        self._save_as(final, self.dir / f".tmp-{final.name}-{os.getpid()}", position, loop, publish, undo)
+        self._last = step
+        if main:
+            self._prune()
+        return final
 
     def save_best(self, position: Position, loop: dict[str, Any], best: dict[str, Any]) -> Path:
         """Write the current state as ``OUT/best`` (a checkpoint like the others, with ``best``:
@@ -511,48 +517,98 @@ class Checkpointer:
         exchange (:func:`arcfw.core.io.replace_dir`).  Evaluate it with ``arcfw eval --checkpoint
         OUT/best`` or start a run from it with ``--init-from OUT/best``."""
         final = self.dir.parent / BEST
-        snapshot = self._snapshot(position, loop)
-        if snapshot is None:
-            barrier()
-            return final
-        state, full_modules = snapshot
-        tmp = final.with_name(f".{BEST}-tmp-{os.getpid()}")
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._write(tmp, state, self.engine.global_step, position, full_modules, extra={"best": best})
-            fileio.replace_dir(tmp, final)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise CheckpointError(f"cannot write the best checkpoint {final}: {exc.strerror or _one_line(exc)}") from None
-            raise
-        barrier()
+        self._save_as(final, final.with_name(f".{BEST}-tmp-{os.getpid()}"), position, loop,
+                      lambda tmp: fileio.replace_dir(tmp, final), lambda: None, extra={"best": best})
         return final
 
-    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position,
-               full_modules: dict[str, dict[str, torch.Tensor]] | None = None, extra: dict[str, Any] | None = None) -> None:
-        """``full_modules``: the modules' state gathered from FSDP2 shards (None: the modules themselves)."""
+    def _save_as(self, final: Path, tmp: Path, position: Position, loop: dict[str, Any],
+                 publish: Callable[[Path], None], undo: Callable[[], None], extra: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint of the current step into ``tmp`` (rank 0's name, on every rank) and
+        ``publish(tmp)`` it (rank 0); on a failure remove ``tmp``, ``undo()`` and raise on every rank."""
         eng = self.engine
-        (tmp / MODULES).mkdir(parents=True)
-        modules: dict[str, str] = {}
-        for i, (name, module) in enumerate(_modules(eng)):
-            modules[name] = _module_file(i, name)
-            if full_modules is not None:
-                save_file(full_modules[name], str(tmp / modules[name]))  # full tensors: a checkpoint like any other
+        main, shard = eng.dist.is_main, eng.dist.strategy == "fsdp"
+        # every rank saves at the same steps (gathering generator states is a collective); the replicas
+        # are identical, so rank 0 alone writes - under fsdp each rank writes its shards, rank 0 the rest
+        engine_state = eng.state_dict(modules=False, optimizer=not shard)
+        if shard:
+            engine_state["optimizer"] = sharded.optimizer_rest(eng.optimizer)
+        tmp = Path(all_gather_object(str(tmp))[0])  # rank 0's
+        self._writing = None
+        failure: CheckpointError | None = None
+        try:
+            if main:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            if shard:
+                barrier()  # the folder exists
+                self._writing = f"{sharded.SHARDED}/"
+                sharded.save(eng, tmp / sharded.SHARDED)  # a failure on any rank raises on every rank
+            if main:
+                self._write(tmp, self._state(engine_state, position, loop), eng.global_step, position, shard, extra)
+                publish(tmp)
+        except BaseException as exc:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                undo()
+            if isinstance(exc, CheckpointError):
+                failure = exc
+            elif isinstance(exc, OSError) or fileio.is_disk_full(exc):  # safetensors and torch.save raise their own types
+                failure = self._write_failed(final, exc)
             else:
-                save_model(module, str(tmp / modules[name]))
+                raise  # a second Ctrl-C, a bug: at once
+        # every rank learns whether rank 0's write succeeded: a failure stops every rank, with rank 0's line
+        outcome = all_gather_object(None if failure is None else str(failure))[0]
+        if failure is not None:
+            raise failure from None
+        if outcome is not None:
+            raise CheckpointError(outcome)
+
+    def _state(self, engine_state: dict[str, Any], position: Position, loop: dict[str, Any]) -> dict[str, Any]:
+        """What ``state.pt`` holds (rank 0's)."""
+        plugins = engine_state.pop("plugins")
+        check_plain(plugins, "plugin state")  # names the plugin: plugin state['name']...
+        return {
+            "engine": engine_state,
+            "rng": _rng_state(),
+            "plugins": plugins,
+            "position": {"epoch": position.epoch, "batch": position.batch, "order": self.loader.order(position.epoch),
+                         "batches": len(self.loader), "world_size": self.loader.world_size},
+            "loop": loop,
+        }
+
+    def _write_failed(self, final: Path, exc: BaseException) -> CheckpointError:
+        """One line for a save that failed (a full disk): the checkpoint and the file it was writing,
+        why, and the checkpoint a resumed run would start from (untouched: `latest` still names it)."""
+        previous = self.latest_name()
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        where = f" ({self._writing})" if self._writing else ""
+        return CheckpointError(f"cannot write checkpoint {final}{where}: {fileio.describe_write_failure(exc)}; {kept}")
+
+    def _write(self, tmp: Path, state: dict[str, Any], step: int, position: Position, shard: bool = False,
+               extra: dict[str, Any] | None = None) -> None:
+        """Rank 0's files; ``shard``: the modules (and the optimizer's tensors) are in ``sharded/`` already."""
+        eng = self.engine
+        modules: dict[str, str] = {}
+        if not shard:
+            (tmp / MODULES).mkdir(parents=True)
+        for i, (name, module) in enumerate(_modules(eng) if not shard else []):
+            modules[name] = self._writing = _module_file(i, name)
+            save_model(module, str(tmp / modules[name]))
             fileio.fsync_path(tmp / modules[name])
-        loose = loose_params(eng.groups)
+        loose = loose_params(eng.groups) if not shard else {}
         if loose:
+            self._writing = f"{MODULES}/{LOOSE}"
             save_file({k: p.detach().contiguous() for k, p in loose.items()}, str(tmp / MODULES / LOOSE))
             fileio.fsync_path(tmp / MODULES / LOOSE)
-        with open(tmp / STATE, "wb") as f:
+        self._writing = STATE
+        with fileio.create(tmp / STATE) as f:
             torch.save(state, f)
         fileio.fsync_path(tmp / STATE)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SHARDED_VERSION if shard else FORMAT_VERSION,
             "arcfw": __version__,
             "torch": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -568,9 +624,13 @@ class Checkpointer:
             "files": {rel: _sha256(tmp / rel) for rel in files},
             **(extra or {}),
         }
-        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if shard:
+            meta["sharded"] = {"folder": sharded.SHARDED, "modules": [n for n, _ in _modules(eng)], "world_size": eng.dist.world_size}
+        self._writing = META
+        fileio.write_bytes(tmp / META, json.dumps(meta, indent=1).encode("utf-8"))
         fileio.fsync_path(tmp / META)
-        fileio.fsync_path(tmp / MODULES)
+        self._writing = None
+        fileio.fsync_path(tmp / (sharded.SHARDED if shard else MODULES))
         fileio.fsync_path(tmp)
 
     # ------------------------------------------------------------------ restore
@@ -597,6 +657,8 @@ class Checkpointer:
         missing = [key for key in RESUME_KEYS if key not in saved]  # load_state_dict leaves absent keys alone
         if missing:
             raise KeyError(missing[0])  # -> "does not fit the model the config builds (KeyError: ...)"
+        if ckpt.sharded:  # the optimizer's tensors are in the shards: read into this run's placement
+            saved["optimizer"] = sharded.load_optimizer_tensors(eng, ckpt.path / sharded.SHARDED, saved["optimizer"])
         notes = eng.load_state_dict(saved, source=str(ckpt.path))
         position = self._position(ckpt, state["position"], notes)
         self._last = eng.global_step
@@ -647,10 +709,16 @@ def _fitting(ckpt: Checkpoint) -> Iterator[None]:
 
 
 def _load_modules(engine: Engine, ckpt: Checkpoint) -> None:
-    """The parameter groups' modules from the checkpoint's safetensors files."""
+    """The parameter groups' modules from the checkpoint's safetensors files (or its shards)."""
     names = [n for n, _ in _modules(engine)]
-    if sorted(names) != sorted(ckpt.meta["modules"]):
-        raise CheckpointError(f"{ckpt.path}: holds modules {sorted(ckpt.meta['modules'])}, the config builds {sorted(names)}")
+    if sorted(names) != ckpt.module_names:
+        raise CheckpointError(f"{ckpt.path}: holds modules {ckpt.module_names}, the config builds {sorted(names)}")
+    if ckpt.sharded:
+        try:
+            sharded.load_modules(engine, ckpt.path / sharded.SHARDED)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{ckpt.path}: {exc}") from None
+        return
     for name, module in _modules(engine):
         file = str(ckpt.path / ckpt.meta["modules"][name])
         try:
@@ -701,7 +769,7 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     with every difference named, before anything is loaded.
     """
     ckpt = read(locate(path))
-    saved_modules = ckpt.meta["modules"]
+    saved_modules = ckpt.module_names
     problems: list[str] = []
     current = dict(_modules(engine))
     for name in sorted(set(saved_modules) - set(current)):
@@ -712,7 +780,8 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
         if name not in saved_modules:
             continue
         try:
-            saved = _saved_shapes(ckpt.path / saved_modules[name])
+            saved = (sharded.module_shapes(ckpt.path / sharded.SHARDED, name) if ckpt.sharded
+                     else _saved_shapes(ckpt.path / ckpt.meta["modules"][name]))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{ckpt.path}: module '{name}' cannot be read: {_short(_one_line(exc))}") from None
         now = {k: tuple((v.full_tensor() if is_dtensor(v) else v).shape) for k, v in module.state_dict().items()}
@@ -726,7 +795,11 @@ def init_weights(engine: Engine, path: str | os.PathLike[str]) -> Checkpoint:
     loose = loose_params(engine.groups)
     if loose:
         file = ckpt.path / MODULES / LOOSE
-        saved = _saved_shapes(file) if file.is_file() else {}
+        if ckpt.sharded:
+            saved = {k[len(sharded.LOOSE):]: shape for k, (shape, _) in sharded.index(ckpt.path / sharded.SHARDED).items()
+                     if k.startswith(sharded.LOOSE)}
+        else:
+            saved = _saved_shapes(file) if file.is_file() else {}
         for key, p in loose.items():
             if tuple(p.shape) != saved.get(key):
                 problems.append(f"{key} (checkpoint: {list(saved[key]) if key in saved else 'absent'}, now: {list(p.shape)})")

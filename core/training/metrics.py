@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from arcfw.core import io as fileio  # fileio.append, looked up at each call (tests make the disk full)
 from arcfw.core.engine.context import Metric
-from arcfw.core.io import write_atomic
+from arcfw.core.io import WriteError, write_atomic
 
 #: the run file that lists the declared metrics (``arcfw plot`` draws from it)
 METRIC_SPECS = "metric_specs.json"
@@ -36,7 +38,8 @@ class MetricsLog:
         self.summary_path = out_dir / "summary.json"
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        # unbuffered appends, one write per record: a full disk fails the record being written, not a later flush
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.summaries: list[dict[str, Any]] = []
         if resume_epoch is not None and self.summary_path.exists():
             self.summaries = [s for s in json.loads(self.summary_path.read_text()) if s.get("epoch", 0) < resume_epoch]
@@ -53,16 +56,22 @@ class MetricsLog:
         write_atomic(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._fh.flush()
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the metrics log is closed")
+        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        try:
+            fileio.append(self._fd, line.encode("utf-8"))
+        except OSError as exc:  # a full disk: the records before this one are whole; a resume drops a torn last line
+            raise WriteError(self.path, exc, f"the record of step {record.get('step', '?')}") from exc
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.summaries.append({k: _clean(v) for k, v in summary.items()})
-        write_atomic(self.summary_path, json.dumps(self.summaries, indent=2))
+        write_atomic(self.summary_path, json.dumps(self.summaries, indent=2), what=f"the summary of epoch {summary.get('epoch', '?')}")
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class NullLog:

@@ -29,14 +29,15 @@ from arcfw.core.engine.distributed import resolve_device
 from arcfw.core.engine.distributed import setup as setup_distributed
 from arcfw.core.engine.engine import Engine
 from arcfw.core.engine.lr_schedule import LRSchedule, is_active
-from arcfw.core.errors import ConfigError, Interrupted
-from arcfw.core.io import write_atomic
+from arcfw.core.errors import ArcfwError, ConfigError, Interrupted
+from arcfw.core.io import WriteError, is_disk_full, write_atomic
 from arcfw.core.training import checkpoint
 from arcfw.core.training.checkpoint import Checkpointer, Position
 from arcfw.core.training.interrupt import StopSignals
 from arcfw.core.training.logbook import Logbook
 from arcfw.core.training.metrics import MetricsLog, NullLog, write_metric_specs
 from arcfw.core.training.monitor import Monitor
+from arcfw.core.training.runlock import RunLock
 from arcfw.core.training.schedule import SaveSchedule
 from arcfw.core.training.startup import startup_lines
 from arcfw.core.training.validation import METRICS as VAL_METRICS
@@ -113,10 +114,16 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.dist = setup_distributed(config, resolve_device(self.cfg["device"]))
         self.quiet = quiet or not self.dist.is_main
+        # one run at a time in a folder: refused now if a live process trains there (rank 0 holds the lock)
+        self.lock = RunLock(self.out_dir)
+        if self.dist.is_main:
+            self.lock.check()
         # Everything that can fail on bad input happens before the output folder is touched.
         if resume is None:
             if self.dist.is_main:  # the only rank that writes
-                check_out_dir(self.out_dir, overwrite, what=f"a run (--resume {self.out_dir} continues it)")
+                what = ("a run that stopped before its first checkpoint (nothing to resume)" if checkpoint.no_checkpoint_yet(self.out_dir)
+                        else f"a run (--resume {self.out_dir} continues it)")
+                check_out_dir(self.out_dir, overwrite, what=what)
             self.resumed = None
         else:
             self.resumed = checkpoint.open_for_resume(resume, self.out_dir, config)
@@ -179,7 +186,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> list[dict[str, Any]]:
-        created = self._open_outputs()
+        try:
+            created = self._open_outputs()
+        except BaseException:
+            self.lock.release()
+            self.dist.close()
+            raise
         try:
             with StopSignals(self._on_signal) as self._signals:
                 if self._rng is not None:
@@ -190,12 +202,28 @@ class Trainer:
             self.book.close()
             if created and self.engine.global_step == 0:  # failed before the first step: leave nothing behind
                 shutil.rmtree(self.out_dir, ignore_errors=True)
+            elif isinstance(exc, ArcfwError) and is_disk_full(exc) and self.dist.is_main:
+                self._add_resume_hint(exc)
             raise
         finally:
+            self.lock.release()
             self.dist.close()
         self._end("finished")
         self.book.close()
         return self.book.log.summaries
+
+    def _add_resume_hint(self, exc: ArcfwError) -> None:
+        """A full disk stopped the run: say which checkpoint is intact and how to go on once there is room."""
+        latest = self.checkpoints.latest_name()
+        if latest is None:
+            hint = "no checkpoint was written yet: free some space and start the run again"
+        else:
+            intact = "" if "is intact" in str(exc) else f"the last checkpoint {latest} is intact; "
+            hint = f"{intact}free some space, then resume with: {self.resume_command()}"
+        if isinstance(exc, WriteError):
+            exc.message = f"{exc.message}; {hint}"
+        else:
+            exc.args = (f"{exc}; {hint}",)
 
     def _end(self, status: str, raise_errors: bool = True) -> None:
         """``on_train_end(status)`` of every plugin (loggers close their files); the first error of an
@@ -370,6 +398,9 @@ class Trainer:
         r = self.resumed
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            stale = self.lock.acquire()  # before anything in the folder is deleted or written
+            if stale:
+                self.book.print(f"warning: {stale}")
             if r is None:
                 for f in RUN_FILES:
                     (self.out_dir / f).unlink(missing_ok=True)
@@ -384,7 +415,8 @@ class Trainer:
         except OSError as exc:
             if created:
                 shutil.rmtree(self.out_dir, ignore_errors=True)
-            raise ConfigError("--out", [("", f"cannot write to {self.out_dir}: {exc.strerror or exc}")]) from None
+            why = str(exc) if isinstance(exc, WriteError) else f"cannot write to {self.out_dir}: {exc.strerror or exc}"
+            raise ConfigError("--out", [("", why)]) from None
         return created
 
     def _on_signal(self, signum: int) -> None:
