@@ -66,6 +66,9 @@ class GaussianRefinePolicy(Plugin):
     - ``baseline_momentum``: momentum in [0, 1) of the reward baseline's moving average.
     - ``action_scale``: ``refined = prompt + action_scale * action``.
     - ``entropy_coef``: weight of the policy's entropy bonus in its loss.
+    - ``update_every``: compute the reward and update the policy on every N-th step only (the
+      reward's two predictor passes are a fifth of a default step; the steps between explore
+      with the same policy and are not learned from).
     """
 
     name = "rl_policy"
@@ -83,11 +86,14 @@ class GaussianRefinePolicy(Plugin):
         baseline_momentum: float = 0.9,
         action_scale: float = 1.0,
         entropy_coef: float = 0.0,
+        update_every: int = 2,
     ):
         if init_std <= 0:
             raise ValueError("init_std must be > 0")
         if lr < 0:
             raise ValueError("lr must be >= 0")
+        if int(update_every) != update_every or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if not 0 <= baseline_momentum < 1:
             raise ValueError("baseline_momentum must be in [0, 1)")
         self.hidden = hidden
@@ -98,6 +104,7 @@ class GaussianRefinePolicy(Plugin):
         self.baseline_momentum = baseline_momentum
         self.action_scale = action_scale
         self.entropy_coef = entropy_coef
+        self.update_every = int(update_every)
         self.baseline = 0.0
         self.updates = 0
         self._rollout: tuple[torch.Tensor, torch.Tensor] | None = None  # (policy input, action), detached
@@ -129,6 +136,8 @@ class GaussianRefinePolicy(Plugin):
     def post_step_update(self, result, ctx):
         x, action = self._rollout
         self._rollout = None
+        if result.step % self.update_every:  # not a learning step (update_every)
+            return {}
         batch = result.batch
         if result.predict_many is not None:  # both predictions in one predictor call
             refined_logits, plain_logits = result.predict_many([result.refined, result.prompt])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from arcfw.core.data.batch import Batch
@@ -114,3 +115,25 @@ def test_predict_many_equals_one_predict_per_prompt(make_engine, batches):
         assert logits.shape == alone.shape
         assert torch.allclose(logits, alone, atol=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-3)  # the prompts do matter
+
+
+def test_update_every_learns_on_every_nth_step_only():
+    policy, ctx = make_policy(update_every=2)
+    b = tiny_batch()
+    calls = []
+
+    def predict(p):
+        calls.append(1)
+        return onehot_logits(b.targets if len(calls) % 2 else (b.targets + 1) % 10)
+
+    changed = []
+    for step in range(4):
+        refined = policy.refine(torch.randn(2, 8), b, ctx).detach()
+        before = [q.detach().clone() for q in policy.mu.parameters()]
+        out = policy.post_step_update(StepResult(batch=b, prompt=refined, refined=refined, logits=predict(refined),
+                                                 loss=1.0, metrics={}, applied=True, predict=predict, step=step), ctx)
+        changed.append(any(not torch.equal(a, q) for a, q in zip(before, policy.mu.parameters())))
+        assert ("reward" in out) == (step % 2 == 0)
+    assert changed == [True, False, True, False] and policy.updates == 2
+    with pytest.raises(ValueError, match="update_every"):
+        GaussianRefinePolicy(update_every=0)
