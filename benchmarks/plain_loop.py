@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from arcfw.core.data.batch import Batch
+from arcfw.core.data.batch import Batch, repeat_batch
 from arcfw.core.engine.context import THRESHOLD_KEY, StepResult, TaskEncoding
 from arcfw.core.engine.engine import Engine
 
@@ -58,9 +58,16 @@ def plain_step(engine: Engine, batch: Batch, step: int) -> float:
         with torch.no_grad():
             return agent.predict(x, batch, ctx, detached).float()
 
+    def predict_many(xs: list[torch.Tensor]) -> list[torch.Tensor]:  # several prompts, one predictor call
+        many = repeat_batch(batch, len(xs))
+        with torch.no_grad():
+            out = agent.predict(torch.cat(xs), many, ctx, detached.repeat(len(xs)) if detached is not None else None).float()
+        return [out[i * batch.size:(i + 1) * batch.size] for i in range(len(xs))]
+
     result = StepResult(
         batch=batch, prompt=prompt.detach(), refined=refined.detach(), logits=logits.detach(), loss=values[0],
-        metrics=dict(out.metrics), applied=True, predict=predict, epoch=ctx.epoch, step=step + 1, encoding=detached,
+        metrics=dict(out.metrics), applied=True, predict=predict, epoch=ctx.epoch, step=step, encoding=detached,
+        predict_many=predict_many,
     )
     qwen.post_step_update(result, ctx)  # role order, as the engine calls them
     policy.post_step_update(result, ctx)
