@@ -22,24 +22,7 @@ from typing import Any
 from arcfw.core.engine.hookspecs import hookimpl
 from arcfw.core.engine.plugin import Plugin
 from arcfw.core.errors import MissingExtra, PluginError
-
-SKIP_KEYS = ("kind", "step")
-
-
-def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The numeric values of a record, flattened to ``<kind>/<key>[/<sub key>]`` tags (non-finite ones kept)."""
-    out: dict[str, float] = {}
-    kind = record.get("kind", "batch")
-    for key, value in record.items():
-        if key in SKIP_KEYS:
-            continue
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in items:
-            if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-                v = float(v)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{kind}/{key}" + (f"/{sub}" if sub is not None else "")] = float(v)
-    return out
+from arcfw.core.training.records import scalars
 
 
 class TensorBoardLogger(Plugin):

@@ -9,8 +9,8 @@ import pytest
 
 from arcfw.core.errors import MissingExtra
 from arcfw.core.training.metrics import BATCH_KEYS
+from arcfw.core.training.records import scalars
 from arcfw.core.training.trainer import Trainer
-from arcfw.plugins.tensorboard_logger import scalars
 
 TENSORBOARD = {"plugins.extra": [{"name": "tensorboard"}], "max_batches": 3}
 
