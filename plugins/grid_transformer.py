@@ -95,10 +95,11 @@ class _Attention(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mem_dim: int):
+    def __init__(self, dim: int, heads: int, mem_dim: int, cross: bool = True):
         super().__init__()
-        self.norm_cross = nn.LayerNorm(dim)
-        self.cross = _Attention(dim, heads)
+        if cross:  # without token states to read (a prompt plugin that returns a bare prompt): no cross-attention
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross = _Attention(dim, heads)
         self.norm_self = nn.LayerNorm(dim)
         self.self_attn = _Attention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
@@ -117,24 +118,28 @@ class GridTransformerNet(nn.Module):
     """``forward(prompt [B, P], features [B, N, F], views [B, N, K], cell_mask [B, N], mem, mem_mask)`` -> ``[B, N, 10]``."""
 
     def __init__(self, prompt_dim: int, mem_dim: int, dim: int, layers: int, heads: int, copy_bias: float = 0.0):
+        """``mem_dim`` 0: no token states will come (cross-attention and the demonstration lookup are left out)."""
         super().__init__()
+        self.cross = mem_dim > 0
         self.embed = nn.EmbeddingBag(VOCAB, dim, mode="sum", padding_idx=0)
         self.prompt_in = nn.Linear(prompt_dim, dim)
-        self.mem_in = nn.Linear(mem_dim, dim)
-        self.mem_norm = nn.LayerNorm(dim)
+        if self.cross:
+            self.mem_in = nn.Linear(mem_dim, dim)
+            self.mem_norm = nn.LayerNorm(dim)
         self.film = nn.Linear(prompt_dim, 2 * dim * layers)
-        self.blocks = nn.ModuleList(_Block(dim, heads, dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(_Block(dim, heads, dim, self.cross) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, NUM_COLOURS)
         self.pointer = nn.Linear(dim, NUM_VIEWS)
-        # the demonstrations' colour lookup: per task (from the prompt), a weight per view on "same colour
-        # in view k here as in view k of that demonstration cell"; it starts on the identity view
-        self.lookup_beta = nn.Linear(prompt_dim, NUM_VIEWS)
-        self.lookup_gate = nn.Linear(dim, 1)
-        nn.init.zeros_(self.lookup_beta.weight)
-        with torch.no_grad():
-            self.lookup_beta.bias.zero_()
-            self.lookup_beta.bias[0] = 4.0
+        if self.cross:
+            # the demonstrations' colour lookup: per task (from the prompt), a weight per view on "same colour
+            # in view k here as in view k of that demonstration cell"; it starts on the identity view
+            self.lookup_beta = nn.Linear(prompt_dim, NUM_VIEWS)
+            self.lookup_gate = nn.Linear(dim, 1)
+            nn.init.zeros_(self.lookup_beta.weight)
+            with torch.no_grad():
+                self.lookup_beta.bias.zero_()
+                self.lookup_beta.bias[0] = 4.0
         # most ARC output cells are their input cell: the pointer starts leaning on the identity view (0)
         with torch.no_grad():
             self.pointer.bias.zero_()
@@ -218,9 +223,9 @@ class GridTransformer(SizePredictor, Plugin):
 
     @hookimpl
     def configure(self, ctx):
-        # the prompt plugin's token states have its prompt width (qwen: hidden_size)
-        self._mem_dim = ctx.prompt_dim
-        self.net = GridTransformerNet(ctx.prompt_dim, ctx.prompt_dim, self.dim, self.layers, self.heads, self.copy_bias).to(
+        # the width of the prompt plugin's token states (ctx.token_dim; qwen: hidden_size, 0 with encoding text)
+        self._mem_dim = ctx.prompt_dim if ctx.token_dim is None else ctx.token_dim
+        self.net = GridTransformerNet(ctx.prompt_dim, self._mem_dim, self.dim, self.layers, self.heads, self.copy_bias).to(
             ctx.device
         )
         self.sizes = SizeLearner(ctx.prompt_dim, 2 * self.dim, self.size_lr, ctx.device, ctx.fused_optimizers)
@@ -267,9 +272,13 @@ class GridTransformer(SizePredictor, Plugin):
         feats, views, cell_mask = self._cells(batch)
         mem = mem_mask = mem_views = mem_outputs = None
         if encoding is not None:
+            if not self.net.cross:
+                raise ValueError(
+                    "the prompt plugin returned token states (a TaskEncoding) although it set ctx.token_dim = 0 in configure"
+                )
             if encoding.tokens.shape[-1] != self._mem_dim:
                 raise ValueError(
-                    f"the prompt plugin's token states have width {encoding.tokens.shape[-1]}, expected {self._mem_dim} (ctx.prompt_dim)"
+                    f"the prompt plugin's token states have width {encoding.tokens.shape[-1]}, expected {self._mem_dim} (ctx.token_dim, or ctx.prompt_dim when not set)"
                 )
             mem, mem_mask = encoding.tokens, encoding.token_mask
             mem_views, mem_outputs = encoding.meta.get("views"), encoding.meta.get("outputs")

@@ -555,6 +555,7 @@ class QwenPrompt(Plugin):
             self._shortcut_layer = self._shortcut_layer_of(model)
             self.text_encoder = _TextEncoder(model, _causal_mask_builder() if self._shortcut_layer is not None else None)
         ctx.prompt_dim = int(model.config.hidden_size)
+        ctx.token_dim = int(model.config.hidden_size) if self.encoding == "cells" else 0  # text: a bare prompt
 
     def _load_tokenizer(self) -> Any:
         """``AutoTokenizer.from_pretrained``, except for a local folder whose tokenizer_config.json

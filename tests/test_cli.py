@@ -114,11 +114,14 @@ def test_plugins_lists_builtins_by_role():
         assert f"  {name} " in block, (role, name)
 
 
-def test_check_passes_on_the_default_pipeline():
-    res = invoke("check", str(REPO / "configs/default.yaml"), *sets(TINY))
+@pytest.mark.parametrize("encoding", ["cells", "text"])
+def test_check_passes_on_the_default_pipeline(encoding):
+    """Both encodings: with text (no token states) grid_transformer has no cross-attention left untrained."""
+    res = invoke("check", str(REPO / "configs/default.yaml"), *sets(TINY), "--set", f"plugins.prompt.encoding={encoding}")
     assert res.exit_code == 0, res.output
     for item in ("in optimizer with lr", "in train mode", "gradient reaches group 'qwen'", "targets are int64",
-                 "post-step hooks ran after the optimizer step", "loss is finite", "precision and parameter dtypes"):
+                 "post-step hooks ran after the optimizer step", "loss is finite", "precision and parameter dtypes",
+                 "no health warning"):
         assert any(line.startswith("PASS") and item in line for line in res.output.splitlines()), item
     assert "0 failed" in res.output
 

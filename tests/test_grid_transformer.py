@@ -179,3 +179,24 @@ def test_copy_bias_adds_to_the_input_cells_colour_only():
     assert torch.allclose((biased - plain)[own], torch.full((16,), 3.0), atol=1e-4)
     assert torch.allclose((biased - plain)[~own], torch.zeros(16 * 9), atol=1e-4)
     assert (biased.argmax(-1) == inp).float().mean() > (plain.argmax(-1) == inp).float().mean()
+
+
+def test_no_cross_attention_without_token_states_and_every_tensor_trains():
+    """A prompt plugin that makes no token states (ctx.token_dim = 0, qwen's text encoding): the predictor
+    leaves out its cross-attention and lookup, and every tensor it has gets a gradient."""
+    torch.manual_seed(0)
+    pred = GridTransformer(dim=16, layers=2, heads=2)
+    pred.configure(Context(device=torch.device("cpu"), prompt_dim=16, token_dim=0))
+    names = [n for n, _ in pred.net.named_parameters()]
+    assert not any("cross" in n or "mem_" in n or "lookup" in n for n in names)
+    batch = collate([_example(4)])
+    prompt = torch.randn(1, 16, requires_grad=True)
+    logits = pred.predict(prompt, batch, Context(device=torch.device("cpu"), prompt_dim=16), None)
+    logits[batch.target_mask].logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in pred.net.parameters())
+    with pytest.raises(ValueError, match="token_dim = 0"):
+        qwen, ctx = _qwen()
+        pred.predict(prompt, batch, ctx, qwen.generate_prompt(batch, ctx))
+    full = GridTransformer(dim=16, layers=2, heads=2)
+    full.configure(Context(device=torch.device("cpu"), prompt_dim=16))  # token_dim not said: as before
+    assert any("cross" in n for n, _ in full.net.named_parameters())

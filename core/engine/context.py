@@ -17,7 +17,7 @@ THRESHOLD_KEY = "hard_cell_threshold"
 @dataclass
 class Context:
     """What every hook can read: the run's fixed facts, where the loop stands, and the two
-    values plugins hand each other.  The engine writes every field except the two marked
+    values plugins hand each other.  The engine writes every field except the three marked
     *plugins write*; a plugin never assigns to the others.
     """
 
@@ -29,6 +29,10 @@ class Context:
     out_dir: Path | None = None
     #: *plugins write*: the D of the prompt embedding ``[B, D]``; the prompt plugin sets it in ``configure``
     prompt_dim: int | None = None
+    #: *plugins write*: the width Dt of the token states the prompt plugin returns in a
+    #: :class:`TaskEncoding`, set in ``configure``; 0: it returns a bare prompt (no token states);
+    #: None: not said (a predictor then assumes ``prompt_dim``)
+    token_dim: int | None = None
     #: the epoch being trained (0-based)
     epoch: int = 0
     #: optimizer steps attempted so far (0 during the first step)
