@@ -272,7 +272,7 @@ class GridTransformer(SizePredictor, Plugin):
         feats, views, cell_mask = self._cells(batch)
         mem = mem_mask = mem_views = mem_outputs = None
         if encoding is not None:
-            if not self.net.cross:
+            if not self._mem_dim:
                 raise ValueError(
                     "the prompt plugin returned token states (a TaskEncoding) although it set ctx.token_dim = 0 in configure"
                 )
