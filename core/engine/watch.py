@@ -79,6 +79,7 @@ class ParamWatch:
         self.current: tuple[str, str] | None = None  # (plugin, hook) running now, None while the engine runs
         self.stray: tuple[str, str, str] | None = None  # (group, plugin, hook) of a gradient outside the engine's backward
         self.layout = self._layout()  # dtype and device index, as the engine checked them at configure
+        self.ptrs = self._ptrs()  # a cast or a move gives a parameter new storage: compared first, it is cheaper
         self.handles = [
             p.register_post_accumulate_grad_hook(self._on_grad(name, plugin))  # type: ignore[no-untyped-call]
             for name, plugin, p in self.params
@@ -149,9 +150,18 @@ class ParamWatch:
     def _layout(self) -> list[tuple[torch.dtype, int]]:
         return [(p.dtype, p.get_device()) for p in self.tensors]
 
+    def _ptrs(self) -> list[int]:
+        return [p.data_ptr() for p in self.tensors]
+
     def check_layout(self, plugin: str | None, hook: str | None) -> None:
         """The parameters' dtypes and devices as at configure (a module cast in a hook is named);
-        ``plugin`` None: checked when a step starts, after code outside any hook ran."""
+        ``plugin`` None: checked when a step starts, after code outside any hook ran.  Run after
+        every hook call, so the storage addresses are compared first (a cast or a move always
+        gives new storage) and the dtypes and devices only when one changed."""
+        ptrs = self._ptrs()
+        if ptrs == self.ptrs:
+            return
+        self.ptrs = ptrs
         layout = self._layout()
         if layout == self.layout:
             return
