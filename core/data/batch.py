@@ -99,19 +99,20 @@ class Batch:
         )
 
 
+def tile(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``t`` repeated ``k`` times along its first (batch) dimension: ``[B, ...]`` -> ``[k*B, ...]``."""
+    return t.repeat(k, *([1] * (t.dim() - 1)))
+
+
 def repeat_batch(batch: Batch, k: int) -> Batch:
     """``batch`` repeated ``k`` times along the batch dimension (examples ``e1..eB, e1..eB, ...``); new ``meta``."""
-
-    def tile(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat(k, *([1] * (t.dim() - 1)))
-
     return Batch(
         examples=batch.examples * k,
-        inputs=tile(batch.inputs),
-        input_mask=tile(batch.input_mask),
-        targets=tile(batch.targets),
-        target_mask=tile(batch.target_mask),
-        canvas_mask=tile(batch.canvas_mask),
+        inputs=tile(batch.inputs, k),
+        input_mask=tile(batch.input_mask, k),
+        targets=tile(batch.targets, k),
+        target_mask=tile(batch.target_mask, k),
+        canvas_mask=tile(batch.canvas_mask, k),
     )
 
 

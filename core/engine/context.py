@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from arcfw.core.data.batch import tile
+
 #: The key of :attr:`Context.schedule` that the ``hard_cell_threshold`` hook (curriculum role) fills.
 THRESHOLD_KEY = "hard_cell_threshold"
 
@@ -169,12 +171,8 @@ class TaskEncoding:
         """The encoding of a batch repeated ``k`` times (``Batch.repeat``): tensors, and ``meta`` tensors
         whose first dimension is the batch's, are tiled along it."""
         B = self.prompt.shape[0]
-
-        def tile(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat(k, *([1] * (t.dim() - 1)))
-
-        meta = {key: tile(v) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v for key, v in self.meta.items()}
-        return TaskEncoding(tile(self.prompt), tile(self.tokens), tile(self.token_mask), meta)
+        meta = {key: tile(v, k) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v for key, v in self.meta.items()}
+        return TaskEncoding(tile(self.prompt, k), tile(self.tokens, k), tile(self.token_mask, k), meta)
 
 
 @dataclass
