@@ -65,3 +65,25 @@ def test_a_metric_declared_twice_is_refused(make_engine):
 def test_a_gradient_norm_of_an_unknown_group_is_refused(make_engine):
     with pytest.raises(PluginError, match=r"metric 'g' of plugin 'faulty_plugins:GradOfNoGroup': grad_norm_of names no parameter group \['nope'\]"):
         make_engine({"plugins.extra": [{"name": "faulty_plugins:GradOfNoGroup"}]})
+
+
+def test_console_line_shows_means_since_the_last_line(tiny_config, tmp_path, capsys):
+    """The RL reward is computed on every 2nd step: a line every 3 steps shows the mean of the steps
+    that computed it (never the nan of a step that did not).  The same run logged at every step
+    (same seed, same steps) gives each step's own values."""
+    cfg = {"max_batches": 6, "plugins.refine.update_every": 2}
+    Trainer(tiny_config({**cfg, "log_every": 1}), tmp_path / "each").fit()
+    records = [json.loads(x) for x in (tmp_path / "each" / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    Trainer(tiny_config({**cfg, "log_every": 3}), tmp_path / "run").fit()
+    lines = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if x.startswith("[Batch")]
+    assert [x.split("]")[0] for x in lines] == ["[Batch 3", "[Batch 6"]
+    def computed(r):  # the record of a step without a reward holds NaN (written as a string)
+        return isinstance(r.get("reward"), float) and math.isfinite(r["reward"])
+
+    assert [r["step"] for r in records if computed(r)] == [1, 3, 5]  # steps counted from 1
+    for line, last in zip(lines, (3, 6)):
+        window = [r for r in records if last - 3 < r["step"] <= last]
+        rewards = [r["reward"] for r in window if computed(r)]
+        assert float(line.split("Reward: ")[1].split(" |")[0]) == pytest.approx(sum(rewards) / len(rewards), abs=1e-4)
+        assert float(line.split("Loss: ")[1].split(" |")[0]) == pytest.approx(sum(r["loss"] for r in window) / 3, abs=1e-4)

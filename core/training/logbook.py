@@ -165,8 +165,9 @@ class Logbook:
         if warnings:
             rec["warnings"] = warnings
         self._write(rec)
-        if step % self.log_every == 0:
-            self.print(batch_line(rec, self.metrics))
+        if step % self.log_every == 0:  # the line: each metric's mean over the steps since the last line
+            window = {m.name: self.window.mean(m.name) for m in self.metrics if self.window.counts.get(m.name)}
+            self.print(batch_line({**rec, **window}, self.metrics))
             self.window = EpochStats()
 
     def end_epoch(self, epoch: int) -> dict[str, Any] | None:
