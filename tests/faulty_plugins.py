@@ -453,6 +453,34 @@ class BackwardInRefinePolicy(GaussianRefinePolicy):
         return super().refine(prompt, batch, ctx)
 
 
+class OnceDecayPredictor(GridTransformer):
+    """Decays its own main-optimizer weights by hand once, in the first step's post_step_update: a
+    change that does not come back, in a window of several hook calls."""
+
+    name = "once_decay_predictor"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        if ctx.step == 0:
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.mul_(0.999)
+        return super().post_step_update(result, ctx)
+
+
+class HalfOncePredictor(GridTransformer):
+    """Casts its net to float16 in the first step's post_step_update (a 'memory saving' gone wrong)."""
+
+    name = "half_once_predictor"
+
+    @hookimpl
+    def post_step_update(self, result, ctx):
+        out = super().post_step_update(result, ctx)
+        if ctx.step == 0:
+            self.net.half()
+        return out
+
+
 # --------------------------------------------------------------------------- issue 13: gradient paths every step
 
 
