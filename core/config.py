@@ -140,6 +140,10 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Positive(int),
         "augment": bool,
     },
+    "decode": {
+        "keep": ANY,  # checked by _check_semantics
+        "margins": list,
+    },
     "plugins": ANY,  # checked by _check_plugins
 }
 
@@ -187,6 +191,10 @@ DEFAULTS: dict[str, Any] = {
     # lr: learning rates per parameter group during TTT (default: optimizer.lr); views: augmented copies
     # of the task trained on and voted over; batch_size: examples per TTT step
     "ttt": {"steps": 60, "seconds": None, "lr": {}, "views": 8, "batch_size": 8, "augment": True},
+    # how arcfw eval, validation and --ttt turn logits into grids (arcfw.core.commands.evaluate): a keep margin
+    # added to the log-probability of the input cell's colour; keep: demos (per task, the one of `margins`
+    # that best predicts the task's own demonstrations, leave-one-out) or a number (every task)
+    "decode": {"keep": "demos", "margins": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, float("inf")]},
     "plugins": {
         "prompt": {"name": "qwen"},
         "refine": {"name": "rl_policy"},
@@ -545,6 +553,14 @@ def _check_semantics(data: dict[str, Any], problems: list[tuple[str, str]], base
     ttt = data.get("ttt")
     if isinstance(ttt, dict) and ttt.get("steps") is None and ttt.get("seconds") is None:
         problems.append(("ttt", "set ttt.steps or ttt.seconds (or both: the first limit reached ends a task's training)"))
+    dec = data.get("decode")
+    if isinstance(dec, dict):
+        keep = dec.get("keep")
+        if keep != "demos" and (isinstance(keep, bool) or not isinstance(keep, (int, float)) or not keep >= 0):
+            problems.append(("decode.keep", f"expected 'demos' or a number >= 0 (.inf: the input's colours), got {keep!r}"))
+        m = dec.get("margins")
+        if isinstance(m, list) and (not m or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in m)):
+            problems.append(("decode.margins", f"expected a non-empty list of numbers >= 0 (.inf: the input's colours), got {m!r}"))
     opt = data.get("optimizer")
     if isinstance(opt, dict) and isinstance(opt.get("betas"), list):
         b = opt["betas"]

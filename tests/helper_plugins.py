@@ -35,6 +35,18 @@ class CopyInputPredictor(Plugin):
         return mask_shapes(batch.input_mask)[:, None, :]
 
 
+class RecolourPredictor(CopyInputPredictor):
+    """The copy predictor, except that where the input is 1 it prefers 2, by 1.2 in log-probability."""
+
+    name = "recolour_predictor"
+
+    @hookimpl
+    def predict(self, prompt, batch, ctx):
+        logits = super().predict(prompt, batch, ctx)
+        ones = (batch.inputs == 1) & batch.input_mask
+        return logits + 11.2 * (ones[..., None] & (torch.arange(NUM_COLOURS, device=prompt.device) == 2)).float()
+
+
 class SendSignal(Plugin):
     """Sends ``signal`` to its own process ``times`` times after optimizer step number ``after_step``
     (1-based), as a scheduler or a user pressing Ctrl-C would, at an exact step (with gradient

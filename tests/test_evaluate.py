@@ -17,6 +17,8 @@ from arcfw.core.commands.evaluate import (
     check_overlap,
     choose_attempts,
     copy_baseline,
+    decode,
+    keep_margins,
     predict,
     score,
     submission,
@@ -294,6 +296,10 @@ def test_eval_command_scores_and_writes_the_submission(trained, tmp_path):
     preds = {k: [[np.array(e["attempt_1"]), np.array(e["attempt_2"])] for e in v] for k, v in sub.items()}
     assert report["model"]["pass_at_2"] == score(tasks, preds).pass_at_2
     assert report["copy_input_baseline"]["test_outputs"] == sum(len(t.test) for t in tasks)
+    # the keep margin of each task, chosen on its demonstrations (inf written as "inf": plain JSON)
+    assert "keep margins (chosen on each task's demonstrations):" in result.stdout
+    assert report["decode"]["keep"] == "demos" and list(report["decode"]["margins"]) == report["task_ids"]
+    assert all(m == "inf" or 0 <= m < 10 for m in report["decode"]["margins"].values())
     again = CliRunner().invoke(main, args)  # the folder now holds an evaluation
     assert again.exit_code == 2 and "already holds an evaluation" in again.stderr and "--overwrite" in again.stderr
 
@@ -325,3 +331,87 @@ def test_changed_cell_accuracy_counts_only_cells_the_rule_changes():
     assert score([task], {"t": [[half, half]]}).changed_cell_acc == 0.5
     assert score([task], {"t": [[inp, inp]]}).changed_cell_acc == 0.0  # copying the input
     assert score([task], {"t": [[np.zeros((3, 3), dtype=np.int64)] * 2]}).changed_cell_acc is None  # other size
+
+
+# --------------------------------------------------------------------------- keeping the input's colours
+
+
+def _one(rows, canvas=None) -> "Batch":  # noqa: F821 - a batch of one query input (no answer), on ``canvas``
+    grid = g(rows)
+    return collate([Example("t", 0, (), Pair(grid, None))], shapes=[canvas or grid.shape])
+
+
+def test_decode_adds_the_margin_to_the_input_colour_only_where_the_input_reaches():
+    batch = _one([[1, 2], [3, 4]], canvas=(2, 3))  # the output is a column wider than the input
+    logp = torch.full((1, 2, 3, 10), -5.0)
+    logp[..., 7] = -0.5  # the model's favourite everywhere
+    logp[0, 0, 0, 1] = -0.9  # the input's colour, 0.4 behind
+    logp[0, 1, 1, 4] = -2.0  # the input's colour, 1.5 behind
+    for margin, want in [(0.0, [[7, 7, 7], [7, 7, 7]]), (0.5, [[1, 7, 7], [7, 7, 7]]), (2.0, [[1, 7, 7], [7, 4, 7]]),
+                         (float("inf"), [[1, 2, 7], [3, 4, 7]])]:
+        grids, conf = decode(logp, batch, [margin])
+        assert grids[0].tolist() == want, margin
+        # the confidence is the model's own log-probability of the chosen colour, without the margin
+        chosen = torch.log_softmax(logp, -1).gather(-1, grids[..., None])[..., 0]
+        assert torch.equal(conf, chosen) and torch.isfinite(conf).all()
+
+
+def test_decode_takes_one_margin_per_example():
+    batch = collate([Example("a", 0, (), Pair(g([[1]]), None)), Example("b", 0, (), Pair(g([[1]]), None))], shapes=[(1, 1)] * 2)
+    logp = torch.full((2, 1, 1, 10), -5.0)
+    logp[..., 7], logp[..., 1] = -0.5, -1.5
+    assert decode(logp, batch, [0.0, 2.0])[0].flatten().tolist() == [7, 1]
+
+
+def _copy_or_recolour(task_id: str, recolour: bool, n_demos: int = 3) -> Task:
+    """Demonstrations and a test whose answer is the input (copy) or the input with every 1 made 2."""
+    rng = np.random.default_rng(len(task_id) + 7 * recolour)
+
+    def pair():
+        x = rng.integers(0, 3, size=(4, 4))
+        return Pair(x, np.where(x == 1, 2, x) if recolour else x.copy())
+
+    return Task(task_id, train=tuple(pair() for _ in range(n_demos)), test=(pair(),))
+
+
+def test_keep_margins_are_chosen_on_the_demonstrations_and_never_on_the_answer(make_engine):
+    """An untrained model: on a copy task every margin ties with copying its demonstrations at best, and
+    the tie goes to the largest - the test answer is then the input itself; a task with one demonstration
+    cannot be checked (margin 0); the test outputs are never read."""
+    eng = make_engine()
+    tasks = [_copy_or_recolour("copy", False), _copy_or_recolour("one", False, n_demos=1)]
+    margins = keep_margins(eng, tasks, batch_size=2)
+    assert margins == {"copy": float("inf"), "one": 0.0}
+    hidden = [replace(t, test=tuple(Pair(p.input, None) for p in t.test)) for t in tasks]
+    assert keep_margins(eng, hidden, batch_size=1) == margins
+    preds = predict(eng, tasks, batch_size=2, margins=margins)
+    assert np.array_equal(preds["copy"][0][0], tasks[0].test[0].input)
+
+
+def test_keep_margin_follows_what_the_model_gets_right_on_the_demonstrations(make_engine):
+    """A predictor that recolours 1 -> 2 with a lead of 1.2 in log-probability: on a recolouring task its
+    answer beats every margin above 1.2 on the demonstrations (the largest such margin is chosen); on a
+    copy task, the recolouring is wrong and the margin that undoes it (inf) is chosen."""
+    eng = make_engine({"plugins.predictor": {"name": "helper_plugins:RecolourPredictor"}, "optimizer.lr": {}})
+    tasks = [_copy_or_recolour("recolour", True), _copy_or_recolour("copy", False)]
+    margins = keep_margins(eng, tasks)
+    assert margins == {"recolour": 1.0, "copy": float("inf")}
+    preds = predict(eng, tasks, margins=margins)
+    assert all(np.array_equal(preds[t.task_id][0][0], t.test[0].output) for t in tasks)
+    fixed = make_engine({"plugins.predictor": {"name": "helper_plugins:RecolourPredictor"}, "optimizer.lr": {},
+                         "decode.keep": 0})
+    assert keep_margins(fixed, tasks) == {"recolour": 0.0, "copy": 0.0}
+    plain = predict(fixed, tasks)  # margin 0: the model's own argmax, the copy task recoloured
+    assert not np.array_equal(plain["copy"][0][0], tasks[1].test[0].output)
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("decode.keep", "sometimes", "expected 'demos' or a number >= 0"),
+    ("decode.keep", -1, "expected 'demos' or a number >= 0"),
+    ("decode.margins", [], "a non-empty list of numbers >= 0"),
+    ("decode.margins", [0, "x"], "a non-empty list of numbers >= 0"),
+])
+def test_bad_decode_settings_are_config_errors(tiny_config, key, value, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        tiny_config({key: value})
+    assert key in str(err.value)

@@ -23,6 +23,20 @@ Grids are mapped back to the original frame; the distinct grids are ranked by
 the best size rank they came from, then by votes, then by mean confidence
 (log-probability of the chosen colours); the first two are the attempts.
 
+**Keeping the input's colours** (``decode`` in the config): most ARC answers
+repeat most of their input, and a model that has not learnt a task's rule
+changes cells it should keep.  The grid is the argmax after adding a *keep
+margin* to the log-probability of the input cell's colour at the same place
+(cells inside both the input and the output; 0: the plain argmax, ``.inf``:
+the input's colour wherever the input reaches).  With ``decode.keep: demos``
+(the default) each task gets the margin, out of ``decode.margins``, under which
+the model best predicts the task's own demonstrations, each from the others
+(leave-one-out; ties go to the larger margin): a task whose rule the model has
+caught keeps a small margin, one it would only spoil is answered close to its
+input.  Only the demonstrations are read, never a test output.  A task with a
+single demonstration, and a task after test-time training (it has learnt the
+demonstrations), gets margin 0.  ``decode.keep: X`` uses margin X everywhere.
+
 **Overlap**: tasks of the evaluation data that are also in the training data
 named by the config (same id or the same demonstration pairs) are refused
 unless allowed: ARC-AGI-2 training holds 376 of the 400 ARC-AGI-1 evaluation
@@ -41,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from arcfw.core.config import RunConfig
-from arcfw.core.data.batch import Example, Pair, Task, collate
+from arcfw.core.data.batch import NUM_COLOURS, Batch, Example, Pair, Task, collate
 from arcfw.core.data.fingerprint import task_fingerprint
 from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.engine.context import View
@@ -168,8 +182,28 @@ def _identity(grid: np.ndarray) -> np.ndarray:
     return grid
 
 
-def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
-    """Candidates for a batch of views: prompt, ranked sizes, one argmax grid per size (top two)."""
+def decode(logits: torch.Tensor, batch: Batch, margins: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax grids ``[B, H, W]`` of ``logits`` with each example's keep margin (module docstring)
+    added to the log-probability of its input cell's colour, and the log-probabilities of the chosen
+    colours under the model itself (without the margin)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp
+    if any(margins):
+        H, W = logp.shape[1:3]
+        h, w = min(H, batch.inputs.shape[1]), min(W, batch.inputs.shape[2])
+        inside = batch.input_mask[:, :h, :w].to(logp.device)
+        colour = torch.where(inside, batch.inputs[:, :h, :w].to(logp.device), 0)
+        keep = torch.nn.functional.one_hot(colour, NUM_COLOURS).bool() & inside[..., None]
+        margin = torch.tensor(margins, dtype=logp.dtype, device=logp.device).view(-1, 1, 1, 1)
+        chosen = logp.clone()
+        chosen[:, :h, :w] = torch.where(keep, logp[:, :h, :w] + margin, logp[:, :h, :w])  # .inf: the input's colour
+    grids = chosen.argmax(dim=-1)
+    return grids, logp.gather(-1, grids[..., None])[..., 0]
+
+
+def _predict_views(engine: Engine, views: list[View], margins: list[float] | None = None) -> list[list[Candidate]]:
+    """Candidates for a batch of views: prompt, ranked sizes, one grid per size (top two), decoded
+    with each view's keep margin (``margins``, one per view; None: 0)."""
     examples = [v.example for v in views]
     batch = collate(examples).to(engine.device)
     prompt, encoding = engine.eval_encode(batch)
@@ -177,17 +211,64 @@ def _predict_views(engine: Engine, views: list[View]) -> list[list[Candidate]]:
     out: list[list[Candidate]] = [[] for _ in views]
     for k in range(len(sizes[0])):
         shapes = [s[k] for s in sizes]
-        logits = engine.predict_no_grad(prompt, collate(examples, shapes=shapes).to(engine.device), encoding)
-        best = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        logp, grids = best.values.cpu().numpy(), best.indices.cpu().numpy()
+        canvas = collate(examples, shapes=shapes).to(engine.device)
+        grids_t, logp_t = decode(engine.predict_no_grad(prompt, canvas, encoding), canvas, margins or [0.0] * len(views))
+        logp, grids = logp_t.cpu().numpy(), grids_t.cpu().numpy()
         for b, (h, w) in enumerate(shapes):
             grid = np.asarray(views[b].invert(grids[b, :h, :w]), dtype=np.int64)
             out[b].append(Candidate(grid, k, float(logp[b, :h, :w].mean())))
     return out
 
 
-def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bool = True) -> Predictions:
-    """Two attempts for every test output of ``tasks`` (module docstring). Answers are never read."""
+def keep_margins(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bool = True) -> dict[str, float]:
+    """Each task's keep margin (module docstring): ``decode.keep`` when a number, else the one of
+    ``decode.margins`` under which the model best predicts the task's demonstrations, each from the
+    others (at its known size, the untransformed task); 0 for a task with one demonstration."""
+    keep, margins = engine.config["decode"]["keep"], [float(m) for m in engine.config["decode"]["margins"]]
+    if keep != "demos":
+        return {t.task_id: float(keep) for t in tasks}
+    chosen = {t.task_id: 0.0 for t in tasks}
+    items: list[tuple[Task, Example, np.ndarray]] = []
+    for t in tasks:
+        for i, pair in enumerate(t.train if len(t.train) > 1 else ()):
+            assert pair.output is not None  # a demonstration has its output (tasks.load_tasks)
+            items.append((t, Example(t.task_id, i, tuple(p for j, p in enumerate(t.train) if j != i), Pair(pair.input, None)), pair.output))
+    right: dict[str, np.ndarray] = {}  # task -> per margin, the sum over its demonstrations of their cell accuracy
+    with engine.evaluating(), tqdm(total=len(items), desc="keep margins", disable=quiet, dynamic_ncols=True) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            examples = [ex for _, ex, _ in chunk]
+            shapes = [answer.shape for _, _, answer in chunk]
+            prompt, encoding = engine.eval_encode(collate(examples).to(engine.device))
+            canvas = collate(examples, shapes=shapes).to(engine.device)
+            logits = engine.predict_no_grad(prompt, canvas, encoding)
+            for m in margins:
+                grids = decode(logits, canvas, [m] * len(chunk))[0].cpu().numpy()
+                for b, (t, _, answer) in enumerate(chunk):
+                    h, w = answer.shape
+                    acc = right.setdefault(t.task_id, np.zeros(len(margins)))
+                    acc[margins.index(m)] += float((grids[b, :h, :w] == answer).mean())
+            bar.update(len(chunk))
+    for task_id, acc in right.items():
+        best = acc.max()
+        chosen[task_id] = max(m for m, a in zip(margins, acc) if a >= best - 1e-9)  # ties: the larger margin
+    return chosen
+
+
+def margin_counts(margins: dict[str, float]) -> str:
+    """``0: 19 tasks, 0.5: 11, ...`` in increasing margin."""
+    counts: dict[float, int] = {}
+    for m in margins.values():
+        counts[m] = counts.get(m, 0) + 1
+    return ", ".join(f"{m:g}: {n} task{'s' if n > 1 else ''}" for m, n in sorted(counts.items()))
+
+
+def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bool = True,
+            margins: dict[str, float] | None = None) -> Predictions:
+    """Two attempts for every test output of ``tasks`` (module docstring). Answers are never read.
+    ``margins``: each task's keep margin (None: :func:`keep_margins`)."""
+    if margins is None:
+        margins = keep_margins(engine, tasks, batch_size=batch_size, quiet=quiet)
     examples = [Example(e.task_id, e.pair_index, e.demos, Pair(e.query.input, None)) for e in test_examples(tasks)]
     candidates: list[list[Candidate]] = [[] for _ in examples]
     with engine.evaluating():
@@ -195,7 +276,8 @@ def predict(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quiet: bo
         with tqdm(total=len(items), desc="eval", disable=quiet, dynamic_ncols=True) as bar:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                for (n, _), found in zip(chunk, _predict_views(engine, [v for _, v in chunk])):
+                views = [v for _, v in chunk]
+                for (n, _), found in zip(chunk, _predict_views(engine, views, [margins[v.example.task_id] for v in views])):
                     candidates[n].extend(found)
                 bar.update(len(chunk))
     predictions: Predictions = {t.task_id: [] for t in tasks}
@@ -292,12 +374,18 @@ def run_eval(
     tasks came from (recorded for ``arcfw show``); ``overlap`` is what
     :func:`check_overlap` returned.  Nothing is written before the predictions exist.
     """
-    predictions = predict(engine, tasks, batch_size=batch_size, quiet=quiet)
+    margins = keep_margins(engine, tasks, batch_size=batch_size, quiet=quiet)
+    predictions = predict(engine, tasks, batch_size=batch_size, quiet=quiet, margins=margins)
     ablated = None
     swapped = swap_demonstrations(tasks) if ablation else []
     if swapped:
         ablated = score(swapped, predict(engine, swapped, batch_size=batch_size, quiet=quiet))
-    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap, ablated)
+    keep = cfg["decode"]["keep"]
+    how = "chosen on each task's demonstrations" if keep == "demos" else "decode.keep"
+    written = {t: m if np.isfinite(m) else "inf" for t, m in margins.items()}  # plain JSON: no Infinity
+    report = EvalReport(score(tasks, predictions), score(tasks, copy_baseline(tasks)), predictions, overlap, ablated,
+                        extra={"decode": {"keep": keep, "margins": written}},
+                        lines=[f"keep margins ({how}): {margin_counts(margins)}"])
     write_eval(cfg, out_dir, tasks, report, data=data)
     return report
 

@@ -285,14 +285,18 @@ def solve_task(
 
 
 def predict_task(engine: Engine, task: Task, views: list[Transform], batch_size: int) -> list[list[np.ndarray]]:
-    """Two attempts per test input: predicted in every view, mapped back, voted over. No test output is read."""
+    """Two attempts per test input: predicted in every view, mapped back, voted over. No test output is read.
+    Decoded with keep margin ``decode.keep`` when it is a number, else 0: the model has just been trained
+    on the demonstrations, so they can no longer choose it (evaluate.keep_margins)."""
+    keep = engine.config["decode"]["keep"]
+    margin = 0.0 if keep == "demos" else float(keep)
     tests = [Example(task.task_id, i, task.train, Pair(p.input, None)) for i, p in enumerate(task.test)]
     items = [(n, View(t.example(ex), t.invert, t.name)) for n, ex in enumerate(tests) for t in views]
     candidates: list[list[Candidate]] = [[] for _ in tests]
     with engine.evaluating():
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            for (n, _), found in zip(chunk, _predict_views(engine, [v for _, v in chunk])):
+            for (n, _), found in zip(chunk, _predict_views(engine, [v for _, v in chunk], [margin] * len(chunk))):
                 candidates[n].extend(found)
     return [choose_attempts(c) for c in candidates]
 
