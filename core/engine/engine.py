@@ -438,9 +438,7 @@ class Engine:
             if self._batch_watch is not None:
                 self._batch_watch.check(plugin, hook)
                 if self._param_watch is not None:
-                    self._param_watch.note_call(plugin, hook)
-                    if cause is not None:  # the run ends here: compare now
-                        self._param_watch.check_window()
+                    self._param_watch.check(plugin, hook)
             elif self._param_watch is not None:
                 if self._param_watch.stray is not None:
                     self._param_watch.check(plugin, hook)
@@ -534,7 +532,8 @@ class Engine:
                  for i, b in enumerate(micro)]
         self._micro = steps
         if self.check_contracts and self._param_watch is not None:
-            self._param_watch.begin_step(self.global_step)  # as the engine left them (a checkpoint load, evaluation, ...)
+            self._param_watch.start()  # as the engine left them (a checkpoint load, evaluation, ...)
+            self._param_watch.begin_step(self.global_step)
         no_grad: set[str] | None = None
         try:
             self._run_stage(Stage.THRESHOLD, steps[0])
@@ -566,12 +565,7 @@ class Engine:
             self._batch_watch = BatchWatch(s.batch)
         if self.listeners:
             self._emit(f"stage:{stage.value}")
-        pw = self._param_watch
-        if pw is not None and stage is Stage.BACKWARD:
-            pw.check_window()  # the forward hooks' window (watch.ParamWatch)
         self._stages[stage](s)
-        if pw is not None and stage is Stage.POST_STEP_UPDATE:
-            pw.check_window()
 
     def _stage_threshold(self, s: _Step) -> None:
         for impl in self._impls.get("hard_cell_threshold", []):

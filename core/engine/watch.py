@@ -6,17 +6,10 @@
   ``batch.targets`` (``batch.targets = batch.targets.float()``) or writes into it is named.
 - :class:`ParamWatch`: the step order holds on the parameters.  The trainable parameters of the
   main optimizer's groups may change only in the engine's optimizer step, and receive gradient
-  only in the engine's backward.  Inside a step, their version counters and storage addresses are
-  compared at the end of each *window* of hook calls - the forward hooks (checked just before the
-  engine's backward) and ``post_step_update`` (after its last call) - against a snapshot taken after
-  the engine's own step (fused optimizers do not bump them).  A window of one hook call names it;
-  a change in a window of several turns on a hunt: every hook call of the rest of the step and of
-  the next ``HUNT_STEPS`` steps is compared, which names the plugin and the hook if it happens
-  again, and the window's hook calls are named as the candidates if it does not.  Outside a step
-  (configure, epoch start, loading state) the layout is compared after every hook call.  A
-  gradient-accumulation hook on each parameter notices any backward that reaches it while a
-  plugin's hook runs (named at once) - which also catches a plugin's own fused optimizer, since it
-  needs those gradients first.
+  only in the engine's backward.  Version counters are compared after every hook call (snapshot
+  after the engine's own step: fused optimizers do not bump them), and a gradient-accumulation
+  hook on each parameter notices any backward that reaches it while a plugin's hook runs - which
+  also catches a plugin's own fused optimizer, since it needs those gradients first.
   A write through ``p.data`` (``p.data.mul_(0.999)``) bumps no version counter: on sampled steps
   (the first two, then every ``SAMPLE_EVERY``-th) the parameters' norms are compared across the
   forward-and-backward and across ``post_step_update``; a change there turns on a hunt, where the
@@ -24,9 +17,7 @@
 
 Both read integers and flags only: no device sync, no tensor math - except the sampled norms
 (one ``torch._foreach_norm`` over the parameters, four a sampled step, ~0.3 ms each on the default
-config on CPU: ~25 us a step on average).  A comparison of the 89 parameter tensors of the default
-config costs ~10 us, a few times that in a real step (cold caches): hence two per step rather than one
-after each of its ~8 hook calls (benchmarks/README.md, "Engine against the plain loop").
+config on CPU: ~25 us a step on average).
 """
 
 from __future__ import annotations
@@ -97,10 +88,6 @@ class ParamWatch:
         self.norms: torch.Tensor | None = None  # on sampled steps: the parameters' norms as last compared
         self.hunt = 0  # steps left in which every hook call is compared (after a change seen on a sampled step)
         self.suspect: tuple[str, list[str], str, str] = ("", [], "", "")  # where, candidates, group, its plugin
-        self.calls: list[tuple[str, str]] = []  # (plugin, hook) of the hook calls in the current window of a step
-        self.per_call = 0  # steps left in which versions are compared after every hook call (a change in a window)
-        self.changed: tuple[list[tuple[str, str]], str, str, int] = ([], "", "", 0)  # window's calls, group, plugin, step
-        self.step = 0
 
     SAMPLE_EVERY = 50
     HUNT_STEPS = 2
@@ -109,53 +96,21 @@ class ParamWatch:
         return torch.stack(torch._foreach_norm(self.tensors)) if self.tensors else torch.zeros(0)
 
     def _scan(self) -> list[tuple[int, int]]:
-        """(version, storage address) of every watched parameter, in one pass: in a real step the
-        parameters' metadata is out of the CPU caches, and reading it once costs about as much as one
-        attribute did."""
+        """(version, storage address) of every watched parameter in one pass: inside a real step the
+        parameters' metadata is out of the CPU caches, and a second attribute read on the same tensor
+        costs little beside the first."""
         return [(p._version, p.data_ptr()) for p in self.tensors]
 
-    def begin_step(self, step: int) -> None:
-        """At a step's start: the layout as at configure (code outside the hooks may have run since the
-        last step), the versions as they are now (a checkpoint load, an evaluation: the reference), and
-        is this step sampled (its norms compared)?"""
+    def start(self) -> None:
+        """When a step starts: the layout as at configure (code outside the hooks may have run since the
+        last step) and the versions as they are now (a checkpoint load, an evaluation: the reference)."""
         now = self._scan()
         self.check_layout(None, None, scan=now)
         self.seen, self.stray = now, None
-        self.step = step
-        self.calls = []
+
+    def begin_step(self, step: int) -> None:
+        """At a step's start: is this step sampled (its norms compared)?"""
         self.norms = self._norms() if self.hunt or step < 2 or step % self.SAMPLE_EVERY == 0 else None
-
-    def note_call(self, plugin: str, hook: str) -> None:
-        """After a hook call inside a step: a backward it ran is named now; versions and layout are
-        compared at the window's end (:meth:`check_window`), or now while hunting."""
-        if self.per_call or self.hunt:
-            self.check(plugin, hook)
-            return
-        if self.stray is not None:
-            self.check(plugin, hook)  # raises, naming the hook that ran the backward
-        self.calls.append((plugin, hook))
-
-    def check_window(self) -> None:
-        """At the end of a window of hook calls inside a step: did one of them change the parameters?"""
-        calls, self.calls = self.calls, []
-        if not calls:
-            return
-        now = self._scan()
-        if now == self.seen:
-            return
-        one = calls[0] if len(set(calls)) == 1 else None
-        if one is not None:
-            self._compare(*one, now)
-            return
-        self.check_layout(None, None, candidates=calls, scan=now)
-        i = self._changed_version(now)
-        self.seen = now
-        if i is not None:
-            self.changed = (calls, self.params[i][0], self.params[i][1], self.step + 1)
-            self.per_call = self.HUNT_STEPS + 1  # the rest of this step, and the next HUNT_STEPS
-
-    def _changed_version(self, now: list[tuple[int, int]]) -> int | None:
-        return next((i for i, (a, b) in enumerate(zip(now, self.seen)) if a[0] != b[0]), None)
 
     def window(self, where: str, candidates: list[str], engine_step: bool = False) -> None:
         """On a sampled step, at the end of a stretch where only plugins' hooks (and the engine's backward)
@@ -175,20 +130,7 @@ class ParamWatch:
         self.hunt = self.HUNT_STEPS + 1  # the rest of this step, and the next HUNT_STEPS
 
     def end_step(self) -> None:
-        """After a step: a change seen on a sampled step, or in a window of several hook calls, that the
-        hunt did not see again is still an error (naming the candidates)."""
-        if self.per_call:
-            self.per_call -= 1
-            if not self.per_call:
-                calls, group, owner, step = self.changed
-                raise OrderError(
-                    f"trainable parameters of group '{group}' (plugin '{owner}') changed in place during the hook calls "
-                    f"{_calls_text(calls)} of step {step}, outside the engine's optimizer step (the step order is "
-                    f"{order_text()}): the main optimizer owns them. It did not happen again in the next "
-                    f"{self.HUNT_STEPS} steps, where every hook call was compared, so one of those calls did it once. "
-                    f"Return the loss from compute_loss, or freeze the group (optimizer.lr.{group}: 0) and update it "
-                    "yourself"
-                )
+        """After a step: a change seen on a sampled step that the hunt did not see again is still an error."""
         if self.hunt:
             self.hunt -= 1
             if not self.hunt:
@@ -224,12 +166,11 @@ class ParamWatch:
     def _ptrs(self) -> list[int]:
         return [p.data_ptr() for p in self.tensors]
 
-    def check_layout(self, plugin: str | None, hook: str | None, candidates: list[tuple[str, str]] | None = None,
-                     scan: list[tuple[int, int]] | None = None) -> None:
+    def check_layout(self, plugin: str | None, hook: str | None, scan: list[tuple[int, int]] | None = None) -> None:
         """The parameters' dtypes and devices as at configure (a module cast in a hook is named);
-        ``plugin`` None: checked when a step starts, after code outside any hook ran, or at the end of
-        a window of hook calls (``candidates``).  The storage addresses are compared first (a cast or
-        a move always gives new storage) and the dtypes and devices only when one changed.  ``scan``:
+        ``plugin`` None: checked when a step starts, after code outside any hook ran.  Run after
+        every hook call, so the storage addresses are compared first (a cast or a move always
+        gives new storage) and the dtypes and devices only when one changed.  ``scan``: a
         :meth:`_scan` just taken."""
         ptrs = [a for _, a in scan] if scan is not None else self._ptrs()
         if ptrs == self.ptrs:
@@ -242,9 +183,8 @@ class ParamWatch:
         group, owner, p = self.params[i]
         was = f"{str(self.layout[i][0]).replace('torch.', '')} on {'cpu' if self.layout[i][1] < 0 else f'device {self.layout[i][1]}'}"
         now = f"{str(p.dtype).replace('torch.', '')} on {p.device}"
-        who = (f"plugin '{plugin}' changed" if plugin else f"one of the hook calls {_calls_text(candidates)} changed"
-               if candidates else "something outside the plugins' hooks changed")
-        where = f" in hook '{hook}'" if hook else "" if candidates else " between two steps"
+        who = f"plugin '{plugin}' changed" if plugin else "something outside the plugins' hooks changed"
+        where = f" in hook '{hook}'" if hook else " between two steps"
         self.layout = layout
         raise PrecisionError(
             f"{who} the trainable parameters of group '{group}' (plugin '{owner}'){where} from {was} to {now}: "
@@ -280,15 +220,12 @@ class ParamWatch:
                 "Return the loss from compute_loss; for an update of your own, keep your own parameters out of the "
                 "engine's groups (or detach the main model's outputs)"
             )
-        self._compare(plugin, hook, self._scan())
-
-    def _compare(self, plugin: str, hook: str, now: list[tuple[int, int]]) -> None:
-        """``plugin``'s ``hook`` was the only code that ran since :attr:`seen`: name a change."""
-        if now == self.seen:
+        scan = self._scan()
+        if scan == self.seen:  # the common case: one pass, one comparison
             return
-        self.check_layout(plugin, hook, scan=now)
-        changed = self._changed_version(now)
-        self.seen = now
+        self.check_layout(plugin, hook, scan=scan)
+        changed = next((i for i, (a, b) in enumerate(zip(scan, self.seen)) if a[0] != b[0]), None)
+        self.seen = scan
         if changed is not None:
             group, owner, _ = self.params[changed]
             raise OrderError(
@@ -301,11 +238,6 @@ class ParamWatch:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _calls_text(calls: list[tuple[str, str]]) -> str:
-    """``'plugin' (hook), ...`` in call order, each once."""
-    return ", ".join(f"'{p}' ({h})" for p, h in dict.fromkeys(calls))
 
 
 #: conversions that turn class indices into numbers
