@@ -27,7 +27,8 @@ _HOOK = "compute_loss"
 HARD_CELLS = ("wrong_or_unsure", "threshold")
 
 
-def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: float, hard_cells: str = "wrong_or_unsure") -> None:
+def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: float, hard_cells: str = "wrong_or_unsure",
+                  change_weight: float = 1.0) -> None:
     if not 0.0 < label_smoothing < 1.0:  # with 0 the smoothed target has zeros and KL(p||q) is infinite
         raise ValueError(f"efe_loss: label_smoothing must be in (0, 1), got {label_smoothing!r}")
     if not ambiguity_weight >= 0.0:  # also rejects NaN
@@ -36,6 +37,8 @@ def _check_params(label_smoothing: float, ambiguity_weight: float, min_scale: fl
         raise ValueError(f"efe_loss: min_scale must be in [0, 1], got {min_scale!r}")
     if hard_cells not in HARD_CELLS:
         raise ValueError(f"efe_loss: hard_cells must be one of {', '.join(HARD_CELLS)}, got {hard_cells!r}")
+    if isinstance(change_weight, bool) or not isinstance(change_weight, (int, float)) or not change_weight > 0.0:
+        raise ValueError(f"efe_loss: change_weight must be a number > 0, got {change_weight!r}")
 
 
 def _contract(expected: str, got: str) -> ContractError:
@@ -70,6 +73,8 @@ def efe_loss(
     ambiguity_weight: float = 0.1,
     min_scale: float = 0.5,
     hard_cells: str = "wrong_or_unsure",
+    changed: torch.Tensor | None = None,
+    change_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     r"""Masked EFE loss; returns ``(loss, per_example_loss, stats)``.
 
@@ -104,8 +109,11 @@ def efe_loss(
     Per example b:
 
         n_valid_b, n_hard_b, mask_ratio_b = n_hard_b / n_valid_b
-        L_b = (Σ_{hard c} EFE_c / max(n_hard_b, 1)) · (s + (1 − s)·mask_ratio_b)
+        L_b = (Σ_{hard c} v_c·EFE_c / max(Σ_{hard c} v_c, 1)) · (s + (1 − s)·mask_ratio_b)
 
+    with cell weights v_c = ``change_weight`` on the cells of ``changed`` (bool
+    ``[B,H,W]``: the cells whose target differs from the input cell at the same
+    place) and 1 elsewhere - all 1 by default, a plain mean over hard cells.
     (L_b is 0, with the gradient path kept, when b has no hard cell.)
 
     Batch loss = mean over b of L_b.  An example with no valid cell is an error.
@@ -119,7 +127,7 @@ def efe_loss(
     is float32 ``[B]`` (not detached); ``stats`` holds the metrics as Python
     floats, read with a single device sync.
     """
-    _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells)
+    _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells, change_weight)
     _check_tensors(logits, targets, valid_mask)
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"efe_loss: threshold must be in (0, 1], got {threshold!r}")
@@ -164,8 +172,13 @@ def efe_loss(
             cell_acc = correct / n_valid.clamp_min(1.0)
 
         zero = efe.new_zeros(())
-        efe_sum = torch.where(hard, efe, zero).sum(dim=(1, 2))  # [B]; keeps the graph when no cell is hard
-        per_example = efe_sum / n_hard.clamp_min(1.0) * scale
+        if changed is not None and change_weight != 1.0:
+            weight = torch.where(changed.to(torch.bool), float(change_weight), 1.0) * hard  # [B,H,W], 0 off the hard cells
+            efe_sum = (efe * weight).sum(dim=(1, 2))
+            per_example = efe_sum / weight.sum(dim=(1, 2)).clamp_min(1.0) * scale
+        else:
+            efe_sum = torch.where(hard, efe, zero).sum(dim=(1, 2))  # [B]; keeps the graph when no cell is hard
+            per_example = efe_sum / n_hard.clamp_min(1.0) * scale
         loss = per_example.mean()
 
         with torch.no_grad():
@@ -210,6 +223,9 @@ class MaskedEFELoss(Plugin):
     - ``ambiguity_weight``: w >= 0, the weight of the prediction's entropy beside the KL risk.
     - ``min_scale``: s in [0, 1]: an example's loss is scaled by ``s + (1-s)·mask_ratio`` (s = 1: no scaling).
     - ``hard_cells``: ``wrong_or_unsure`` (a wrong cell is always hard, the threshold adds the unsure ones) or ``threshold`` (only ``p(target) < threshold``).
+    - ``change_weight``: v > 0, the weight of a hard cell whose target differs from the query input's
+      cell at the same place (or lies outside the input) against 1 for a cell the rule keeps: the cells
+      a rule changes are the ones that tell rules apart (1: a plain mean over hard cells).
     """
 
     name = "efe_loss"
@@ -228,9 +244,11 @@ class MaskedEFELoss(Plugin):
         ambiguity_weight: float = 0.1,
         min_scale: float = 0.5,
         hard_cells: str = "wrong_or_unsure",
+        change_weight: float = 1.0,
     ) -> None:
-        _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells)
+        _check_params(label_smoothing, ambiguity_weight, min_scale, hard_cells, change_weight)
         self.hard_cells = hard_cells
+        self.change_weight = float(change_weight)
         self.label_smoothing = float(label_smoothing)
         self.ambiguity_weight = float(ambiguity_weight)
         self.min_scale = float(min_scale)
@@ -247,6 +265,8 @@ class MaskedEFELoss(Plugin):
                 ambiguity_weight=self.ambiguity_weight,
                 min_scale=self.min_scale,
                 hard_cells=self.hard_cells,
+                changed=(batch.targets != batch.inputs) if self.change_weight != 1.0 else None,
+                change_weight=self.change_weight,
             )
         except ContractError as exc:  # name the plugin as registered (a subclass, a second instance)
             name = getattr(self, "instance_name", "") or self.name

@@ -492,3 +492,42 @@ def test_the_two_rules_coincide_above_one_half_and_differ_below():
     _, _, sb = efe_loss(logits, targets, mask, 0.05, hard_cells="threshold")
     wrong = (logits.argmax(-1) != targets).sum().item()
     assert sa["hard_cells"] >= wrong > sb["hard_cells"]
+
+
+# --------------------------------------------------------------------------- change_weight
+
+
+def test_change_weight_weighs_the_changed_hard_cells_in_the_mean():
+    """Two hard cells, the first one changed: L = (v·EFE_0 + EFE_1) / (v + 1) · scale (both hard: scale 1)."""
+    c0 = [0.3, 1.2, -0.7, 0.0, 0.5, -1.1, 0.9, 0.2, -0.4, 0.1]
+    c1 = [1.0, 0.2, 0.4, -0.3, 0.0, 0.8, -0.5, 0.6, 0.1, 0.0]
+    logits = torch.tensor([[[c0, c1]]], dtype=torch.float32)
+    targets = torch.tensor([[[0, 3]]], dtype=torch.int64)
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    changed = torch.tensor([[[True, False]]])
+    (_, r0, a0), (_, r1, a1) = hand_cell(c0, 0), hand_cell(c1, 3)
+    for v in (1.0, 3.0, 0.5):
+        loss, _, stats = efe_loss(logits, targets, mask, 0.6, EPS, W, S, changed=changed, change_weight=v)
+        assert stats["hard_cells"] == 2.0
+        assert loss.item() == pytest.approx((v * (r0 + a0) + (r1 + a1)) / (v + 1), abs=1e-6)
+    plain, _, _ = efe_loss(logits, targets, mask, 0.6, EPS, W, S)
+    assert plain.item() == pytest.approx(((r0 + a0) + (r1 + a1)) / 2, abs=1e-6)
+
+
+def test_the_plugin_weighs_the_cells_whose_target_differs_from_the_input():
+    """The plugin's changed cells are those where the target is not the query input's colour at the same place."""
+    x, y = np.array([[1, 2]]), np.array([[1, 5]])  # the second cell changes
+    batch = collate([Example("t", 0, (), Pair(x, y))])
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 2, 10)
+    ctx = Context(device=torch.device("cpu"), schedule={THRESHOLD_KEY: 1.0})  # every cell hard
+    got = MaskedEFELoss(change_weight=4.0).compute_loss(logits=logits, batch=batch, ctx=ctx).loss
+    want, _, _ = efe_loss(logits, batch.targets, batch.target_mask, 1.0, changed=torch.tensor([[[False, True]]]), change_weight=4.0)
+    assert got.item() == pytest.approx(want.item(), abs=1e-7)
+    assert got.item() != pytest.approx(MaskedEFELoss().compute_loss(logits=logits, batch=batch, ctx=ctx).loss.item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "3"])
+def test_a_bad_change_weight_is_refused(bad):
+    with pytest.raises(ValueError, match="change_weight must be a number > 0"):
+        MaskedEFELoss(change_weight=bad)
