@@ -23,7 +23,7 @@ from arcfw.core.commands.evaluate import (
     score,
     submission,
 )
-from arcfw.core.data.batch import Example, Pair, Task, collate
+from arcfw.core.data.batch import Batch, Example, Pair, Task, collate
 from arcfw.core.data.shapes import rule_candidates, rule_shape, top_shapes
 from arcfw.core.data.tasks import load_tasks, test_examples
 from arcfw.core.errors import CheckpointError, ConfigError, ContractError
@@ -336,7 +336,8 @@ def test_changed_cell_accuracy_counts_only_cells_the_rule_changes():
 # --------------------------------------------------------------------------- keeping the input's colours
 
 
-def _one(rows, canvas=None) -> "Batch":  # noqa: F821 - a batch of one query input (no answer), on ``canvas``
+def _one(rows, canvas=None) -> Batch:
+    """A batch of one query input (no answer), on ``canvas``."""
     grid = g(rows)
     return collate([Example("t", 0, (), Pair(grid, None))], shapes=[canvas or grid.shape])
 
