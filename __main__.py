@@ -1,4 +1,4 @@
-from arcfw.core.commands.cli import main
+from arcfw.core.commands.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -181,3 +181,21 @@ def test_commands_other_than_run_refuse_torchrun(monkeypatch, tmp_path, command)
     assert res.output.strip().splitlines() == [
         f"arcfw[rank 1/2]: distributed error: arcfw {command[0]} runs in one process, but torchrun started 2 "
         f"(WORLD_SIZE=2): start it as plain `arcfw {command[0]} ...`; only `arcfw run` and `arcfw eval --ttt` use several processes"]
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["check", "CONFIG"], 2)])
+def test_under_torchrun_the_process_leaves_with_the_commands_exit_code_and_its_output(tmp_path, args, code):
+    """`python -m arcfw` (what torchrun starts) with WORLD_SIZE > 1 ends through os._exit (entry()): the
+    command's exit code and its flushed output survive it."""
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "OMP_NUM_THREADS": "1"}
+    argv = [str(REPO / "configs/default.yaml") if a == "CONFIG" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "arcfw", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    if code:
+        assert proc.stderr.strip().splitlines() == [
+            "arcfw[rank 1/2]: distributed error: arcfw check runs in one process, but torchrun started 2 (WORLD_SIZE=2): "
+            "start it as plain `arcfw check ...`; only `arcfw run` and `arcfw eval --ttt` use several processes"]
+    else:
+        assert ", version " in proc.stdout, proc.stdout  # flushed before os._exit

@@ -468,5 +468,31 @@ def plugins(name: str | None) -> None:
     click.echo("`arcfw plugins NAME` shows a plugin's parameters, their defaults and its description.")
 
 
+def entry() -> None:
+    """The ``arcfw`` command (and ``python -m arcfw``, which torchrun starts): :func:`main`, and under
+    torchrun (``WORLD_SIZE`` > 1) a process that leaves with :func:`os._exit` once the command has
+    finished and its output is flushed.  Its files are closed and the process group destroyed by then;
+    what is left are the C++ threads of the process group's objects, and letting the interpreter tear
+    them down at exit sometimes aborts a finished run ("terminate called without an active exception",
+    exit code -6, which torchrun reports as a failure of the whole job)."""
+    try:
+        main()
+    except SystemExit as exc:
+        if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # pragma: no cover - a closed pipe
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()
