@@ -187,6 +187,12 @@ def decode(logits: torch.Tensor, batch: Batch, margins: list[float]) -> tuple[to
     added to the log-probability of its input cell's colour, and the log-probabilities of the chosen
     colours under the model itself (without the margin)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
+    grids = _keep_argmax(logp, batch, margins)
+    return grids, logp.gather(-1, grids[..., None])[..., 0]
+
+
+def _keep_argmax(logp: torch.Tensor, batch: Batch, margins: list[float]) -> torch.Tensor:
+    """The argmax grids of the log-probabilities ``logp`` with each example's keep margin added (:func:`decode`)."""
     chosen = logp
     if any(margins):
         H, W = logp.shape[1:3]
@@ -197,8 +203,7 @@ def decode(logits: torch.Tensor, batch: Batch, margins: list[float]) -> tuple[to
         margin = torch.tensor(margins, dtype=logp.dtype, device=logp.device).view(-1, 1, 1, 1)
         chosen = logp.clone()
         chosen[:, :h, :w] = torch.where(keep, logp[:, :h, :w] + margin, logp[:, :h, :w])  # .inf: the input's colour
-    grids = chosen.argmax(dim=-1)
-    return grids, logp.gather(-1, grids[..., None])[..., 0]
+    return chosen.argmax(dim=-1)
 
 
 def _predict_views(engine: Engine, views: list[View], margins: list[float] | None = None) -> list[list[Candidate]]:
@@ -241,13 +246,12 @@ def keep_margins(engine: Engine, tasks: list[Task], *, batch_size: int = 8, quie
             shapes = [answer.shape for _, _, answer in chunk]
             prompt, encoding = engine.eval_encode(collate(examples).to(engine.device))
             canvas = collate(examples, shapes=shapes).to(engine.device)
-            logits = engine.predict_no_grad(prompt, canvas, encoding)
-            for m in margins:
-                grids = decode(logits, canvas, [m] * len(chunk))[0].cpu().numpy()
+            logp = torch.log_softmax(engine.predict_no_grad(prompt, canvas, encoding).float(), dim=-1)
+            for k, m in enumerate(margins):
+                grids = _keep_argmax(logp, canvas, [m] * len(chunk)).cpu().numpy()
                 for b, (t, _, answer) in enumerate(chunk):
                     h, w = answer.shape
-                    acc = right.setdefault(t.task_id, np.zeros(len(margins)))
-                    acc[margins.index(m)] += float((grids[b, :h, :w] == answer).mean())
+                    right.setdefault(t.task_id, np.zeros(len(margins)))[k] += float((grids[b, :h, :w] == answer).mean())
             bar.update(len(chunk))
     for task_id, acc in right.items():
         best = acc.max()
